@@ -1,0 +1,149 @@
+"""Configuration dataclasses, one per component, validated on construction.
+
+Environment variables (the seed guide's ``IWM_*`` names) are read only at entry points, via
+``BusConfig.from_env`` / ``WorkerConfig.from_env``, and the resulting objects are passed down.
+
+    IWM_MODEL_VARIANT  core | invariant | equivariant       (WorkerConfig.variant)
+    IWM_MODEL_PATH     checkpoint to load                     (WorkerConfig.model_path)
+    IWM_DEVICE         cpu | cuda | cuda:N                    (WorkerConfig.device)
+    IWM_RUN_DIR        run directory (ipc sockets, manifest)  (BusConfig.run_dir)
+    IWM_SERVICE_HOST   host for tcp endpoints                 (BusConfig.tcp_host)
+    IWM_SERVICE_PORT   base tcp port; set it to use tcp       (BusConfig.tcp_port)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from iwm_bus.rundir import default_run_dir
+from iwm_bus.transport import Endpoints
+
+VARIANTS = ("core", "invariant", "equivariant")
+MODES = ("realtime", "lossless")
+_DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
+
+
+def _fail(cls: str, name: str, value: Any, why: str) -> None:
+    raise ValueError(f"{cls}.{name}={value!r}: {why}")
+
+
+@dataclass
+class RingConfig:
+    # number of slots; lossless pacing keeps at most slots - 1 frames in flight
+    slots: int = 8
+    # largest frame the ring holds (pixels); bigger frames are refused before start
+    max_height: int = 1080
+    max_width: int = 1920
+    # colour channels (3 = RGB)
+    channels: int = 3
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.slots <= 1024:
+            _fail("RingConfig", "slots", self.slots, "must be in 2..1024")
+        for name in ("max_height", "max_width"):
+            if not 1 <= getattr(self, name) <= 8192:
+                _fail("RingConfig", name, getattr(self, name), "must be in 1..8192")
+        if self.channels not in (1, 3, 4):
+            _fail("RingConfig", "channels", self.channels, "must be 1, 3 or 4")
+
+
+@dataclass
+class BusConfig:
+    # run directory for ipc sockets and the manifest (env IWM_RUN_DIR)
+    run_dir: Path = field(default_factory=default_run_dir)
+    # host for tcp endpoints (env IWM_SERVICE_HOST); loopback unless configured
+    tcp_host: str = "127.0.0.1"
+    # base tcp port (env IWM_SERVICE_PORT); None = ipc sockets in run_dir
+    tcp_port: int | None = None
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir)
+        if self.tcp_port is not None and not 1 <= self.tcp_port <= 65532:
+            _fail("BusConfig", "tcp_port", self.tcp_port, "must be in 1..65532")
+
+    def endpoints(self) -> Endpoints:
+        if self.tcp_port is not None:
+            return Endpoints.tcp(self.tcp_host, self.tcp_port)
+        return Endpoints.ipc(self.run_dir)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ, **overrides: Any) -> BusConfig:
+        kw: dict[str, Any] = {}
+        if env.get("IWM_RUN_DIR"):
+            kw["run_dir"] = Path(env["IWM_RUN_DIR"])
+        if env.get("IWM_SERVICE_HOST"):
+            kw["tcp_host"] = env["IWM_SERVICE_HOST"]
+        if env.get("IWM_SERVICE_PORT"):
+            kw["tcp_port"] = _env_int(env, "IWM_SERVICE_PORT")
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**kw)
+
+
+@dataclass
+class WorkerConfig:
+    # model variant (env IWM_MODEL_VARIANT)
+    variant: str = "core"
+    # checkpoint path (env IWM_MODEL_PATH); None = untrained weights (a warning is logged)
+    model_path: Path | None = None
+    # torch device string (env IWM_DEVICE)
+    device: str = "cpu"
+    # timm encoder override (e.g. vit_tiny_patch16_224 for CPU); None = the variant's default
+    encoder: str | None = None
+    # encoder input size override in pixels; None = the model's default (224)
+    img_size: int | None = None
+    # realtime: always the newest frame (skips counted); lossless: every frame in order
+    mode: str = "realtime"
+    # MRR candidates: the K most recent other latents
+    mrr_bank: int = 32
+    # publish patch latents (float16) on iwm.latent as well as z_cls
+    publish_patches: bool = False
+    # seconds between iwm.stats messages
+    stats_interval_s: float = 1.0
+    # torch.compile the model (CUDA)
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            _fail("WorkerConfig", "variant", self.variant, f"must be one of {VARIANTS}")
+        if self.model_path is not None:
+            self.model_path = Path(self.model_path)
+        if not _DEVICE_RE.match(self.device):
+            _fail("WorkerConfig", "device", self.device, "must be cpu, cuda or cuda:N")
+        if self.mode not in MODES:
+            _fail("WorkerConfig", "mode", self.mode, f"must be one of {MODES}")
+        if not 1 <= self.mrr_bank <= 4096:
+            _fail("WorkerConfig", "mrr_bank", self.mrr_bank, "must be in 1..4096")
+        if self.img_size is not None and (self.img_size < 16 or self.img_size % 16):
+            _fail("WorkerConfig", "img_size", self.img_size, "must be a multiple of 16, >= 16")
+        if not 0.05 <= self.stats_interval_s <= 3600:
+            _fail("WorkerConfig", "stats_interval_s", self.stats_interval_s,
+                  "must be in 0.05..3600")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ, **overrides: Any) -> WorkerConfig:
+        kw: dict[str, Any] = {}
+        if env.get("IWM_MODEL_VARIANT"):
+            kw["variant"] = env["IWM_MODEL_VARIANT"]
+        if env.get("IWM_MODEL_PATH"):
+            kw["model_path"] = Path(env["IWM_MODEL_PATH"])
+        if env.get("IWM_DEVICE"):
+            kw["device"] = env["IWM_DEVICE"]
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**kw)
+
+
+def _env_int(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise ValueError(f"environment variable {name}={env[name]!r} must be an integer") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A config as plain JSON-able data (paths as strings), for manifests and recordings."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}

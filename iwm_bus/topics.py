@@ -1,0 +1,42 @@
+"""Topic names on the bus, in one place, and which message kind each one carries.
+
+A ZeroMQ SUB socket matches topics by prefix, so ``iwm.latent`` also receives
+``iwm.latent.<suffix>`` (used for per-variant streams, e.g. ``iwm.latent.invariant``).
+"""
+
+from __future__ import annotations
+
+FRAME = "iwm.frame"  # capture -> worker/recorder: a new frame is in the ring (no pixels)
+ACTION = "agent.action"  # agent (or replay) -> worker/capture/recorder: the action taken
+LATENT = "iwm.latent"  # worker -> agent: z_cls (+ patches) of a frame
+SURPRISE = "iwm.surprise"  # worker -> agent: prediction error of a frame
+MRR = "iwm.mrr"  # worker -> agent: reciprocal rank of a frame's latent, and its running mean
+STATS = "iwm.stats"  # any process -> anyone: counters and rates, about once a second
+RPC = "iwm.rpc"  # client <-> worker ROUTER socket: requests and replies
+
+#: message kind carried by each topic (see ``iwm_bus.wire``)
+TOPIC_KINDS: dict[str, tuple[str, ...]] = {
+    FRAME: ("frame",),
+    ACTION: ("action",),
+    LATENT: ("latent",),
+    SURPRISE: ("surprise",),
+    MRR: ("mrr",),
+    STATS: ("stats",),
+    RPC: ("rpc_request", "rpc_reply"),
+}
+
+#: what the worker publishes
+WORKER_TOPICS = (LATENT, SURPRISE, MRR, STATS)
+
+
+def base_topic(topic: str) -> str:
+    """The known topic that ``topic`` is, or extends with a ``.suffix``.
+
+    Raises ``KeyError`` naming the topic when it is not one of ours.
+    """
+    if topic in TOPIC_KINDS:
+        return topic
+    for known in TOPIC_KINDS:
+        if topic.startswith(known + "."):
+            return known
+    raise KeyError(f"unknown topic {topic!r}; known topics: {', '.join(TOPIC_KINDS)}")

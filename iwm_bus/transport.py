@@ -1,0 +1,212 @@
+"""ZeroMQ helpers: endpoints, a non-blocking publisher and a gap-counting subscriber.
+
+Every process that produces messages binds its own PUB socket; consumers connect one SUB
+socket to the endpoints they need (``Endpoints``). A PUB socket never blocks: when a slow
+subscriber's queue is full ZeroMQ drops the message for that subscriber only, so the drop is
+counted where it can be seen, at the subscriber, from the gap in ``seq``.
+
+    with Publisher(eps.worker) as pub:
+        pub.send(topics.SURPRISE, {...})
+    with Subscriber([eps.worker], [topics.SURPRISE]) as sub:
+        got = sub.recv(timeout_ms=1000)   # (topic, msg) or None
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+from loguru import logger
+
+from iwm_bus import wire
+from iwm_bus.errors import WireError
+
+#: longest ipc path the kernel accepts (sun_path is 108 bytes with the terminating NUL)
+MAX_IPC_PATH = 107
+DEFAULT_HWM = 1000
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Where each socket of one sidecar lives.
+
+    capture: PUB of the capture process (``iwm.frame``; a replay source also sends
+    ``agent.action`` here); worker: PUB of the encoder worker (``iwm.latent/surprise/mrr/
+    stats``); rpc: ROUTER of the worker; agent: PUB the agent binds for ``agent.action``.
+    """
+
+    capture: str
+    worker: str
+    rpc: str
+    agent: str
+
+    @classmethod
+    def ipc(cls, run_dir: str | os.PathLike[str]) -> Endpoints:
+        """ipc:// endpoints inside ``run_dir`` (one machine)."""
+        base = Path(run_dir).resolve()
+        eps = {name: f"ipc://{base / (name + '.sock')}" for name in ("capture", "worker",
+                                                                       "rpc", "agent")}
+        for name, ep in eps.items():
+            if len(ep) - len("ipc://") > MAX_IPC_PATH:
+                raise ValueError(f"run dir {str(base)!r} is too long for an ipc socket path "
+                                 f"({name}.sock would exceed {MAX_IPC_PATH} bytes); use a "
+                                 "shorter --run-dir")
+        return cls(**eps)
+
+    @classmethod
+    def tcp(cls, host: str = "127.0.0.1", base_port: int = 5560) -> Endpoints:
+        """tcp:// endpoints on four consecutive ports starting at ``base_port``."""
+        if not 1 <= base_port <= 65532:
+            raise ValueError(f"base_port must be in 1..65532, got {base_port}")
+        ports = range(base_port, base_port + 4)
+        return cls(*(f"tcp://{host}:{p}" for p in ports))
+
+    @classmethod
+    def parse(cls, spec: str | os.PathLike[str]) -> Endpoints:
+        """``tcp://HOST:PORT`` (base port) or a run directory path."""
+        text = os.fspath(spec)
+        if text.startswith("tcp://"):
+            host, _, port = text[len("tcp://"):].rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"endpoint spec {text!r} must look like tcp://HOST:PORT")
+            return cls.tcp(host, int(port))
+        return cls.ipc(text)
+
+    def socket_files(self) -> list[Path]:
+        """The ipc socket files these endpoints create (empty for tcp)."""
+        return [Path(ep[len("ipc://"):]) for ep in (self.capture, self.worker, self.rpc,
+                                                    self.agent) if ep.startswith("ipc://")]
+
+
+def _socket(ctx: zmq.Context | None, kind: int, hwm: int) -> zmq.Socket:
+    sock = (ctx or zmq.Context.instance()).socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    return sock
+
+
+def bind(sock: zmq.Socket, endpoint: str) -> None:
+    """Bind, making an ipc socket file owner-only (0600)."""
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as e:
+        raise OSError(f"cannot bind {endpoint}: {e} (is another sidecar using it?)") from e
+    if endpoint.startswith("ipc://"):
+        os.chmod(endpoint[len("ipc://"):], 0o600)
+
+
+class Publisher:
+    """A PUB socket that never blocks; ``send`` returns False (and counts) when it could not."""
+
+    def __init__(self, endpoint: str, *, connect: bool = False, hwm: int = DEFAULT_HWM,
+                 ctx: zmq.Context | None = None) -> None:
+        self.endpoint = endpoint
+        self.sock = _socket(ctx, zmq.PUB, hwm)
+        if connect:
+            self.sock.connect(endpoint)
+        else:
+            bind(self.sock, endpoint)
+        self.sent = 0
+        self.dropped = 0
+
+    def send(self, topic: str, msg: Mapping[str, Any]) -> bool:
+        """Validate, encode and publish ``msg`` without blocking."""
+        return self.send_frames(wire.pack(topic, msg))
+
+    def send_frames(self, frames: list[bytes]) -> bool:
+        """Publish already packed frames without blocking."""
+        try:
+            self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=len(frames[-1]) < 65536)
+        except zmq.Again:
+            self.dropped += 1
+            return False
+        self.sent += 1
+        return True
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Publisher({self.endpoint!r}, sent={self.sent}, dropped={self.dropped})"
+
+
+class Subscriber:
+    """A SUB socket connected to several endpoints that decodes, validates and counts.
+
+    Malformed messages are counted in ``decode_errors`` and skipped (logged, rate-limited);
+    missing ``seq`` numbers per topic are counted in ``gaps``.
+    """
+
+    def __init__(self, endpoints: Iterable[str], topics: Iterable[str], *,
+                 hwm: int = DEFAULT_HWM, ctx: zmq.Context | None = None) -> None:
+        self.endpoints = list(endpoints)
+        self.sock = _socket(ctx, zmq.SUB, hwm)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 20)
+        for topic in topics:
+            self.sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        for ep in self.endpoints:
+            self.sock.connect(ep)
+        self.received = 0
+        self.decode_errors = 0
+        self.gaps = 0
+        self._last_seq: dict[tuple[str, str], int] = {}
+
+    def recv(self, timeout_ms: int = 1000) -> tuple[str, dict[str, Any]] | None:
+        """The next valid message, or None when none arrived within ``timeout_ms``."""
+        deadline = time.monotonic() + timeout_ms / 1000
+        wait = timeout_ms
+        while self.sock.poll(wait, zmq.POLLIN):
+            got = self.decode(self.sock.recv_multipart(zmq.NOBLOCK))
+            if got is not None:
+                return got
+            wait = max(0, int((deadline - time.monotonic()) * 1000))
+        return None
+
+    def decode(self, frames: list[bytes]) -> tuple[str, dict[str, Any]] | None:
+        """Decode raw frames (e.g. from an asyncio socket); None (counted) when malformed."""
+        try:
+            topic, msg = wire.unpack(frames)
+        except WireError as e:
+            self.decode_errors += 1
+            if self.decode_errors <= 10 or self.decode_errors % 1000 == 0:
+                logger.warning("dropped malformed message #{}: {}", self.decode_errors, e)
+            return None
+        self.received += 1
+        self._count_gap(topic, msg)
+        return topic, msg
+
+    def _count_gap(self, topic: str, msg: dict[str, Any]) -> None:
+        seq = msg.get("seq")
+        if not isinstance(seq, int):
+            return
+        key = (topic, msg.get("source") or msg.get("variant") or "")
+        last = self._last_seq.get(key)
+        if last is not None and seq > last + 1:
+            self.gaps += seq - last - 1
+        if last is None or seq > last:
+            self._last_seq[key] = seq
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Subscriber({self.endpoints!r}, received={self.received}, "
+                f"gaps={self.gaps}, decode_errors={self.decode_errors})")
