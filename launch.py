@@ -1,0 +1,365 @@
+"""iwm-launch: start and supervise the iwm-bus sidecar (capture -> ring -> worker -> bus).
+
+    iwm-launch --source synthetic --encoder vit_tiny_patch16_224 --duration 10
+    iwm-launch --source gym:ALE/Pong-v5 --agent demo --encoder vit_tiny_patch16_224 --duration 30
+    iwm-launch --source synthetic --mode lossless --frames 200 --record /tmp/s.mcap
+    iwm-launch --source replay:/tmp/s.mcap --mode lossless --rate 0
+    IWM_DEVICE=cuda:0 IWM_MODEL_PATH=ckpt.pt iwm-launch --source screen --fps 30
+
+Each part runs in its own process (spawn): the capture writes frames into a shared-memory
+ring and announces them; the encoder worker publishes latent / surprise / MRR; an optional
+recorder and demo agent. The launcher restarts a worker that dies (with backoff), prints a
+status line each second, and on SIGINT / SIGTERM / end of source stops everything and leaves
+no shared memory or socket files behind. Exit status: 0 on a clean stop, 2 on bad input
+(before anything starts), 1 when a part failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import multiprocess as mp
+from loguru import logger
+
+from iwm_bus import topics
+from iwm_bus.config import MODES, VARIANTS, BusConfig, RingConfig, WorkerConfig, to_dict
+from iwm_bus.errors import RunDirBusyError
+from iwm_bus.rundir import RunDir
+from iwm_bus.transport import Endpoints, Subscriber
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+#: seconds between restarts of a dying worker: doubles up to this cap
+MAX_BACKOFF_S = 10.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="iwm-launch", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("source")
+    src.add_argument("--source", default="synthetic",
+                     help="synthetic[:WxH] | gym:<env id> | screen[:monitor] | video:PATH | "
+                          "folder:PATH | replay:PATH (default: synthetic)")
+    src.add_argument("--fps", type=float, default=30.0, help="capture rate cap (0 = no cap)")
+    src.add_argument("--mode", choices=MODES, default="realtime",
+                     help="realtime: newest frame, skips counted; lossless: every frame")
+    src.add_argument("--frames", type=int, help="stop after N frames")
+    src.add_argument("--duration", type=float, help="stop after S seconds")
+    src.add_argument("--rate", type=float, default=1.0,
+                     help="replay speed: 1 = real time, 2 = twice as fast, 0 = as fast as "
+                          "the worker allows")
+    src.add_argument("--loop", action="store_true", help="replay/video/folder: loop")
+    src.add_argument("--seed", type=int, default=0)
+    src.add_argument("--ring-slots", type=int, default=8)
+    src.add_argument("--max-frame", default="1080x1920", metavar="HxW",
+                     help="largest frame the ring accepts (default 1080x1920)")
+    model = p.add_argument_group("model (env: IWM_MODEL_VARIANT, IWM_MODEL_PATH, IWM_DEVICE)")
+    model.add_argument("--variant", choices=VARIANTS)
+    model.add_argument("--model", type=Path, help="checkpoint (default: untrained weights)")
+    model.add_argument("--device", help="cpu | cuda | cuda:N")
+    model.add_argument("--encoder", help="timm encoder, e.g. vit_tiny_patch16_224 for CPU")
+    model.add_argument("--img-size", type=int, help="encoder input size (multiple of 16)")
+    model.add_argument("--mrr-bank", type=int, default=32)
+    model.add_argument("--patches", action="store_true", help="publish patch latents")
+    model.add_argument("--compile", action="store_true", help="torch.compile (CUDA)")
+    run = p.add_argument_group("run (env: IWM_RUN_DIR, IWM_SERVICE_HOST, IWM_SERVICE_PORT)")
+    run.add_argument("--run-dir", type=Path, help="folder for sockets + manifest")
+    run.add_argument("--record", type=Path, help="record the session to this .mcap file")
+    run.add_argument("--agent", choices=["demo"], help="also start the demo agent")
+    run.add_argument("--quiet", action="store_true", help="no status line")
+    run.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+@dataclass
+class Child:
+    """One supervised process."""
+
+    name: str
+    target: Any
+    args: tuple
+    restart: bool = False
+    proc: Any = None
+    restarts: int = 0
+    next_start: float = 0.0
+    backoff: float = 0.5
+    extra: dict = field(default_factory=dict)
+
+    def start(self, ctx: Any) -> None:
+        kwargs = {"restarts": self.restarts} if self.restart else {}
+        self.proc = ctx.Process(target=self.target, args=self.args, kwargs=kwargs,
+                                name=f"iwm-{self.name}", daemon=False)
+        self.proc.start()
+        logger.info("started {} (pid {})", self.name, self.proc.pid)
+
+
+class Launcher:
+    """Builds the configs, starts the parts, supervises them and cleans up."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.bus = BusConfig.from_env(run_dir=args.run_dir)
+        self.worker_cfg = WorkerConfig.from_env(
+            variant=args.variant, model_path=args.model, device=args.device,
+            encoder=args.encoder, img_size=args.img_size, mode=args.mode,
+            mrr_bank=args.mrr_bank, publish_patches=args.patches or None,
+            compile=args.compile or None)
+        h, w = _parse_hw(args.max_frame)
+        self.ring_cfg = RingConfig(slots=args.ring_slots, max_height=h, max_width=w)
+        self.ring_name = f"iwm_{os.getpid()}_{secrets.token_hex(4)}"
+        self.run_dir = RunDir(self.bus.run_dir)
+        self.endpoints: Endpoints = self.bus.endpoints()
+        self.children: list[Child] = []
+        self.stopping = False
+
+    # ------------------------------------------------------------ pre-flight
+
+    def preflight(self) -> None:
+        """Everything that can be wrong with the input, checked before anything starts."""
+        from workers.capture import CaptureConfig, probe_source
+        from workers.sources import check_spec
+
+        a = self.args
+        check_spec(a.source)
+        path = self.worker_cfg.model_path
+        if path is not None and not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist (--model / IWM_MODEL_PATH)")
+        if a.record is not None and not a.record.parent.is_dir():
+            raise FileNotFoundError(f"--record: folder {a.record.parent} does not exist")
+        for name in ("frames", "duration"):
+            value = getattr(a, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"--{name} must be positive, got {value}")
+        self.capture_cfg = CaptureConfig(
+            source=a.source, fps=a.fps, mode=a.mode, frames=a.frames, duration=a.duration,
+            rate=a.rate, loop=a.loop, seed=a.seed, ring=self.ring_cfg)
+        h, w, c = probe_source(a.source, seed=a.seed)
+        if h > self.ring_cfg.max_height or w > self.ring_cfg.max_width:
+            raise ValueError(f"source {a.source!r} gives {h}x{w} frames, larger than the ring's "
+                             f"{self.ring_cfg.max_height}x{self.ring_cfg.max_width} "
+                             "(--max-frame)")
+        self.frame_shape = (h, w, c)
+
+    # ------------------------------------------------------------ start / supervise
+
+    def start(self) -> None:
+        from workers.capture import run_capture
+        from workers.encoder import run_worker
+
+        if self.worker_cfg.model_path is None:
+            logger.warning("no checkpoint given (--model / IWM_MODEL_PATH): latents come from "
+                           "an UNTRAINED model; surprise and MRR are not meaningful yet")
+        self.children.append(Child("worker", run_worker,
+                                   (self.worker_cfg, self.endpoints, self.ring_name),
+                                   restart=True))
+        if self.args.record is not None:
+            from workers.recorder import RecorderConfig, run_recorder
+
+            rec = RecorderConfig(path=self.args.record, metadata={
+                "source": self.args.source, "worker": to_dict(self.worker_cfg),
+                "capture": {"fps": self.args.fps, "mode": self.args.mode}})
+            self.children.append(Child("recorder", run_recorder,
+                                       (rec, self.endpoints, self.ring_name)))
+        if self.args.agent == "demo":
+            from agent_bridge.demo_agent import run_demo_agent
+
+            self.children.append(Child("agent", run_demo_agent, (str(self.bus.run_dir),)))
+        self.capture = Child("capture", run_capture,
+                             (self.capture_cfg, self.endpoints, self.ring_name))
+        self.children.append(self.capture)
+        ctx = mp.get_context("spawn")
+        self.ctx = ctx
+        for child in self.children:
+            child.start(ctx)
+        self.write_manifest()
+
+    def write_manifest(self) -> None:
+        """sidecar.json: what an agent (or an operator) needs to find every part."""
+        self.run_dir.write_manifest({
+            "ring": self.ring_name, "endpoints": vars(self.endpoints),
+            "frame_shape": list(self.frame_shape), "worker": to_dict(self.worker_cfg),
+            "source": self.args.source, "mode": self.args.mode,
+            "pids": {c.name: c.proc.pid for c in self.children if c.proc is not None},
+            "restarts": {c.name: c.restarts for c in self.children if c.restart}})
+
+    def supervise(self) -> int:
+        """Run until the capture ends, a signal arrives or the duration is over."""
+        deadline = time.monotonic() + self.args.duration + 5 if self.args.duration else None
+        status = StatusLine(self.endpoints, quiet=self.args.quiet)
+        try:
+            while not self.stopping:
+                status.poll(200)
+                if not self.capture.proc.is_alive():
+                    code = self.capture.proc.exitcode
+                    logger.info("capture ended (exit code {})", code)
+                    return EXIT_OK if code == 0 else EXIT_FAILED
+                for child in self.children:
+                    if child is not self.capture and not self._check_child(child):
+                        return EXIT_FAILED
+                if deadline is not None and time.monotonic() > deadline:
+                    logger.warning("capture did not stop by itself at --duration; stopping it")
+                    return EXIT_OK
+            return EXIT_OK
+        finally:
+            status.close()
+
+    def _check_child(self, child: Child) -> bool:
+        """Restart a dead restartable child (with backoff); False when a vital one died."""
+        if child.proc.is_alive():
+            if child.restarts and time.monotonic() > child.next_start + 30:
+                child.backoff = 0.5  # stable again: reset the backoff
+            return True
+        if child.proc.exitcode is None:  # being restarted
+            return True
+        if not child.restart:
+            if child.name == "agent":
+                logger.warning("demo agent exited (code {})", child.proc.exitcode)
+                self.children.remove(child)
+                return True
+            logger.error("{} died (exit code {})", child.name, child.proc.exitcode)
+            return False
+        now = time.monotonic()
+        if now < child.next_start:
+            return True
+        why = _describe_exit(child.proc.exitcode)
+        child.restarts += 1
+        logger.warning("{} died ({}); restart #{} after {:.1f}s backoff", child.name, why,
+                       child.restarts, child.backoff)
+        time.sleep(min(child.backoff, 0.5))
+        child.next_start = now + child.backoff
+        child.backoff = min(child.backoff * 2, MAX_BACKOFF_S)
+        child.start(self.ctx)
+        self.write_manifest()
+        return True
+
+    # ------------------------------------------------------------ shutdown
+
+    def shutdown(self) -> None:
+        """Stop every child (SIGTERM, then SIGKILL), remove the ring and socket files."""
+        for child in reversed(self.children):
+            if child.proc is not None and child.proc.is_alive():
+                child.proc.terminate()
+        deadline = time.monotonic() + 10
+        for child in reversed(self.children):
+            if child.proc is None:
+                continue
+            child.proc.join(max(0.1, deadline - time.monotonic()))
+            if child.proc.is_alive():
+                logger.warning("{} did not stop within 10 s; killing it", child.name)
+                child.proc.kill()
+                child.proc.join(5)
+        _unlink_ring(self.ring_name)
+        self.run_dir.cleanup()
+
+
+class StatusLine:
+    """Subscribes to stats/surprise/MRR and prints one status line a second."""
+
+    def __init__(self, endpoints: Endpoints, quiet: bool) -> None:
+        self.quiet = quiet
+        self.sub = Subscriber([endpoints.worker], [topics.STATS, topics.SURPRISE, topics.MRR])
+        self.worker: dict[str, Any] = {}
+        self.surprise: float | None = None
+        self.mrr: float | None = None
+        self.next_print = time.monotonic() + 1.0
+
+    def poll(self, timeout_ms: int) -> None:
+        got = self.sub.recv(timeout_ms)
+        while got is not None:
+            topic, msg = got
+            if msg["kind"] == "stats":
+                self.worker = msg["values"]
+            elif msg["kind"] == "surprise" and msg["surprise"] is not None:
+                self.surprise = msg["surprise"]
+            elif msg["kind"] == "mrr" and msg["mrr"] is not None:
+                self.mrr = msg["mrr"]
+            got = self.sub.recv(0)
+        if not self.quiet and time.monotonic() >= self.next_print:
+            self.next_print += 1.0
+            print(self.line(), file=sys.stderr, flush=True)
+
+    def line(self) -> str:
+        w = self.worker
+
+        def num(key: str, fmt: str = "{:.1f}") -> str:
+            value = w.get(key)
+            return fmt.format(value) if isinstance(value, (int, float)) else "-"
+
+        surprise = f"{self.surprise:.3f}" if self.surprise is not None else "-"
+        mrr = f"{self.mrr:.3f}" if self.mrr is not None else "-"
+        return (f"[iwm] fps in {num('fps_in')} out {num('fps_out')} | latency p50 "
+                f"{num('latency_p50_ms')} p99 {num('latency_p99_ms')} ms | surprise {surprise}"
+                f" | MRR {mrr} | frames {num('frames', '{:.0f}')} skipped "
+                f"{num('skipped', '{:.0f}')} dropped {num('dropped_overwritten', '{:.0f}')} "
+                f"| restarts {num('restarts', '{:.0f}')}")
+
+    def close(self) -> None:
+        self.sub.close()
+
+
+def _parse_hw(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--max-frame must look like HxW (e.g. 1080x1920), got {text!r}") from None
+    return h, w
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def _unlink_ring(name: str) -> None:
+    """Remove the ring's segment if a crashed capture left it (the capture unlinks normally)."""
+    path = Path("/dev/shm") / name
+    if path.exists():
+        logger.warning("removing shared-memory segment {} left behind", name)
+        path.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logger.remove()
+    logger.add(sys.stderr, level=args.log_level.upper(),
+               format="<green>{time:HH:mm:ss.SSS}</green> {level: <7} {message}")
+    try:
+        launcher = Launcher(args)
+        launcher.preflight()
+    except (ValueError, FileNotFoundError, RunDirBusyError, OSError) as e:
+        logger.error("{}", e)
+        return EXIT_BAD_INPUT
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        logger.info("{} received: shutting down", signal.Signals(signum).name)
+        launcher.stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        launcher.run_dir.acquire()
+    except RunDirBusyError as e:
+        logger.error("{}", e)
+        return EXIT_BAD_INPUT
+    code = EXIT_FAILED
+    try:
+        launcher.start()
+        code = launcher.supervise()
+    finally:
+        launcher.shutdown()
+    logger.info("stopped (exit code {})", code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
