@@ -150,7 +150,7 @@ class Launcher:
     # ------------------------------------------------------------ start / supervise
 
     def start(self) -> None:
-        from workers.capture import run_capture
+        from workers.capture import capture_entry
         from workers.encoder import run_worker
 
         if self.worker_cfg.model_path is None:
@@ -171,7 +171,7 @@ class Launcher:
             from agent_bridge.demo_agent import run_demo_agent
 
             self.children.append(Child("agent", run_demo_agent, (str(self.bus.run_dir),)))
-        self.capture = Child("capture", run_capture,
+        self.capture = Child("capture", capture_entry,
                              (self.capture_cfg, self.endpoints, self.ring_name))
         self.children.append(self.capture)
         ctx = mp.get_context("spawn")
@@ -333,10 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     logger.remove()
     logger.add(sys.stderr, level=args.log_level.upper(),
                format="<green>{time:HH:mm:ss.SSS}</green> {level: <7} {message}")
+    from workers.sources import SourceError
+
     try:
         launcher = Launcher(args)
         launcher.preflight()
-    except (ValueError, FileNotFoundError, RunDirBusyError, OSError) as e:
+    except (ValueError, FileNotFoundError, SourceError, OSError) as e:
         logger.error("{}", e)
         return EXIT_BAD_INPUT
 

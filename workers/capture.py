@@ -1,0 +1,519 @@
+"""The capture process: frames from a source into the shared-memory FrameRing, one
+``iwm.frame`` notice per frame on the bus.
+
+``launch.py`` starts it as a spawned process (``iwm-launch --source SPEC``)::
+
+    proc = ctx.Process(target=capture_entry, args=(CaptureConfig(source="gym:ALE/Pong-v5"),
+                                                   Endpoints.ipc(run_dir), "iwm_ring_x"))
+
+It creates the ring (sized to the source's first frame; it alone owns and unlinks it), binds
+PUB ``endpoints.capture`` and connects a SUB to ``endpoints.agent`` for ``agent.action``:
+the latest action drives the source (gym envs, the synthetic square). Per frame: step the
+source → ``ring.write`` (never waits for readers) → for a replay source, re-publish the
+recorded action on ``agent.action`` → publish the notice ``{seq, slot, t_capture_ns,
+height, width, channels, action, source}`` → pace. ``iwm.stats`` (source ``capture``) goes
+out once a second.
+
+Pacing: ``fps`` caps the frame rate (0 = no cap); frames that carry a recorded time (replay,
+video) follow it at ``rate`` x real time instead (``rate`` 0 = no recorded pacing, the fps
+cap applies). ``mode="lossless"`` adds a credit window on the worker's published seq (every
+``iwm.surprise`` carries the seq it processed): capture waits for a first message from the
+worker before writing, never has more than ``slots - 1`` unprocessed frames in the ring, and
+at the end waits up to ``drain_timeout_s`` for the last frame to be processed.
+
+Exit codes (``run_capture`` returns them, ``capture_entry`` exits with them): 0 after the end
+of the source / ``frames`` / ``duration`` or on SIGTERM/SIGINT; 2 when nothing could start
+(bad spec, frame larger than the ring, ring name taken, endpoint in use); 1 on a failure while
+running. Timestamps are ``iwm_bus.ring.clock_ns`` (CLOCK_MONOTONIC), as the ring uses.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn
+
+import numpy as np
+import zmq
+from loguru import logger
+
+from iwm_bus import topics
+from iwm_bus.config import MODES, RingConfig
+from iwm_bus.errors import RingError, WireError
+from iwm_bus.ring import FrameRing, clock_ns
+from iwm_bus.transport import Endpoints, Publisher, Subscriber
+from iwm_bus.wire import make_action
+from workers.sources import Source, SourceError, SourceFrame, check_spec, open_source
+
+__all__ = ["CaptureConfig", "capture_entry", "probe_source", "run_capture"]
+
+#: exit codes
+EXIT_OK, EXIT_FAILED, EXIT_NOT_STARTED = 0, 1, 2
+STATS_INTERVAL_S = 1.0
+WAIT_LOG_INTERVAL_S = 5.0
+#: most agent.action messages drained per frame (a flood cannot stall capture)
+MAX_ACTIONS_PER_FRAME = 1000
+#: recorded pacing re-anchors when it falls further behind than this (no catch-up burst)
+MAX_LAG_S = 1.0
+#: at shutdown the PUB socket gets this long to deliver queued notices
+FLUSH_LINGER_MS = 500
+
+
+@dataclass
+class CaptureConfig:
+    # source spec (workers.sources.SPEC_FORMS), e.g. synthetic:64x64, gym:ALE/Pong-v5
+    source: str = "synthetic"
+    # frame-rate cap in frames per second; 0 = as fast as possible
+    fps: float = 30.0
+    # realtime: never wait for the worker; lossless: credit window (slots-1) on its seq
+    mode: str = "realtime"
+    # stop after this many frames (None = until the source ends or a signal)
+    frames: int | None = None
+    # stop after this many seconds (None = no limit)
+    duration: float | None = None
+    # recorded pacing (replay/video) by recorded timestamps: 1 = real time, 2 = 2x; 0 = off
+    rate: float = 1.0
+    # replay/video/folder: start over at the end
+    loop: bool = False
+    # seed of the source's default policy / synthetic scene / gym env
+    seed: int = 0
+    # ring geometry: slot count and the largest frame accepted
+    ring: RingConfig = field(default_factory=RingConfig)
+    # lossless: at the end, wait this long for the worker to process the last frame
+    drain_timeout_s: float = 60.0
+    # extra source options, e.g. {"max_episode_steps": 500} (gym), {"speed": 2} (synthetic)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str):
+            _fail("source", self.source, "must be a source spec string")
+        try:
+            check_spec(self.source)
+        except ValueError as e:
+            _fail("source", self.source, str(e))
+        _number("fps", self.fps, 0.0, 10_000.0)
+        if self.mode not in MODES:
+            _fail("mode", self.mode, f"must be one of {MODES}")
+        if self.frames is not None and (not _is_int(self.frames) or self.frames < 1):
+            _fail("frames", self.frames, "must be an int >= 1 or None")
+        if self.duration is not None:
+            _number("duration", self.duration, 1e-3, 1e9)
+        _number("rate", self.rate, 0.0, 1000.0)
+        if not _is_int(self.seed) or self.seed < 0:
+            _fail("seed", self.seed, "must be an int >= 0")
+        if isinstance(self.ring, Mapping):
+            self.ring = RingConfig(**self.ring)
+        if not isinstance(self.ring, RingConfig):
+            _fail("ring", self.ring, "must be a RingConfig")
+        _number("drain_timeout_s", self.drain_timeout_s, 0.0, 1e6)
+        if not isinstance(self.options, Mapping) or not all(
+                isinstance(k, str) for k in self.options):
+            _fail("options", self.options, "must be a dict with str keys")
+        self.options = dict(self.options)
+        if {"seed", "loop"} & set(self.options):
+            _fail("options", self.options, "seed and loop are CaptureConfig fields")
+
+
+def _fail(name: str, value: Any, why: str) -> NoReturn:
+    raise ValueError(f"CaptureConfig.{name}={value!r}: {why}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(name: str, value: Any, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            low <= value <= high):
+        _fail(name, value, f"must be a number in {low:g}..{high:g}")
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def probe_source(spec: str, **options: Any) -> tuple[int, int, int]:
+    """Open ``spec``, take its first frame and close it: the frame's (height, width, channels).
+
+    Raises ValueError (bad spec/options) or SourceError (cannot open here).
+    """
+    source = open_source(spec, **options)
+    try:
+        return tuple(int(n) for n in source.reset().pixels.shape)  # type: ignore[return-value]
+    finally:
+        source.close()
+
+
+def capture_entry(cfg: CaptureConfig, endpoints: Endpoints, ring_name: str) -> NoReturn:
+    """Process target: ``run_capture`` with its return value as the process exit code."""
+    sys.exit(run_capture(cfg, endpoints, ring_name))
+
+
+def run_capture(cfg: CaptureConfig, endpoints: Endpoints, ring_name: str) -> int:
+    """Run the capture until its end, a limit or SIGTERM/SIGINT; return the exit code.
+
+    Spawn-safe (top level, picklable arguments). The ring is unlinked on every path.
+    """
+    stop = _StopFlag()
+    with _stop_on_signals(stop):
+        try:
+            source = open_source(cfg.source, seed=cfg.seed, loop=cfg.loop, **cfg.options)
+        except (ValueError, SourceError) as e:
+            logger.error("capture: cannot open source: {}", e)
+            return EXIT_NOT_STARTED
+        try:
+            return _run_source(cfg, endpoints, ring_name, source, stop)
+        except Exception as e:  # reported as the exit code, with the traceback in the log
+            logger.opt(exception=e).error("capture: {} failed: {}: {}", cfg.source,
+                                          type(e).__name__, e)
+            return EXIT_FAILED
+        finally:
+            source.close()
+
+
+def _run_source(cfg: CaptureConfig, endpoints: Endpoints, ring_name: str, source: Source,
+                stop: _StopFlag) -> int:
+    first = source.reset()
+    problem = _fit_problem(first.pixels, cfg.ring, cfg.source)
+    if problem:
+        logger.error("capture: {}", problem)
+        return EXIT_NOT_STARTED
+    height, width, channels = first.pixels.shape
+    try:
+        ring = FrameRing.create(ring_name, cfg.ring.slots, height, width, channels)
+    except (RingError, ValueError) as e:
+        logger.error("capture: cannot create the ring: {}", e)
+        return EXIT_NOT_STARTED
+    try:
+        try:
+            loop = _CaptureLoop(cfg, endpoints, ring, source, stop)
+        except OSError as e:  # bind failed: another sidecar on these endpoints
+            logger.error("capture: {}", e)
+            return EXIT_NOT_STARTED
+        with loop:
+            return loop.run(first)
+    finally:
+        ring.unlink()
+        ring.close()
+
+
+def _fit_problem(pixels: np.ndarray, ring: RingConfig, spec: str) -> str | None:
+    height, width, channels = pixels.shape
+    if channels != ring.channels:
+        return (f"{spec} gives {channels}-channel frames but the ring is configured for "
+                f"{ring.channels} channels")
+    if height > ring.max_height or width > ring.max_width:
+        return (f"{spec} gives {height}x{width} frames (height x width), larger than the ring "
+                f"maximum {ring.max_height}x{ring.max_width}; raise RingConfig.max_height / "
+                "max_width or use a smaller source")
+    return None
+
+
+# ---------------------------------------------------------------- signals
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT. The handler only stores the signal number (no locks, no
+    logging: it may interrupt code that holds the logger's lock)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.signum is not None
+
+
+@contextmanager
+def _stop_on_signals(stop: _StopFlag) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        logger.warning("capture: not in the main thread; SIGTERM/SIGINT will not stop it")
+        yield
+        return
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        stop.signum = signum
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+class _CaptureLoop:
+    """Sockets, counters and the per-frame loop of one capture run (the ring is the caller's)."""
+
+    def __init__(self, cfg: CaptureConfig, endpoints: Endpoints, ring: FrameRing,
+                 source: Source, stop: _StopFlag) -> None:
+        self.cfg, self.endpoints, self.ring, self.source, self.stop = (
+            cfg, endpoints, ring, source, stop)
+        self.lossless = cfg.mode == "lossless"
+        self.period = 1.0 / cfg.fps if cfg.fps > 0 else 0.0
+        self._ctx = zmq.Context()
+        with ExitStack() as stack:
+            stack.callback(self._ctx.destroy, linger=0)
+            self.pub = Publisher(endpoints.capture, ctx=self._ctx)
+            self.agent = Subscriber([endpoints.agent], [topics.ACTION], ctx=self._ctx)
+            self.worker = (Subscriber([endpoints.worker], [topics.SURPRISE, topics.STATS],
+                                      ctx=self._ctx) if self.lossless else None)
+            stack.pop_all()
+        self.seq = -1
+        self.frames = 0
+        # latest agent action map and its t_ns (None until an agent speaks)
+        self.action: dict[str, Any] | None = None
+        self.action_t_ns: int | None = None
+        self.actions_received = 0
+        self.bad_action_msgs = 0
+        self.replayed_actions = 0
+        # lossless: highest seq processed, per worker variant; whether the worker spoke
+        self.processed: dict[str, int] = {}
+        self.worker_seen = False
+        self.credit_wait_s = 0.0
+        self._due: float | None = None  # fps pacing: when the next frame is due
+        self._anchor: tuple[float, int] | None = None  # recorded pacing: (wall, recorded ns)
+        self._stats_due = time.monotonic() + STATS_INTERVAL_S
+        self._stats_window = (time.monotonic(), 0)
+
+    def close(self) -> None:
+        # the last notices and stats may still be queued: flush them for a bounded time
+        self.pub.sock.close(linger=FLUSH_LINGER_MS)
+        for sub in (self.agent, self.worker):
+            if sub is not None:
+                sub.close()
+        self._ctx.term()
+        # libzmq leaves the ipc socket file of a closed listener behind; it is ours
+        if self.endpoints.capture.startswith("ipc://"):
+            Path(self.endpoints.capture[len("ipc://"):]).unlink(missing_ok=True)
+
+    def __enter__(self) -> _CaptureLoop:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def run(self, first: SourceFrame) -> int:
+        logger.info("capture: {} {}x{} → ring {!r} ({} slots), {} mode, fps cap {}",
+                    self.cfg.source, first.pixels.shape[1], first.pixels.shape[0],
+                    self.ring.name, self.ring.slots, self.cfg.mode, self.cfg.fps or "none")
+        if self.lossless and not self._wait_for_worker():
+            return self._finish("stopped while waiting for the worker")
+        started = time.monotonic()
+        frame: SourceFrame | None = first
+        why = "end of source"
+        while frame is not None and not self.stop:
+            self._emit(frame)
+            self._maybe_stats()
+            limit = self._limit_reached(started)
+            if limit:
+                why = limit
+                break
+            if self.lossless and not self._wait_credit():
+                break
+            if not self._recorded(frame):
+                self._wait_fps()
+            self._drain_actions()
+            frame = self.source.step(self.action)
+            if frame is not None and self._recorded(frame):
+                self._wait_recorded(frame)
+        if self.stop:
+            return self._finish(f"signal {self.stop.signum}")
+        if self.lossless:
+            self._drain_worker()
+        return self._finish(why)
+
+    def _finish(self, why: str) -> int:
+        self._publish_stats()
+        logger.info("capture: stopped ({}) after {} frames, last seq {}", why, self.frames,
+                    self.seq)
+        return EXIT_OK
+
+    def _limit_reached(self, started: float) -> str | None:
+        cfg = self.cfg
+        if cfg.frames is not None and self.frames >= cfg.frames:
+            return f"{cfg.frames} frames"
+        if cfg.duration is not None and time.monotonic() - started >= cfg.duration:
+            return f"{cfg.duration} s"
+        return None
+
+    # ------------------------------------------------------------ per frame
+
+    def _emit(self, frame: SourceFrame) -> None:
+        """Write the frame into the ring, then tell the bus (replayed action first)."""
+        t_action = clock_ns()
+        t_capture = clock_ns()
+        height, width, channels = frame.pixels.shape
+        seq = self.ring.write(frame.pixels, t_capture_ns=t_capture)
+        self.seq, self.frames = seq, self.frames + 1
+        if getattr(self.source, "republish_actions", False) and frame.action:
+            self.replayed_actions += 1
+            self.pub.send(topics.ACTION, {
+                "seq": self.replayed_actions - 1, "t_ns": t_action,
+                "frame_seq": seq - 1 if seq > 0 else None, "source": "replay",
+                "vector": frame.action.get("vector"), "action_id": frame.action.get("action_id")})
+        self.pub.send(topics.FRAME, {
+            "seq": seq, "slot": self.ring.slot_of(seq), "t_capture_ns": t_capture,
+            "height": height, "width": width, "channels": channels, "action": frame.action,
+            "source": self.cfg.source})
+        if self._due is None:
+            self._due = time.monotonic()
+        if frame.t_recorded_ns is not None and self._anchor is None:
+            self._anchor = (time.monotonic(), frame.t_recorded_ns)
+
+    def _drain_actions(self) -> None:
+        """Keep the newest valid agent.action (bounded per frame)."""
+        for _ in range(MAX_ACTIONS_PER_FRAME):
+            got = self.agent.recv(timeout_ms=0)
+            if got is None:
+                return
+            msg = got[1]
+            try:
+                action = make_action(msg.get("vector"), msg.get("action_id"))
+            except WireError as e:
+                action, why = None, str(e)
+            else:
+                why = "it has neither vector nor action_id"
+            if action is None:
+                self.bad_action_msgs += 1
+                if self.bad_action_msgs <= 10 or self.bad_action_msgs % 1000 == 0:
+                    logger.warning("capture: ignored agent.action seq {}: {}", msg.get("seq"), why)
+                continue
+            self.action, self.action_t_ns = action, msg["t_ns"]
+            self.actions_received += 1
+
+    def _recorded(self, frame: SourceFrame) -> bool:
+        return self.cfg.rate > 0 and frame.t_recorded_ns is not None
+
+    def _wait_fps(self) -> None:
+        if not self.period:
+            return
+        now = time.monotonic()
+        self._due = (self._due if self._due is not None else now) + self.period
+        if self._due < now - self.period:  # fell behind (credits, slow source): no burst
+            self._due = now
+        self._sleep_until(self._due)
+
+    def _wait_recorded(self, frame: SourceFrame) -> None:
+        """Sleep until ``frame`` is due at ``rate`` x its recorded time."""
+        t_rec = frame.t_recorded_ns
+        assert t_rec is not None
+        now = time.monotonic()
+        if self._anchor is None or t_rec < self._anchor[1]:  # first frame, or a new pass
+            self._anchor = (now, t_rec)
+            return
+        due = self._anchor[0] + (t_rec - self._anchor[1]) / 1e9 / self.cfg.rate
+        if due < now - MAX_LAG_S:
+            self._anchor = (now, t_rec)
+            return
+        self._sleep_until(due)
+
+    def _sleep_until(self, deadline: float) -> None:
+        while not self.stop:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, 0.02))
+            self._maybe_stats()
+
+    # ------------------------------------------------------------ lossless credits
+
+    def _processed_seq(self) -> int:
+        return min(self.processed.values()) if self.processed else -1
+
+    def _poll_worker(self, timeout_ms: int) -> None:
+        assert self.worker is not None
+        got = self.worker.recv(timeout_ms=timeout_ms)
+        while got is not None:
+            self.worker_seen = True
+            topic, msg = got
+            if topics.base_topic(topic) == topics.SURPRISE:
+                variant = msg.get("variant") or topic
+                self.processed[variant] = max(self.processed.get(variant, -1), msg["seq"])
+            got = self.worker.recv(timeout_ms=0)
+
+    def _wait_for_worker(self) -> bool:
+        """Lossless start: block until the worker publishes anything; False when stopped."""
+        logger.info("capture: lossless: waiting for the worker on {}", self.endpoints.worker)
+        started = time.monotonic()
+        next_log = started + WAIT_LOG_INTERVAL_S
+        while not self.worker_seen:
+            if self.stop:
+                return False
+            self._poll_worker(100)
+            self._maybe_stats()
+            if time.monotonic() >= next_log:
+                next_log += WAIT_LOG_INTERVAL_S
+                logger.warning("capture: lossless: no message from the worker on {} after "
+                               "{:.0f} s; still waiting", self.endpoints.worker,
+                               time.monotonic() - started)
+        return True
+
+    def _wait_credit(self) -> bool:
+        """Block while ``slots - 1`` frames are unprocessed; False when stopped."""
+        window = self.ring.slots - 1
+        self._poll_worker(0)
+        if self.seq - self._processed_seq() < window:
+            return True
+        started = time.monotonic()
+        next_log = started + WAIT_LOG_INTERVAL_S
+        try:
+            while self.seq - self._processed_seq() >= window:
+                if self.stop:
+                    return False
+                self._poll_worker(50)
+                self._maybe_stats()
+                if time.monotonic() >= next_log:
+                    next_log += WAIT_LOG_INTERVAL_S
+                    logger.warning("capture: lossless: worker at seq {} of {}; waited {:.0f} s",
+                                   self._processed_seq(), self.seq, time.monotonic() - started)
+            return True
+        finally:
+            self.credit_wait_s += time.monotonic() - started
+
+    def _drain_worker(self) -> None:
+        """Lossless end: wait (bounded) until the worker has processed the last frame."""
+        deadline = time.monotonic() + self.cfg.drain_timeout_s
+        while self._processed_seq() < self.seq and not self.stop:
+            if time.monotonic() >= deadline:
+                logger.warning("capture: lossless: worker processed up to seq {} of {} within "
+                               "{} s; stopping anyway", self._processed_seq(), self.seq,
+                               self.cfg.drain_timeout_s)
+                return
+            self._poll_worker(50)
+            self._maybe_stats()
+
+    # ------------------------------------------------------------ stats
+
+    def _maybe_stats(self) -> None:
+        if time.monotonic() >= self._stats_due:
+            self._publish_stats()
+
+    def _publish_stats(self) -> None:
+        now = time.monotonic()
+        t0, frames0 = self._stats_window
+        fps = (self.frames - frames0) / (now - t0) if now > t0 else 0.0
+        self._stats_window = (now, self.frames)
+        self._stats_due = now + STATS_INTERVAL_S
+        values: dict[str, Any] = {
+            "fps": round(fps, 2), "frames": self.frames, "seq": self.seq,
+            "episodes": int(getattr(self.source, "episodes", 0)),
+            "bad_actions": int(getattr(self.source, "bad_actions", 0)) + self.bad_action_msgs,
+            "actions_received": self.actions_received,
+            "action_decode_errors": self.agent.decode_errors,
+            "replayed_actions": self.replayed_actions,
+            "notices_dropped": self.pub.dropped,
+            "credit_wait_s": round(self.credit_wait_s, 3),
+            "mode": self.cfg.mode,
+        }
+        if self.lossless:
+            values["processed_seq"] = self._processed_seq()
+        self.pub.send(topics.STATS, {"t_ns": clock_ns(), "source": "capture", "values": values})
