@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="replay speed: 1 = real time, 2 = twice as fast, 0 = as fast as "
                           "the worker allows")
     src.add_argument("--loop", action="store_true", help="replay/video/folder: loop")
+    src.add_argument("--start", type=float, help="replay: start offset in seconds")
+    src.add_argument("--end", type=float, help="replay: end offset in seconds")
     src.add_argument("--seed", type=int, default=0)
     src.add_argument("--ring-slots", type=int, default=8)
     src.add_argument("--max-frame", default="1080x1920", metavar="HxW",
@@ -93,8 +95,10 @@ class Child:
     extra: dict = field(default_factory=dict)
 
     def start(self, ctx: Any) -> None:
+        from workers.entry import exit_with
+
         kwargs = {"restarts": self.restarts} if self.restart else {}
-        self.proc = ctx.Process(target=self.target, args=self.args, kwargs=kwargs,
+        self.proc = ctx.Process(target=exit_with, args=(self.target, *self.args), kwargs=kwargs,
                                 name=f"iwm-{self.name}", daemon=False)
         self.proc.start()
         logger.info("started {} (pid {})", self.name, self.proc.pid)
@@ -137,10 +141,15 @@ class Launcher:
             value = getattr(a, name)
             if value is not None and value <= 0:
                 raise ValueError(f"--{name} must be positive, got {value}")
+        self.options = {k: v for k, v in (("start", a.start), ("end", a.end)) if v is not None}
+        if self.options and not a.source.startswith("replay:"):
+            raise ValueError("--start/--end apply only to a replay:PATH source")
+        # --rate 0 means "as fast as the worker allows": no fps cap either
+        fps = 0.0 if a.rate == 0 else a.fps
         self.capture_cfg = CaptureConfig(
-            source=a.source, fps=a.fps, mode=a.mode, frames=a.frames, duration=a.duration,
-            rate=a.rate, loop=a.loop, seed=a.seed, ring=self.ring_cfg)
-        h, w, c = probe_source(a.source, seed=a.seed)
+            source=a.source, fps=fps, mode=a.mode, frames=a.frames, duration=a.duration,
+            rate=a.rate, loop=a.loop, seed=a.seed, ring=self.ring_cfg, options=self.options)
+        h, w, c = probe_source(a.source, seed=a.seed, **self.options)
         if h > self.ring_cfg.max_height or w > self.ring_cfg.max_width:
             raise ValueError(f"source {a.source!r} gives {h}x{w} frames, larger than the ring's "
                              f"{self.ring_cfg.max_height}x{self.ring_cfg.max_width} "
@@ -150,7 +159,7 @@ class Launcher:
     # ------------------------------------------------------------ start / supervise
 
     def start(self) -> None:
-        from workers.capture import capture_entry
+        from workers.capture import run_capture
         from workers.encoder import run_worker
 
         if self.worker_cfg.model_path is None:
@@ -171,7 +180,7 @@ class Launcher:
             from agent_bridge.demo_agent import run_demo_agent
 
             self.children.append(Child("agent", run_demo_agent, (str(self.bus.run_dir),)))
-        self.capture = Child("capture", capture_entry,
+        self.capture = Child("capture", run_capture,
                              (self.capture_cfg, self.endpoints, self.ring_name))
         self.children.append(self.capture)
         ctx = mp.get_context("spawn")

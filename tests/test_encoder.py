@@ -1,0 +1,524 @@
+"""Encoder worker: a real worker process (and in-process workers), real ring, real sockets.
+
+The test plays the capture (a FrameRing + a PUB on ``endpoints.capture``), the agent (a PUB
+on ``endpoints.agent``), a subscriber of the worker's topics and an RPC client (a plain
+DEALER), against a tiny model (ViT-Ti/16 at 32 px, 2-layer predictor) saved as a checkpoint
+that the worker process loads. The process tests share one worker (module fixture); the
+last of them stops it with SIGTERM.
+
+    .venv/bin/python -m pytest tests/test_encoder.py -q
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import zmq
+from loguru import logger
+
+from iwm_bus import metrics, topics, wire
+from iwm_bus.config import WorkerConfig
+from iwm_bus.model import IWM, create_iwm_model, pad_cond, save_checkpoint
+from iwm_bus.ring import FrameRing, clock_ns
+from iwm_bus.transport import Endpoints, Publisher, Subscriber
+from workers.encoder import EncoderWorker, load_model, run_worker
+
+ENCODER, IMG = "vit_tiny_patch16_224", 32
+H, W, SLOTS = 40, 48, 8
+NUM_ACTIONS = 4
+pytestmark = pytest.mark.timeout(90)
+
+
+def tiny_model(device: str = "cpu") -> IWM:
+    return create_iwm_model("core", encoder_name=ENCODER, img_size=IMG, pred_depth=2,
+                            pred_dim=64, pred_heads=2, num_actions=NUM_ACTIONS, seed=1,
+                            device=device)
+
+
+def frame_for(i: int) -> np.ndarray:
+    return np.random.default_rng(i).integers(0, 256, (H, W, 3), dtype=np.uint8)
+
+
+def short_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="iwt", dir="/tmp"))
+
+
+# ----------------------------------------------------------------------------- test peers
+
+
+class Producer:
+    """The capture side: writes frames into a ring and publishes iwm.frame notices."""
+
+    def __init__(self, eps: Endpoints, ring_name: str) -> None:
+        self.ring = FrameRing.create(ring_name, SLOTS, H, W)
+        self.pub = Publisher(eps.capture)
+        self.frames: dict[int, np.ndarray] = {}
+
+    def write(self, frame: np.ndarray, action: dict[str, Any] | None = None) -> int:
+        t = clock_ns()
+        seq = self.ring.write(frame, t)
+        self.pub.send(topics.FRAME, {"seq": seq, "slot": self.ring.slot_of(seq),
+                                     "t_capture_ns": t, "height": H, "width": W,
+                                     "channels": 3, "action": action, "source": "test"})
+        self.frames[seq] = frame
+        return seq
+
+    def close(self) -> None:
+        self.pub.close()
+        self.ring.unlink()
+        self.ring.close()
+
+
+class Collector:
+    """Subscribes to the worker's topics and keeps everything it receives."""
+
+    def __init__(self, eps: Endpoints) -> None:
+        self.sub = Subscriber([eps.worker], topics.WORKER_TOPICS)
+        self.msgs: dict[str, list[dict[str, Any]]] = {t: [] for t in topics.WORKER_TOPICS}
+
+    def pump(self, timeout_ms: int = 50) -> None:
+        got = self.sub.recv(timeout_ms)
+        while got is not None:
+            self.msgs[topics.base_topic(got[0])].append(got[1])
+            got = self.sub.recv(0)
+
+    def wait(self, cond: Callable[[], bool], what: str, timeout: float = 40.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; last stats: "
+                                     f"{self.stats()}")
+            self.pump()
+
+    def seqs(self, topic: str) -> list[int]:
+        return [m["seq"] for m in self.msgs[topic]]
+
+    def by_seq(self, topic: str) -> dict[int, dict[str, Any]]:
+        return {m["seq"]: m for m in self.msgs[topic]}
+
+    def max_seq(self) -> int:
+        """Newest seq whose messages all arrived (iwm.mrr is published last)."""
+        return max(self.seqs(topics.MRR), default=-1)
+
+    def stats(self) -> dict[str, Any]:
+        return self.msgs[topics.STATS][-1]["values"] if self.msgs[topics.STATS] else {}
+
+    def fresh_stats(self, pred: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any]:
+        """Wait for a stats message sent after this call that satisfies ``pred``."""
+        n = len(self.msgs[topics.STATS])
+        self.wait(lambda: any(pred(m["values"]) for m in self.msgs[topics.STATS][n:]), what)
+        return self.stats()
+
+    def close(self) -> None:
+        self.sub.close()
+
+
+class Client:
+    """A plain DEALER speaking the worker's RPC protocol."""
+
+    def __init__(self, eps: Endpoints) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(eps.rpc)
+        self.next_id = 0
+
+    def send_raw(self, frames: list[bytes]) -> None:
+        self.sock.send_multipart(frames)
+
+    def recv(self, timeout: float = 30.0) -> dict[str, Any]:
+        assert self.sock.poll(int(timeout * 1000)), "no RPC reply in time"
+        topic, msg = wire.unpack(self.sock.recv_multipart())
+        assert topic == topics.RPC and msg["kind"] == "rpc_reply"
+        return msg
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        self.next_id += 1
+        self.send_raw(wire.pack(topics.RPC, {"kind": "rpc_request", "id": self.next_id,
+                                             "method": method, "params": params}))
+        reply = self.recv()
+        assert reply["id"] == self.next_id
+        return reply
+
+    def result(self, method: str, **params: Any) -> dict[str, Any]:
+        reply = self.call(method, **params)
+        assert reply["ok"], reply["error"]
+        return reply["result"]
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+def write_paced(prod: Producer, col: Collector, frames: list[np.ndarray],
+                actions: list[dict[str, Any] | None] | None = None) -> list[int]:
+    """Lossless pacing: keep at most SLOTS // 2 frames ahead of the worker's latents."""
+    seqs = []
+    for i, frame in enumerate(frames):
+        nxt = prod.ring.latest_seq + 1
+        col.wait(lambda n=nxt: col.max_seq() >= n - SLOTS // 2, f"credit for seq {nxt}")
+        seqs.append(prod.write(frame, actions[i] if actions else None))
+    col.wait(lambda: col.max_seq() >= seqs[-1], f"messages of seq {seqs[-1]}")
+    return seqs
+
+
+def close_to(a: Any, b: Any, tol: float = 1e-4) -> bool:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return a.shape == b.shape and bool(np.allclose(a, b, rtol=tol, atol=tol))
+
+
+# ----------------------------------------------------------------------------- the rig
+
+
+class Rig:
+    """A worker process (lossless, tiny checkpoint) and the test's peers around it."""
+
+    def __init__(self) -> None:
+        self.dir = short_dir()
+        self.eps = Endpoints.ipc(self.dir)
+        self.ring_name = f"iwmt_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+        self.ckpt = self.dir / "tiny.pt"
+        self.parts: list[Any] = []
+        self.proc: Any = None
+
+    def start(self) -> None:
+        self.model = tiny_model()
+        save_checkpoint(self.model, self.ckpt)
+        self.prod = Producer(self.eps, self.ring_name)
+        self.parts.append(self.prod)
+        self.col = Collector(self.eps)
+        self.parts.append(self.col)
+        self.client = Client(self.eps)
+        self.parts.append(self.client)
+        self.agent = Publisher(self.eps.agent)
+        self.parts.append(self.agent)
+        cfg = WorkerConfig(model_path=self.ckpt, mode="lossless", mrr_bank=6,
+                           stats_interval_s=0.2)
+        self.proc = mp.get_context("spawn").Process(
+            target=run_worker, args=(cfg, self.eps, self.ring_name), kwargs={"restarts": 3},
+            daemon=True)
+        self.proc.start()
+        self.col.wait(lambda: self.col.stats().get("ready") == 1 or not self.proc.is_alive(),
+                      "the worker's ready stats", timeout=80)
+        assert self.proc.is_alive(), f"worker exited with {self.proc.exitcode}"
+
+    def close(self) -> None:
+        if self.proc is not None:
+            if self.proc.is_alive():
+                self.proc.kill()
+            self.proc.join(10)
+        for part in self.parts:
+            part.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def rig() -> Iterator[Rig]:
+    r = Rig()
+    try:
+        r.start()
+        yield r
+    finally:
+        r.close()
+
+
+def local_surprise(model: IWM, z_prev: np.ndarray, z: np.ndarray, cond: np.ndarray | None,
+                   action_id: int) -> float:
+    pred = model.predict(z_prev[None], cond=None if cond is None else cond[None],
+                         action_id=np.array([action_id]))
+    return metrics.surprise(pred.z_cls[0].numpy(), z)
+
+
+# ----------------------------------------------------------------------------- process tests
+
+
+def test_lossless_publishes_every_seq_once_and_matches_local_model(rig: Rig) -> None:
+    n = 16
+    first = rig.prod.ring.latest_seq + 1
+    seqs = write_paced(rig.prod, rig.col, [frame_for(i) for i in range(first, first + n)])
+    assert seqs == list(range(first, first + n))
+    time.sleep(0.3)  # a duplicate, if there were one, would be here by now
+    rig.col.pump()
+    for topic in (topics.LATENT, topics.SURPRISE, topics.MRR):
+        got = [s for s in rig.col.seqs(topic) if s >= first]
+        assert got == seqs, f"{topic}: {got}"
+    lat, sur, mrr = (rig.col.by_seq(t) for t in (topics.LATENT, topics.SURPRISE, topics.MRR))
+    z = {s: rig.model.encode(rig.prod.frames[s])[0][0].numpy()
+         for s in range(max(first - 1, 0), first + n)}
+    rrs = []
+    for s in seqs:
+        assert lat[s]["z_cls"].shape == (rig.model.embed_dim,) and lat[s]["patches"] is None
+        assert close_to(lat[s]["z_cls"], z[s]), f"latent of seq {s} differs from local encode"
+        assert lat[s]["t_publish_ns"] >= lat[s]["t_capture_ns"] > 0
+        if s == 0:
+            assert sur[s]["surprise"] is None and mrr[s]["rr"] is None and mrr[s]["k"] == 0
+            continue
+        assert sur[s]["pred_seq"] == s - 1 and sur[s]["action"] is None
+        want = local_surprise(rig.model, z[s - 1], z[s], None, -1)
+        assert math.isfinite(sur[s]["surprise"]) and abs(sur[s]["surprise"] - want) < 1e-4
+        assert 0 < mrr[s]["rr"] <= 1 and mrr[s]["k"] == min(s, 6)
+        rrs.append(mrr[s]["rr"])
+    if first == 0:
+        assert abs(mrr[seqs[-1]]["mrr"] - np.mean(rrs)) < 1e-9
+    stats = rig.col.fresh_stats(lambda v: v["frames"] >= first + n, "stats after the stream")
+    assert stats["ready"] == 1 and stats["restarts"] == 3 and stats["mode"] == "lossless"
+    assert stats["dropped_overwritten"] == stats["torn"] == stats["skipped"] == 0
+    # 16 frames: the horizon MRR was measured (at frames 8 and 16) for all 5 horizons
+    roll = rig.client.result("rollout", z_cls=z[seqs[-1]], k=7)
+    assert roll["mrr_seq"].shape == (7,)
+    assert all(0 < v <= 1 for v in roll["mrr_seq"][:5]) and np.isnan(roll["mrr_seq"][5:]).all()
+    assert close_to(stats["mrr_horizon"], roll["mrr_seq"][:5], 1e-6)
+
+
+def test_rpc_methods_match_local_model(rig: Rig) -> None:
+    m, d = rig.model, rig.model.embed_dim
+    health = rig.client.result("health")
+    assert health["variant"] == "core" and health["encoder"] == ENCODER
+    assert (health["embed_dim"], health["num_patches"], health["cond_dim"],
+            health["num_actions"]) == (d, m.num_patches, 16, NUM_ACTIONS)
+    assert health["trained"] is True and health["model_path"] == str(rig.ckpt)
+    assert health["mode"] == "lossless" and health["ready"] is True
+    assert health["device"] == "cpu" and health["uptime_s"] > 0 and health["version"]
+
+    frames = np.stack([frame_for(100), frame_for(101)])
+    enc = rig.client.result("encode", frames=frames, patches=True)
+    z_loc, p_loc = m.encode(frames)
+    assert enc["z_cls"].shape == (2, d) and enc["patches"].shape == (2, m.num_patches, d)
+    assert close_to(enc["z_cls"], z_loc) and close_to(enc["patches"], p_loc)
+    assert enc["t_ns"] > 0 and "mrr" in enc
+    assert "patches" not in rig.client.result("encode", frames=frames[0])
+
+    cond = np.array([[0.5, 0.3, 0.0], [-1.0, 0.2, 0.9]], np.float32)
+    ids = np.array([1, -1])
+    pred = rig.client.result("predict", z_cls=enc["z_cls"], cond=cond, action_id=ids)
+    loc = m.predict(z_loc, cond=pad_cond(cond, 16), action_id=ids)
+    assert close_to(pred["z_cls_pred"], loc.z_cls) and close_to(pred["uncertainty"],
+                                                                 loc.uncertainty)
+    pred_p = rig.client.result("predict", z_cls=enc["z_cls"], patches=enc["patches"])
+    assert pred_p["patches_pred"].shape == (2, m.num_patches, d)
+
+    cond_seq = np.random.default_rng(0).normal(size=(3, 4, 16)).astype(np.float32)
+    acts = np.array([[0, 1, 2, 3]] * 3)
+    start = np.repeat(enc["z_cls"][:1], 3, axis=0)  # check_params wants one start per row
+    roll = rig.client.result("rollout", z_cls=start, cond_seq=cond_seq, action_seq=acts)
+    loc_r = m.rollout(z_loc[:1], cond_seq=cond_seq, action_seq=acts)
+    assert roll["z_cls_seq"].shape == (3, 4, d) and roll["uncertainty_seq"].shape == (3, 4)
+    assert close_to(roll["z_cls_seq"], loc_r.z_cls_seq)
+    assert roll["mrr_seq"].shape == (4,) and roll["mrr_seq"].dtype == np.float32
+    assert all(np.isnan(v) or 0 < v <= 1 for v in roll["mrr_seq"])
+
+
+def wait_action_received(rig: Rig, msg: dict[str, Any]) -> None:
+    """Publish ``msg`` on agent.action until the worker's stats count one more action."""
+    before = rig.col.fresh_stats(lambda v: True, "stats")["actions"]
+    deadline = time.monotonic() + 30
+    while rig.col.stats()["actions"] <= before:
+        assert time.monotonic() < deadline, "the worker never received the agent.action"
+        rig.agent.send(topics.ACTION, msg)
+        rig.col.fresh_stats(lambda v: True, "stats")
+
+
+def test_actions_change_predictions(rig: Rig) -> None:
+    a, b = frame_for(200), frame_for(201)
+    act_a = wire.make_action([0.9, -0.4, 0.1], 2)
+    act_b = wire.make_action([-0.7, 0.8], 0)
+    s = write_paced(rig.prod, rig.col, [a, b, a, b], [None, act_a, None, act_b])
+    sur = rig.col.by_seq(topics.SURPRISE)
+    za, zb = (rig.model.encode(f)[0][0].numpy() for f in (a, b))
+    want_a = local_surprise(rig.model, za, zb, pad_cond([0.9, -0.4, 0.1], 16), 2)
+    want_b = local_surprise(rig.model, za, zb, pad_cond([-0.7, 0.8], 16), 0)
+    assert abs(sur[s[1]]["surprise"] - want_a) < 1e-4
+    assert abs(sur[s[3]]["surprise"] - want_b) < 1e-4
+    assert abs(want_a - want_b) > 1e-4, "different actions must give different predictions"
+    assert sur[s[1]]["action"]["action_id"] == 2
+    assert np.allclose(sur[s[1]]["action"]["vector"], [0.9, -0.4, 0.1])
+
+    # no action on the notice: the latest agent.action sent before the capture time is used
+    t_agent = clock_ns()
+    wait_action_received(rig, {"seq": 1, "t_ns": t_agent, "vector": np.float32([0.3, 0.3]),
+                               "action_id": 3, "source": "test"})
+    wait_action_received(rig, {"seq": 2, "t_ns": clock_ns() + 3600 * 10**9,  # in the future
+                               "vector": np.float32([9.0]), "source": "test"})
+    s2 = write_paced(rig.prod, rig.col, [a, b])
+    got = rig.col.by_seq(topics.SURPRISE)[s2[1]]
+    assert got["action"]["action_id"] == 3 and np.allclose(got["action"]["vector"], [0.3, 0.3])
+    want = local_surprise(rig.model, za, zb, pad_cond([0.3, 0.3], 16), 3)
+    assert abs(got["surprise"] - want) < 1e-4
+
+
+def test_garbage_is_answered_counted_and_worker_keeps_publishing(rig: Rig) -> None:
+    rng = np.random.default_rng(7)
+    before = rig.col.fresh_stats(lambda v: True, "stats")
+    # agent.action: random bytes, a wrong kind, a vector too long, an unknown action id
+    junk = [[b"agent.action", rng.bytes(40)], [b"agent.action", rng.bytes(3), rng.bytes(5)],
+            [b"agent.action", wire.pack(topics.STATS, {"t_ns": 1, "source": "x",
+                                                       "values": {}})[1]]]
+    too_long = {"seq": 9, "t_ns": 1, "vector": np.zeros(17, np.float32)}
+    bad_id = {"seq": 10, "t_ns": 1, "action_id": 99}
+    deadline = time.monotonic() + 30
+    while True:
+        for frames in junk:
+            rig.agent.sock.send_multipart(frames)
+        rig.agent.send(topics.ACTION, too_long)
+        rig.agent.send(topics.ACTION, bad_id)
+        v = rig.col.fresh_stats(lambda v: True, "stats")
+        if (v["decode_errors"] >= before["decode_errors"] + 3
+                and v["bad_actions"] >= before["bad_actions"] + 2):
+            break
+        assert time.monotonic() < deadline, f"garbage not counted: {v}"
+
+    # RPC: random multipart bytes, a reply instead of a request, bad params, unknown method
+    for parts in (1, 2, 3):
+        rig.client.send_raw([rng.bytes(int(rng.integers(1, 64))) for _ in range(parts)])
+        reply = rig.client.recv()
+        assert reply["ok"] is False and reply["id"] == -1 and "malformed" in reply["error"]
+    rig.client.send_raw(wire.pack(topics.RPC, {"kind": "rpc_reply", "id": 77, "ok": True,
+                                               "result": None, "error": None}))
+    reply = rig.client.recv()
+    assert reply["ok"] is False and reply["id"] == 77 and "rpc_request" in reply["error"]
+    reply = rig.client.call("predict", z_cls=np.zeros((1, 5), np.float32))
+    assert reply["ok"] is False and "z_cls" in reply["error"]
+    reply = rig.client.call("predict", z_cls=np.zeros((1, rig.model.embed_dim), np.float32),
+                            action_id=np.array([NUM_ACTIONS]))
+    assert reply["ok"] is False and "action_id" in reply["error"]
+    assert rig.client.call("fly", x=1)["ok"] is False
+    assert rig.client.call("health")["ok"] is True
+
+    first = rig.prod.ring.latest_seq + 1
+    s = write_paced(rig.prod, rig.col, [frame_for(300 + i) for i in range(3)])
+    assert s == [first, first + 1, first + 2]
+    v = rig.col.fresh_stats(lambda v: v["frames"] >= first + 3, "stats after garbage")
+    assert v["rpc_errors"] >= before["rpc_errors"] + 7
+    assert v["rpc_requests"] >= before["rpc_requests"] + 8
+
+
+def test_sigterm_exits_0_and_leaves_no_socket_files(rig: Rig) -> None:
+    os.kill(rig.proc.pid, signal.SIGTERM)
+    rig.proc.join(30)
+    assert rig.proc.exitcode == 0
+    for sock in (rig.eps.worker, rig.eps.rpc):
+        assert not Path(sock[len("ipc://"):]).exists(), f"{sock} left behind"
+
+
+# ----------------------------------------------------------------------------- in-process
+
+
+@pytest.fixture(scope="module")
+def model() -> IWM:
+    return tiny_model()
+
+
+@contextmanager
+def serving(worker: EncoderWorker) -> Iterator[threading.Event]:
+    """Run ``worker.serve`` in a thread; always stop and join it before leaving."""
+    stop = threading.Event()
+    t = threading.Thread(target=worker.serve, args=(stop,), daemon=True)
+    t.start()
+    try:
+        yield stop
+    finally:
+        stop.set()
+        t.join(30)
+        assert not t.is_alive(), "serve() did not return after stop"
+
+
+def test_realtime_processes_newest_and_counts_skips(model: IWM) -> None:
+    d = short_dir()
+    eps, name = Endpoints.ipc(d), f"iwmt_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    cfg = WorkerConfig(mode="realtime", stats_interval_s=0.2, mrr_bank=4)
+    prod = Producer(eps, name)
+    col = Collector(eps)
+    n = 120
+    try:
+        with EncoderWorker(cfg, eps, name, model=model) as w:
+            with serving(w):
+                col.wait(lambda: col.stats().get("ready") == 1, "ready")
+                for i in range(n):  # far faster than the worker encodes
+                    prod.write(frame_for(i))
+                col.wait(lambda: col.max_seq() == n - 1, "the newest frame")
+            col.pump(200)  # the final stats
+            seqs = col.seqs(topics.LATENT)
+            assert seqs == sorted(set(seqs)) and seqs[-1] == n - 1
+            assert col.seqs(topics.SURPRISE) == seqs == col.seqs(topics.MRR)
+            st = w.stats
+            assert st.skipped > 0 and len(seqs) < n
+            assert len(seqs) + st.skipped + st.dropped_overwritten + st.torn == n
+            sur = col.by_seq(topics.SURPRISE)
+            assert all(sur[b]["pred_seq"] == a for a, b in zip(seqs, seqs[1:], strict=False))
+            assert col.stats()["skipped"] == st.skipped and col.stats()["fps_in"] >= 0
+    finally:
+        col.close()
+        prod.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_missing_checkpoint_exits_2_before_binding(tmp_path: Path) -> None:
+    d = short_dir()
+    try:
+        cfg = WorkerConfig(model_path=tmp_path / "missing.pt")
+        assert run_worker(cfg, Endpoints.ipc(d), "iwmt_none") == 2
+        assert list(d.iterdir()) == []
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_untrained_model_is_seeded_and_warns() -> None:
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="WARNING")
+    try:
+        cfg = WorkerConfig(variant="invariant", encoder=ENCODER, img_size=IMG)
+        m1, m2 = load_model(cfg), load_model(cfg)
+    finally:
+        logger.remove(sink)
+    assert any("UNTRAINED" in line for line in lines)
+    f = frame_for(5)
+    z1, z2 = m1.encode(f)[0], m2.encode(f)[0]
+    assert torch.equal(z1, z2)
+    assert torch.equal(m1.predict(z1).z_cls, m2.predict(z2).z_cls)
+    assert m1.config.pred_depth == 4 and m1.config.img_size == IMG
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_pinned_path_matches_cpu(model: IWM) -> None:
+    d = short_dir()
+    eps, name = Endpoints.ipc(d), f"iwmt_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    gpu_model = tiny_model("cuda")
+    cfg = WorkerConfig(mode="lossless", device="cuda", stats_interval_s=0.2)
+    prod = Producer(eps, name)
+    col = Collector(eps)
+    try:
+        with EncoderWorker(cfg, eps, name, model=gpu_model) as w, serving(w):
+            col.wait(lambda: col.stats().get("ready") == 1, "ready")
+            seqs = write_paced(prod, col, [frame_for(i) for i in range(6)])
+            assert w.reader._buf_t is not None and w.reader._buf_t.is_pinned()
+            health = Client(eps)
+            try:
+                assert health.result("health")["device"].startswith("cuda")
+            finally:
+                health.close()
+        lat = {m["seq"]: m["z_cls"] for m in col.msgs[topics.LATENT]}
+        for s in seqs:  # bf16 autocast on the GPU: compare directions
+            ref = model.encode(prod.frames[s])[0][0].numpy()
+            cos = float(metrics.cosine_similarity(lat[s], ref))
+            assert cos > 0.99, f"seq {s}: cosine {cos}"
+        assert all(math.isfinite(m["surprise"]) for m in col.msgs[topics.SURPRISE][1:])
+    finally:
+        col.close()
+        prod.close()
+        shutil.rmtree(d, ignore_errors=True)

@@ -1,0 +1,780 @@
+"""Encoder worker: ring frames -> latents, surprise and MRR on the bus, plus the RPC socket.
+
+The worker subscribes to ``iwm.frame`` notices (capture) and ``agent.action`` (capture and
+agent), reads each frame from the shared-memory FrameRing, encodes it, predicts it from the
+previous processed frame and the action taken, and publishes ``iwm.latent``, ``iwm.surprise``
+and ``iwm.mrr`` once per processed seq, in seq order, and ``iwm.stats`` every
+``stats_interval_s``. It serves health / encode / predict / rollout on a ROUTER socket
+(:mod:`workers.rpc_server`). docs/worker.md describes the behaviour in full.
+
+``launch.py`` starts it as a process with :func:`run_worker`; by hand (the capture must use
+the same run dir and ring name)::
+
+    python -m workers.encoder --run-dir /tmp/iwm-demo --ring iwm_demo --mode lossless
+    IWM_MODEL_PATH=ckpt.pt IWM_DEVICE=cuda python -m workers.encoder --run-dir /tmp/iwm-demo \\
+        --ring iwm_demo
+    python -m workers.encoder --run-dir /tmp/iwm-demo --ring iwm_demo \\
+        --encoder vit_tiny_patch16_224 --variant invariant          # untrained, CPU-sized
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import torch
+import zmq
+from loguru import logger
+
+from iwm_bus import __version__, metrics, topics
+from iwm_bus.config import BusConfig, WorkerConfig
+from iwm_bus.errors import CheckpointError, RingError
+from iwm_bus.model import IWM, create_iwm_model, load_iwm, pad_cond
+from iwm_bus.ring import FrameRing, clock_ns
+from iwm_bus.transport import Endpoints, Publisher, Subscriber
+from iwm_bus.wire import make_action
+from workers.rpc_server import ModelService, RPCServer, Throttle
+
+#: torch seed of the worker process (untrained models are built with it too)
+SEED = 0
+#: rollout horizons whose MRR is measured (rollout RPC: mrr_seq[k] is horizon k + 1)
+HORIZON = 5
+#: the horizon MRR is measured every this many processed frames
+HORIZON_EVERY = 8
+#: running MRR (per frame and per horizon) is the mean of the last this many values
+MRR_WINDOW = 1000
+#: frame notices remembered (by seq) until their frame is processed
+NOTICE_KEEP = 4096
+#: agent.action messages remembered for "latest action before the capture time"
+ACTION_HISTORY = 256
+#: how long to keep trying to attach the ring after a notice names a frame in it
+ATTACH_TIMEOUT_S = 5.0
+#: pause after binding before the first iwm.stats, so subscriptions have propagated
+SETTLE_S = 0.2
+#: iwm.stats interval until the first frame notice (a late capture sees "ready" soon)
+READY_INTERVAL_S = 0.25
+#: longest idle poll (ms); bounds the reaction to a stop request
+POLL_MS = 50
+#: realtime: how long to wait for the notice of a frame already in the ring (ms)
+NOTICE_WAIT_MS = 2
+#: most messages taken from one socket per loop turn
+DRAIN_BUDGET = 1000
+
+
+# ----------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True)
+class Action:
+    """An action as the predictor takes it, and as it is published with the surprise."""
+
+    # (cond_dim,) float32, the vector zero-padded (zeros when there is none)
+    cond: np.ndarray
+    # discrete action token, -1 = none
+    action_id: int = -1
+    # the action map published on iwm.surprise (None when no action was known)
+    wire: dict[str, Any] | None = None
+
+
+class ActionBook:
+    """Validates actions (from frame notices and ``agent.action``) and keeps recent ones.
+
+    A vector longer than ``cond_dim``, not 1-D, or not finite, or an action id outside
+    ``[-1, num_actions)`` is counted in ``bad`` and ignored. A model without discrete action
+    tokens (``num_actions == 0``) cannot use an id: it is dropped from the action (the vector
+    is still used) and counted in ``ids_ignored``.
+    """
+
+    def __init__(self, cond_dim: int, num_actions: int, log: Throttle) -> None:
+        self.cond_dim, self.num_actions, self._log = cond_dim, num_actions, log
+        self.none = Action(np.zeros(cond_dim, np.float32))
+        self._history: deque[tuple[int, Action]] = deque(maxlen=ACTION_HISTORY)
+        self.received = 0
+        self.bad = 0
+        self.ids_ignored = 0
+
+    def parse(self, vector: Any, action_id: Any, where: str) -> Action | None:
+        """The checked Action, or None (counted, logged) when it is bad."""
+        try:
+            cond, vec = self.none.cond, None
+            if vector is not None:
+                vec = np.asarray(vector)
+                if vec.dtype.kind not in "fiu" or vec.ndim != 1:
+                    raise ValueError(f"vector must be a 1-D numeric array, got dtype "
+                                     f"{vec.dtype} shape {vec.shape}")
+                cond = pad_cond(vec, self.cond_dim)  # raises when too long or not finite
+            aid = self._action_id(action_id)
+        except ValueError as e:
+            self.bad += 1
+            self._log.warning("bad-action", "ignored bad action from {} (#{}): {}", where,
+                              self.bad, e)
+            return None
+        if vec is None and aid < 0:
+            return self.none
+        return Action(cond, aid, make_action(vec, aid if aid >= 0 else None))
+
+    def _action_id(self, action_id: Any) -> int:
+        if action_id is None or action_id == -1:
+            return -1
+        if isinstance(action_id, bool) or not isinstance(action_id, int):
+            raise ValueError(f"action_id must be an int, got {action_id!r}")
+        if self.num_actions == 0:
+            self.ids_ignored += 1
+            if self.ids_ignored == 1:
+                logger.warning("the model has no discrete action tokens (num_actions=0): "
+                               "action ids are ignored, action vectors are used")
+            return -1
+        if not 0 <= action_id < self.num_actions:
+            raise ValueError(f"action_id {action_id} outside [-1, {self.num_actions - 1}]")
+        return action_id
+
+    def add(self, msg: dict[str, Any]) -> None:
+        """Remember a decoded ``agent.action`` message (when its action is valid)."""
+        action = self.parse(msg.get("vector"), msg.get("action_id"), topics.ACTION)
+        if action is not None:
+            self.received += 1
+            self._history.append((msg["t_ns"], action))
+
+    def at(self, t_ns: int) -> Action:
+        """The action with the latest ``t_ns <= t_ns`` received so far (none: no action)."""
+        best_t, best = -1, self.none
+        for t, action in self._history:
+            if best_t <= t <= t_ns:
+                best_t, best = t, action
+        return best
+
+
+# ----------------------------------------------------------------------------- latents
+
+
+class LatentBank:
+    """The ``size`` most recent latents (MRR candidates); order does not matter."""
+
+    def __init__(self, size: int, dim: int) -> None:
+        self._buf = np.zeros((size, dim), np.float32)  # (K, D)
+        self._n = 0
+        self._i = 0
+
+    def add(self, z: np.ndarray) -> None:
+        self._buf[self._i] = z
+        self._i = (self._i + 1) % len(self._buf)
+        self._n = min(self._n + 1, len(self._buf))
+
+    def array(self) -> np.ndarray:
+        """(k, D) view of the stored latents; valid until the next ``add``."""
+        return self._buf[: self._n]
+
+    def clear(self) -> None:
+        self._n = self._i = 0
+
+
+class HorizonMRR:
+    """Measured rollout confidence: the running MRR of h-step rollouts, h = 1..horizon.
+
+    Every ``every`` processed frames, for each h it rolls out from the latent h processed
+    frames back with the actions actually used since, and ranks the observed latent among
+    the bank by similarity to the rollout's prediction. All horizons run as one batched
+    rollout (row h is read at step h; later steps of a row are padding).
+    """
+
+    def __init__(self, horizon: int = HORIZON, every: int = HORIZON_EVERY,
+                 window: int = MRR_WINDOW) -> None:
+        self.horizon, self.every = horizon, every
+        self.means = [metrics.RunningMean(window) for _ in range(horizon)]
+        self._hist: deque[tuple[np.ndarray, Action]] = deque(maxlen=horizon + 1)
+        self._count = 0
+
+    def values(self) -> np.ndarray:
+        """(horizon,) float32 running means; NaN where not measured yet."""
+        return np.array([m.value for m in self.means], np.float32)
+
+    def observe(self, model: IWM, z: np.ndarray, action: Action, bank: np.ndarray) -> None:
+        """Record processed frame latent ``z`` reached with ``action``; measure when due."""
+        self._hist.append((z, action))
+        self._count += 1
+        hs = min(self.horizon, len(self._hist) - 1)
+        if self._count % self.every or hs < 1 or len(bank) == 0:
+            return
+        hist = list(self._hist)
+        starts = np.stack([hist[-1 - h][0] for h in range(1, hs + 1)])  # (hs, D)
+        cond = np.zeros((hs, hs, model.config.cond_dim), np.float32)  # (B, K, C)
+        ids = np.full((hs, hs), -1, np.int64)  # (B, K)
+        for h in range(1, hs + 1):
+            for j, (_, act) in enumerate(hist[len(hist) - h:]):
+                cond[h - 1, j], ids[h - 1, j] = act.cond, act.action_id
+        roll = model.rollout(starts, cond_seq=cond,
+                             action_seq=ids if model.config.num_actions else None)
+        preds = roll.z_cls_seq.float().cpu().numpy()  # (hs, hs, D)
+        for h in range(1, hs + 1):
+            rr = metrics.reciprocal_rank(preds[h - 1, h - 1], z, bank)
+            self.means[h - 1].update(rr)
+
+    def clear(self) -> None:
+        self._hist.clear()
+        self._count = 0
+
+
+# ----------------------------------------------------------------------------- frames
+
+
+class FrameReader:
+    """Lazily attached FrameRing plus a reusable host buffer (pinned on CUDA)."""
+
+    def __init__(self, name: str, device: torch.device) -> None:
+        self.name, self.device = name, device
+        self.ring: FrameRing | None = None
+        self.attach_failures = 0
+        self._deadline: float | None = None
+        self._next_try = 0.0
+        self._buf_np: np.ndarray | None = None
+        self._buf_t: torch.Tensor | None = None
+
+    def want(self) -> None:
+        """A notice named a frame: start (or keep) trying to attach."""
+        if self.ring is None and self._deadline is None:
+            self._deadline = time.monotonic() + ATTACH_TIMEOUT_S
+
+    def ensure(self) -> bool:
+        """True when the ring is attached; tries (at most every 20 ms) until the deadline."""
+        if self.ring is not None:
+            return True
+        now = time.monotonic()
+        if self._deadline is None or now < self._next_try:
+            return False
+        try:
+            self._attach()
+            return True
+        except RingError as e:
+            self._next_try = now + 0.02
+            if now >= self._deadline:
+                self.attach_failures += 1
+                self._deadline = None  # the next notice starts another attempt
+                logger.error("cannot attach frame ring {!r} after {} s: {}", self.name,
+                             ATTACH_TIMEOUT_S, e)
+        return False
+
+    def _attach(self) -> None:
+        ring = FrameRing.attach(self.name)
+        if self.device.type == "cuda":  # pinned staging: a true async H2D copy
+            self._buf_t = torch.empty(ring.slot_bytes, dtype=torch.uint8, pin_memory=True)
+            self._buf_np = self._buf_t.numpy()
+        else:
+            self._buf_t, self._buf_np = None, np.empty(ring.slot_bytes, np.uint8)
+        self.ring, self._deadline = ring, None
+        logger.info("attached frame ring {}", ring)
+
+    def read(self, seq: int) -> tuple[np.ndarray | torch.Tensor, int] | str:
+        """``(frame (H, W, 3), t_capture_ns)`` or why not: "dropped", "torn", "unavailable".
+
+        The frame is a view of the reusable buffer: use it before the next ``read``.
+        """
+        assert self.ring is not None and self._buf_np is not None
+        before = self.ring.stats
+        got = self.ring.read(seq, out=self._buf_np, with_meta=True)
+        if got is None:
+            after = self.ring.stats
+            if after.torn > before.torn:
+                return "torn"
+            return "dropped" if after.dropped > before.dropped else "unavailable"
+        arr, meta = got
+        frame: np.ndarray | torch.Tensor = arr
+        if self._buf_t is not None:
+            frame = self._buf_t[: arr.size].view(arr.shape)  # (H, W, C), pinned
+        return _rgb(frame), meta.t_capture_ns
+
+    def close(self) -> None:
+        if self.ring is not None:
+            ring, self.ring = self.ring, None
+            self._buf_np = self._buf_t = None
+            ring.close()
+
+
+def _rgb(frame: Any) -> Any:
+    """(H, W, C) with C in 1, 3, 4 -> (H, W, 3): grey repeated, alpha (RGBA) dropped."""
+    c = frame.shape[-1]
+    if c == 3:
+        return frame
+    if c == 4:
+        return frame[..., :3]
+    if c == 1:
+        return frame.expand(*frame.shape[:2], 3) if isinstance(frame, torch.Tensor) \
+            else np.repeat(frame, 3, axis=-1)
+    raise RingError(f"frames with {c} channels cannot be encoded (1, 3 or 4)")
+
+
+# ----------------------------------------------------------------------------- stats
+
+
+@dataclass
+class StreamStats:
+    """Counters of the frame stream plus the current stats window."""
+
+    notices: int = 0
+    frames: int = 0
+    dropped_overwritten: int = 0
+    torn: int = 0
+    skipped: int = 0
+    stream_restarts: int = 0
+    _win_notices: int = 0
+    _win_frames: int = 0
+    _win_latency_ns: list[int] = field(default_factory=list)
+    _win_start: float = field(default_factory=time.monotonic)
+
+    def notice(self) -> None:
+        self.notices += 1
+        self._win_notices += 1
+
+    def frame(self, latency_ns: int) -> None:
+        self.frames += 1
+        self._win_frames += 1
+        self._win_latency_ns.append(latency_ns)
+
+    def take_window(self) -> dict[str, float | None]:
+        """Rates and capture->publish latency percentiles since the last call; resets."""
+        now = time.monotonic()
+        dt = max(now - self._win_start, 1e-9)
+        lat = np.asarray(self._win_latency_ns, np.float64) / 1e6
+        out = {"fps_in": self._win_notices / dt, "fps_out": self._win_frames / dt,
+               "latency_p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
+               "latency_p99_ms": float(np.percentile(lat, 99)) if lat.size else None}
+        self._win_notices = self._win_frames = 0
+        self._win_latency_ns = []
+        self._win_start = now
+        return out
+
+
+def _finite(x: float) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def load_model(cfg: WorkerConfig) -> IWM:
+    """The checkpoint at ``cfg.model_path``, or an untrained (seeded) model with a warning.
+
+    Raises FileNotFoundError / CheckpointError for a missing or bad checkpoint and
+    ValueError for a bad encoder / size override.
+    """
+    if cfg.model_path is not None:
+        if not cfg.model_path.is_file():
+            raise FileNotFoundError(f"checkpoint {cfg.model_path} does not exist; fix "
+                                    "--model / IWM_MODEL_PATH, or leave it unset to run an "
+                                    "untrained model")
+        model = load_iwm(cfg.model_path, cfg.device, compile=cfg.compile)
+        mc = model.config
+        if mc.variant != cfg.variant or (cfg.encoder or mc.encoder_name) != mc.encoder_name:
+            logger.warning("checkpoint {} is {} / {} at {} px; the configured variant, "
+                           "encoder and size are ignored", cfg.model_path, mc.variant,
+                           mc.encoder_name, mc.img_size)
+        return model
+    overrides: dict[str, Any] = {}
+    if cfg.encoder:
+        overrides["encoder_name"] = cfg.encoder
+    if cfg.img_size:
+        overrides["img_size"] = cfg.img_size
+    model = create_iwm_model(cfg.variant, device=cfg.device, seed=SEED, compile=cfg.compile,
+                             **overrides)
+    logger.warning("no checkpoint given (--model / IWM_MODEL_PATH): latents, surprise and MRR "
+                   "come from an UNTRAINED {} model ({}, seed {}); use them to test the "
+                   "plumbing only", cfg.variant, model.config.encoder_name, SEED)
+    return model
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+class EncoderWorker:
+    """The worker's logic; binds its sockets on construction, runs in :meth:`serve`.
+
+    ``model``: a prebuilt IWM (tests), else :func:`load_model` (``cfg``). Not thread-safe:
+    construct, serve and close from one thread; stop it from another with the ``stop``
+    event given to :meth:`serve` (or :meth:`close` after serve returned).
+    """
+
+    def __init__(self, cfg: WorkerConfig, endpoints: Endpoints, ring_name: str,
+                 model: IWM | None = None, *, restarts: int = 0) -> None:
+        self.cfg, self.endpoints, self.restarts = cfg, endpoints, restarts
+        self.model = model if model is not None else load_model(cfg)
+        self.model.eval()
+        mc = self.model.config
+        self._log = Throttle()
+        self.actions = ActionBook(mc.cond_dim, mc.num_actions, self._log)
+        self.bank = LatentBank(cfg.mrr_bank, self.model.embed_dim)
+        self.horizon = HorizonMRR()
+        self.mrr = metrics.RunningMean(MRR_WINDOW)
+        self.stats = StreamStats()
+        self.reader = FrameReader(ring_name, self.model.device)
+        self.surprise_last: float | None = None
+        self._notices: dict[int, tuple[int, dict[str, Any] | None]] = {}
+        self._cursor: int | None = None  # next seq not yet processed, skipped or dropped
+        self._last_notice: int | None = None
+        self._prev: tuple[int, np.ndarray] | None = None  # (seq, z_cls) last processed
+        self._stop = threading.Event()
+        self._t_start = time.monotonic()
+        self._next_stats = 0.0
+        self._closed = False
+        self._open_sockets()
+        logger.info("encoder worker ready: {} {} on {}, mode {}, publishing on {}, rpc {}",
+                    mc.variant, mc.encoder_name, self.model.device, cfg.mode,
+                    endpoints.worker, endpoints.rpc)
+
+    def _open_sockets(self) -> None:
+        eps = self.endpoints
+        self._ctx = zmq.Context()
+        self._pub: Publisher | None = None
+        self._rpc: RPCServer | None = None
+        self._frames_sub: Subscriber | None = None
+        self._actions_sub: Subscriber | None = None
+        self._bound: list[tuple[str, int]] = []  # ipc files we created: (path, inode)
+        try:
+            self._pub = Publisher(eps.worker, ctx=self._ctx)
+            self._remember_ipc(eps.worker)
+            service = ModelService(self.model, self._health, lambda: _finite(self.mrr.value),
+                                   self.horizon.values)
+            self._rpc = RPCServer(self._ctx, eps.rpc, service)
+            self._remember_ipc(eps.rpc)
+            self._frames_sub = Subscriber([eps.capture], [topics.FRAME], ctx=self._ctx)
+            self._actions_sub = Subscriber([eps.capture, eps.agent], [topics.ACTION],
+                                           ctx=self._ctx)
+        except BaseException:
+            self._close_sockets()
+            raise
+        self._poller = zmq.Poller()
+        for sock in (self._frames_sub.sock, self._actions_sub.sock, self._rpc.sock):
+            self._poller.register(sock, zmq.POLLIN)
+
+    def _remember_ipc(self, endpoint: str) -> None:
+        if endpoint.startswith("ipc://"):
+            path = endpoint[len("ipc://"):]
+            self._bound.append((path, os.stat(path).st_ino))
+
+    def _remove_ipc_files(self) -> None:
+        """libzmq leaves bound ipc files behind; remove ours (not one a newer process bound)."""
+        for path, inode in self._bound:
+            try:
+                if os.stat(path).st_ino == inode:
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass  # already removed (e.g. the run dir was cleaned up)
+        self._bound.clear()
+
+    # -- main loop
+
+    def serve(self, stop: threading.Event | None = None, max_frames: int | None = None) -> None:
+        """Run until ``stop`` is set (or ``max_frames`` frames were processed)."""
+        stop = stop or self._stop
+        first = self.stats.frames
+        if stop.wait(SETTLE_S):
+            return
+        self._publish_stats()
+        while not (stop.is_set() or self._stop.is_set()):
+            self._poll(0 if self._has_work() else self._idle_ms())
+            done = self._step()
+            self._maybe_stats()
+            if done and max_frames is not None and self.stats.frames - first >= max_frames:
+                break
+        self._publish_stats()
+
+    def _poll(self, timeout_ms: int) -> None:
+        assert self._frames_sub and self._actions_sub and self._rpc
+        events = dict(self._poller.poll(timeout_ms))
+        if self._actions_sub.sock in events:
+            self._drain(self._actions_sub, self.actions.add)
+        if self._frames_sub.sock in events:
+            self._drain(self._frames_sub, self._on_frame)
+        if self._rpc.sock in events:
+            self._rpc.handle_pending()
+
+    @staticmethod
+    def _drain(sub: Subscriber, handle: Callable[[dict[str, Any]], None]) -> None:
+        for _ in range(DRAIN_BUDGET):
+            try:
+                frames = sub.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            got = sub.decode(frames)  # None (counted) when malformed
+            if got is not None:
+                handle(got[1])
+
+    def _idle_ms(self) -> int:
+        wait = self._next_stats - time.monotonic()
+        if self.reader.ring is None and self._cursor is not None:
+            wait = min(wait, 0.02)  # still attaching
+        return max(0, min(POLL_MS, int(wait * 1000)))
+
+    def _has_work(self) -> bool:
+        ring = self.reader.ring
+        return ring is not None and self._cursor is not None and ring.latest_seq >= self._cursor
+
+    # -- frame notices
+
+    def _on_frame(self, msg: dict[str, Any]) -> None:
+        seq = msg["seq"]
+        self.stats.notice()
+        if self._last_notice is not None and seq < self._last_notice:
+            self._restart_stream(seq)
+        self._last_notice = seq
+        if self._cursor is None:
+            self._cursor = seq  # lossless starts here; realtime never goes below it
+        if seq >= self._cursor:
+            self._notices[seq] = (msg["t_capture_ns"], msg.get("action"))
+            while len(self._notices) > NOTICE_KEEP:
+                self._notices.pop(next(iter(self._notices)))
+        self.reader.want()
+
+    def _restart_stream(self, seq: int) -> None:
+        logger.warning("frame seq went back from {} to {}: the capture restarted; "
+                       "re-attaching the ring and starting a new stream", self._last_notice, seq)
+        self.stats.stream_restarts += 1
+        self.reader.close()
+        self._notices.clear()
+        self._cursor = self._prev = None
+        self.bank.clear()
+        self.horizon.clear()
+
+    # -- frame processing
+
+    def _step(self) -> bool:
+        """Process at most one frame; True when one was published."""
+        if self._cursor is None or not self.reader.ensure():
+            return False
+        seq = self._next_seq()
+        if seq is None:
+            return False
+        got = self.reader.read(seq)
+        notice = self._notices.pop(seq, None)
+        if isinstance(got, str):
+            if got == "torn":
+                self.stats.torn += 1
+            else:  # "unavailable" cannot happen for seq <= latest; count it as lost
+                self.stats.dropped_overwritten += 1
+            return False
+        frame, t_ring = got
+        t_capture, notice_action = notice if notice is not None else (t_ring, None)
+        self._process(seq, frame, t_capture, notice_action)
+        return True
+
+    def _next_seq(self) -> int | None:
+        """The seq to process now (advances the cursor past it), or None."""
+        ring = self.reader.ring
+        assert ring is not None and self._cursor is not None
+        latest = ring.latest_seq
+        if latest < self._cursor:
+            return None
+        if self.cfg.mode == "realtime":
+            if latest not in self._notices:
+                self._poll_notices(NOTICE_WAIT_MS)  # its notice (with the action) is in flight
+                if self._cursor is None or self.reader.ring is not ring:
+                    return None  # that notice restarted the stream
+            seq = latest
+            self.stats.skipped += seq - self._cursor
+        else:
+            oldest = latest - ring.slots + 1  # older seqs are overwritten already
+            if self._cursor < oldest:
+                self.stats.dropped_overwritten += oldest - self._cursor
+                self._cursor = oldest
+            seq = self._cursor
+        self._cursor = seq + 1
+        while self._notices and next(iter(self._notices)) < seq:
+            self._notices.pop(next(iter(self._notices)))
+        return seq
+
+    def _poll_notices(self, timeout_ms: int) -> None:
+        assert self._frames_sub is not None
+        if self._frames_sub.sock.poll(timeout_ms, zmq.POLLIN):
+            self._drain(self._frames_sub, self._on_frame)
+
+    def _process(self, seq: int, frame: Any, t_capture: int,
+                 notice_action: dict[str, Any] | None) -> None:
+        action = None
+        if notice_action is not None:  # the source knows what produced this frame
+            action = self.actions.parse(notice_action.get("vector"),
+                                        notice_action.get("action_id"), topics.FRAME)
+        if action is None:
+            action = self.actions.at(t_capture)
+        z_t, patches_t = self.model.encode(frame)  # (1, D), (1, N, D)
+        z = z_t[0].cpu().numpy()  # (D,)
+        bank = self.bank.array()  # (k, D): the k most recent other latents
+        surprise = rr = pred_seq = None
+        if self._prev is not None:
+            pred_seq, z_prev = self._prev
+            pred = self._predict(z_prev, action)  # (D,)
+            surprise = float(metrics.surprise(pred, z))
+            rr = metrics.reciprocal_rank(pred, z, bank)
+            self.mrr.update(rr)
+            self.surprise_last = surprise
+        patches = patches_t[0].cpu().numpy().astype(np.float16) \
+            if self.cfg.publish_patches else None
+        self._publish(seq, t_capture, z, patches, surprise, pred_seq, action, rr, len(bank))
+        self.horizon.observe(self.model, z, action, bank)
+        self.bank.add(z)
+        self._prev = (seq, z)
+
+    def _predict(self, z_prev: np.ndarray, action: Action) -> np.ndarray:
+        ids = np.array([action.action_id]) if self.model.config.num_actions else None
+        pred = self.model.predict(z_prev[None], cond=action.cond[None], action_id=ids)
+        return pred.z_cls[0].cpu().numpy()
+
+    def _publish(self, seq: int, t_capture: int, z: np.ndarray, patches: np.ndarray | None,
+                 surprise: float | None, pred_seq: int | None, action: Action,
+                 rr: float | None, k: int) -> None:
+        assert self._pub is not None
+        t_pub = clock_ns()
+        base = {"seq": seq, "t_capture_ns": t_capture, "t_publish_ns": t_pub,
+                "variant": self.model.config.variant}
+        self._pub.send(topics.LATENT, {**base, "z_cls": z, "patches": patches})
+        self._pub.send(topics.SURPRISE, {**base, "surprise": surprise, "pred_seq": pred_seq,
+                                         "action": action.wire})
+        mrr = _finite(self.mrr.value) if rr is not None else None
+        self._pub.send(topics.MRR, {**base, "rr": rr, "mrr": mrr, "k": k})
+        self.stats.frame(t_pub - t_capture)
+
+    # -- stats and health
+
+    def _maybe_stats(self) -> None:
+        if time.monotonic() >= self._next_stats:
+            self._publish_stats()
+
+    def stats_values(self) -> dict[str, Any]:
+        """The counters as published in ``iwm.stats`` (the window part resets)."""
+        assert self._frames_sub and self._actions_sub and self._rpc
+        s = self.stats
+        return {"ready": 1, **s.take_window(), "frames": s.frames, "notices": s.notices,
+                "dropped_overwritten": s.dropped_overwritten, "torn": s.torn,
+                "skipped": s.skipped,
+                "decode_errors": self._frames_sub.decode_errors + self._actions_sub.decode_errors,
+                "notice_gaps": self._frames_sub.gaps, "actions": self.actions.received,
+                "bad_actions": self.actions.bad, "action_ids_ignored": self.actions.ids_ignored,
+                "rpc_requests": self._rpc.requests, "rpc_errors": self._rpc.errors,
+                "rpc_replies_dropped": self._rpc.replies_dropped,
+                "stream_restarts": s.stream_restarts,
+                "attach_failures": self.reader.attach_failures, "restarts": self.restarts,
+                "mrr": _finite(self.mrr.value), "surprise_last": self.surprise_last,
+                "mrr_horizon": [_finite(v) for v in self.horizon.values()],
+                "mode": self.cfg.mode, "variant": self.model.config.variant}
+
+    def _publish_stats(self) -> None:
+        assert self._pub is not None
+        self._pub.send(topics.STATS, {"t_ns": clock_ns(), "source": "worker",
+                                      "values": self.stats_values()})
+        interval = self.cfg.stats_interval_s
+        if self._last_notice is None:
+            interval = min(interval, READY_INTERVAL_S)
+        self._next_stats = time.monotonic() + interval
+
+    def _health(self) -> dict[str, Any]:
+        path = self.cfg.model_path
+        return {"trained": path is not None, "model_path": str(path) if path else None,
+                "frames": self.stats.frames, "uptime_s": time.monotonic() - self._t_start,
+                "mode": self.cfg.mode, "version": __version__, "ready": True}
+
+    # -- lifetime
+
+    def _close_sockets(self) -> None:
+        for part in (self._frames_sub, self._actions_sub, self._rpc, self._pub):
+            if part is not None:
+                part.close()
+        self._ctx.term()
+        self._remove_ipc_files()
+
+    def close(self) -> None:
+        """Stop serving, close sockets (their ipc files go with them) and the ring."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        self.reader.close()
+        self._close_sockets()
+
+    def __enter__(self) -> EncoderWorker:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------- process
+
+
+def _num_threads(device: str) -> int:
+    if device.startswith("cuda"):
+        return 2  # the GPU does the work; keep the CPU for capture
+    return max(1, min(len(os.sched_getaffinity(0)), 8))
+
+
+def run_worker(cfg: WorkerConfig, endpoints: Endpoints, ring_name: str, *,
+               restarts: int = 0) -> int:
+    """Process entry (spawn-safe): serve until SIGTERM / SIGINT; returns the exit code.
+
+    0 clean stop; 1 crashed (logged); 2 model could not be loaded (nothing was bound);
+    3 a socket could not be bound.
+    """
+    stop = threading.Event()
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    try:
+        try:
+            model = load_model(cfg)
+        except (FileNotFoundError, CheckpointError, ValueError) as e:
+            logger.error("encoder worker cannot load its model: {}", e)
+            return 2
+        torch.manual_seed(SEED)
+        torch.set_num_threads(_num_threads(cfg.device))
+        try:
+            worker = EncoderWorker(cfg, endpoints, ring_name, model=model, restarts=restarts)
+        except OSError as e:
+            logger.error("encoder worker cannot bind its sockets: {}", e)
+            return 3
+        with worker:
+            worker.serve(stop)
+        logger.info("encoder worker stopped after {} frames", worker.stats.frames)
+        return 0
+    except Exception:
+        logger.exception("encoder worker crashed")
+        return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line for running a worker by hand (see the module docstring)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run-dir", help="run directory of the sidecar (env IWM_RUN_DIR)")
+    ap.add_argument("--ring", required=True, help="shared-memory ring name the capture uses")
+    ap.add_argument("--variant", help="core | invariant | equivariant (env IWM_MODEL_VARIANT)")
+    ap.add_argument("--model", help="checkpoint path (env IWM_MODEL_PATH)")
+    ap.add_argument("--device", help="cpu | cuda | cuda:N (env IWM_DEVICE)")
+    ap.add_argument("--encoder", help="timm encoder of an untrained model")
+    ap.add_argument("--img-size", type=int, help="input size of an untrained model")
+    ap.add_argument("--mode", choices=["realtime", "lossless"])
+    ap.add_argument("--publish-patches", action="store_true", default=None)
+    args = ap.parse_args(argv)
+    try:
+        bus = BusConfig.from_env(run_dir=args.run_dir)
+        cfg = WorkerConfig.from_env(variant=args.variant, model_path=args.model,
+                                    device=args.device, encoder=args.encoder,
+                                    img_size=args.img_size, mode=args.mode,
+                                    publish_patches=args.publish_patches)
+    except ValueError as e:
+        ap.error(str(e))
+    return run_worker(cfg, bus.endpoints(), args.ring)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
