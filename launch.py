@@ -69,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--encoder", help="timm encoder, e.g. vit_tiny_patch16_224 for CPU")
     model.add_argument("--img-size", type=int, help="encoder input size (multiple of 16)")
     model.add_argument("--mrr-bank", type=int, default=32)
+    model.add_argument("--num-actions", type=int,
+                       help="discrete action tokens of an untrained model (default 32)")
     model.add_argument("--patches", action="store_true", help="publish patch latents")
     model.add_argument("--compile", action="store_true", help="torch.compile (CUDA)")
     run = p.add_argument_group("run (env: IWM_RUN_DIR, IWM_SERVICE_HOST, IWM_SERVICE_PORT)")
@@ -113,7 +115,8 @@ class Launcher:
         self.worker_cfg = WorkerConfig.from_env(
             variant=args.variant, model_path=args.model, device=args.device,
             encoder=args.encoder, img_size=args.img_size, mode=args.mode,
-            mrr_bank=args.mrr_bank, publish_patches=args.patches or None,
+            mrr_bank=args.mrr_bank, num_actions=args.num_actions,
+            publish_patches=args.patches or None,
             compile=args.compile or None)
         h, w = _parse_hw(args.max_frame)
         self.ring_cfg = RingConfig(slots=args.ring_slots, max_height=h, max_width=w)

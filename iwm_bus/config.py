@@ -32,6 +32,13 @@ def _fail(cls: str, name: str, value: Any, why: str) -> None:
     raise ValueError(f"{cls}.{name}={value!r}: {why}")
 
 
+def _need(cls: str, name: str, value: Any, kind: type | tuple[type, ...]) -> None:
+    """Type check before range checks, so ``"8"`` fails with a ValueError, not a TypeError."""
+    if isinstance(value, bool) or not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        _fail(cls, name, value, f"must be {names}, got {type(value).__name__}")
+
+
 @dataclass
 class RingConfig:
     # number of slots; lossless pacing keeps at most slots - 1 frames in flight
@@ -43,6 +50,8 @@ class RingConfig:
     channels: int = 3
 
     def __post_init__(self) -> None:
+        for name in ("slots", "max_height", "max_width"):
+            _need("RingConfig", name, getattr(self, name), int)
         if not 2 <= self.slots <= 1024:
             _fail("RingConfig", "slots", self.slots, "must be in 2..1024")
         for name in ("max_height", "max_width"):
@@ -63,6 +72,8 @@ class BusConfig:
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
+        if self.tcp_port is not None:
+            _need("BusConfig", "tcp_port", self.tcp_port, int)
         if self.tcp_port is not None and not 1 <= self.tcp_port <= 65532:
             _fail("BusConfig", "tcp_port", self.tcp_port, "must be in 1..65532")
 
@@ -96,6 +107,9 @@ class WorkerConfig:
     encoder: str | None = None
     # encoder input size override in pixels; None = the model's default (224)
     img_size: int | None = None
+    # discrete action tokens of an untrained model (ALE has at most 18 actions); a checkpoint
+    # brings its own
+    num_actions: int = 32
     # realtime: always the newest frame (skips counted); lossless: every frame in order
     mode: str = "realtime"
     # MRR candidates: the K most recent other latents
@@ -112,10 +126,18 @@ class WorkerConfig:
             _fail("WorkerConfig", "variant", self.variant, f"must be one of {VARIANTS}")
         if self.model_path is not None:
             self.model_path = Path(self.model_path)
+        _need("WorkerConfig", "device", self.device, str)
+        _need("WorkerConfig", "mrr_bank", self.mrr_bank, int)
+        _need("WorkerConfig", "stats_interval_s", self.stats_interval_s, (int, float))
+        if self.img_size is not None:
+            _need("WorkerConfig", "img_size", self.img_size, int)
         if not _DEVICE_RE.match(self.device):
             _fail("WorkerConfig", "device", self.device, "must be cpu, cuda or cuda:N")
         if self.mode not in MODES:
             _fail("WorkerConfig", "mode", self.mode, f"must be one of {MODES}")
+        _need("WorkerConfig", "num_actions", self.num_actions, int)
+        if not 0 <= self.num_actions <= 4096:
+            _fail("WorkerConfig", "num_actions", self.num_actions, "must be in 0..4096")
         if not 1 <= self.mrr_bank <= 4096:
             _fail("WorkerConfig", "mrr_bank", self.mrr_bank, "must be in 1..4096")
         if self.img_size is not None and (self.img_size < 16 or self.img_size % 16):

@@ -379,7 +379,7 @@ def load_model(cfg: WorkerConfig) -> IWM:
                            "encoder and size are ignored", cfg.model_path, mc.variant,
                            mc.encoder_name, mc.img_size)
         return model
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = {"num_actions": cfg.num_actions}
     if cfg.encoder:
         overrides["encoder_name"] = cfg.encoder
     if cfg.img_size:
