@@ -31,8 +31,15 @@ MAX_ROLLOUT_STEPS_TOTAL = 1_000_000
 MAX_BATCH = 4096
 
 
+def _asarray(name: str, value: Any) -> np.ndarray:
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError) as e:  # ragged nested lists and the like
+        raise ValueError(f"{name} is not an array: {e}") from None
+
+
 def _float(name: str, value: Any, ndim: int, width: int | None = None) -> np.ndarray:
-    arr = np.asarray(value)
+    arr = _asarray(name, value)
     if arr.dtype.kind not in "fiu":
         raise ValueError(f"{name} must be numeric, got dtype {arr.dtype}")
     arr = arr.astype(np.float32, copy=False)
@@ -50,7 +57,7 @@ def _float(name: str, value: Any, ndim: int, width: int | None = None) -> np.nda
 
 
 def _ids(name: str, value: Any, ndim: int, num_actions: int) -> np.ndarray:
-    arr = np.asarray(value)
+    arr = _asarray(name, value)
     if arr.dtype.kind not in "iu":
         raise ValueError(f"{name} must be integers, got dtype {arr.dtype}")
     arr = arr.astype(np.int64, copy=False)
@@ -97,7 +104,7 @@ def check_params(method: str, params: Mapping[str, Any], *, embed_dim: int, cond
 
 
 def _check_encode(params: Mapping[str, Any]) -> dict[str, Any]:
-    frames = np.asarray(_required("encode", params, "frames"))
+    frames = _asarray("frames", _required("encode", params, "frames"))
     if frames.dtype != np.uint8:
         raise ValueError(f"frames must be uint8 RGB, got dtype {frames.dtype}")
     if frames.ndim == 3:
@@ -122,15 +129,21 @@ def _check_rollout(params: Mapping[str, Any], out: dict[str, Any], batch: int,
         if steps is not None and ids.shape[1] != steps:
             raise ValueError(f"action_seq has {ids.shape[1]} steps but cond_seq has {steps}")
         out["action_seq"], steps = ids, ids.shape[1]
+    k = params.get("k")
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool)):
+        raise ValueError(f"rollout k (steps) must be an int, got {k!r}")
     if steps is None:
-        k = params.get("k")
-        if not isinstance(k, int) or isinstance(k, bool):
+        if k is None:
             raise ValueError("rollout needs cond_seq, action_seq or an int k (steps)")
-        out["cond_seq"], steps = np.zeros((batch, k, cond_dim), np.float32), k
+        steps = k
+    elif k is not None and k != steps:
+        raise ValueError(f"rollout k={k} disagrees with the {steps} steps of cond_seq/action_seq")
     if not 1 <= steps <= 64:
         raise ValueError(f"rollout steps must be 1..64, got {steps}")
     if batch * steps > MAX_ROLLOUT_STEPS_TOTAL:
         raise ValueError(f"rollout of {batch} x {steps} exceeds {MAX_ROLLOUT_STEPS_TOTAL}")
+    if "cond_seq" not in out and "action_seq" not in out:  # allocate only once k is checked
+        out["cond_seq"] = np.zeros((batch, steps, cond_dim), np.float32)
     return out
 
 

@@ -105,15 +105,21 @@ def pack(topic: str, msg: Mapping[str, Any]) -> list[bytes]:
     carries a single kind. Numpy arrays and scalars are converted. Raises ``WireError``.
     """
     kinds = _topic_kinds(topic)
+    if not isinstance(msg, Mapping):
+        raise WireError(f"message for {topic!r} must be a mapping, got {type(msg).__name__}")
     kind = msg.get("kind", kinds[0] if len(kinds) == 1 else None)
     if kind not in kinds:
         raise WireError(f"topic {topic!r} carries {'/'.join(kinds)} messages, not {kind!r}")
     body = _to_wire({**msg, "v": VERSION, "kind": kind})
     _validate(body)
-    payload = msgpack.packb(body, use_bin_type=True)
+    try:  # ints beyond 64 bits, lone surrogates, objects msgpack cannot encode
+        payload = msgpack.packb(body, use_bin_type=True)
+        raw_topic = topic.encode()
+    except (TypeError, ValueError, OverflowError) as e:
+        raise WireError(f"{kind} message on {topic!r} cannot be encoded: {e}") from e
     if len(payload) > MAX_MESSAGE_BYTES:
         raise WireError(f"{kind} message is {len(payload)} bytes; limit {MAX_MESSAGE_BYTES}")
-    return [topic.encode(), payload]
+    return [raw_topic, payload]
 
 
 # ---------------------------------------------------------------- decoding
@@ -164,7 +170,7 @@ def decode_array(value: Any) -> np.ndarray:
     if not isinstance(value, dict) or set(value) != ARRAY_KEYS:
         raise WireError("array must be a map with exactly the keys dtype, shape, data")
     dtype, shape, data = value["dtype"], value["shape"], value["data"]
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise WireError(f"array dtype {dtype!r} not allowed; one of {sorted(DTYPES)}")
     if not isinstance(shape, list) or len(shape) > MAX_NDIM:
         raise WireError(f"array shape must be a list of at most {MAX_NDIM} ints")
@@ -208,7 +214,7 @@ def _topic_kinds(topic: str) -> tuple[str, ...]:
 
 def _validate(body: dict[str, Any]) -> None:
     version = body.get("v")
-    if version != VERSION:
+    if type(version) is not int or version != VERSION:  # 1.0 and True are not 1
         raise WireError(f"schema version {version!r} not supported (this side speaks {VERSION})")
     kind = body.get("kind")
     fields = SCHEMA.get(kind) if isinstance(kind, str) else None
@@ -240,7 +246,10 @@ def _check_field(kind: str, name: str, spec: str, value: Any) -> None:
     elif base == "map":
         ok = isinstance(value, dict)
     elif base == "array":
-        decode_array(value)  # raises with the precise problem
+        try:
+            decode_array(value)
+        except WireError as e:
+            raise WireError(f"{where}: {e}") from None
         ok = True
     elif base == "action":
         ok = isinstance(value, dict) and set(value) <= set(_ACTION_FIELDS)

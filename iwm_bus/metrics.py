@@ -1,0 +1,190 @@
+"""World-model metrics: surprise and (mean) reciprocal rank. numpy only at import.
+
+Defined once here and used by the worker (per frame), the trainer (evaluation) and the
+agent side. Every function takes numpy arrays (float32 or float64; anything ``np.asarray``
+accepts); the ``*_torch`` variants take tensors and import torch only when called.
+
+**Surprise** between a predicted latent ``p`` and the observed one ``o`` (both width D)::
+
+    surprise(p, o) = || LN(p) - LN(o) ||_2 / sqrt(D)
+
+where ``LN(x) = (x - mean(x)) / sqrt(var(x) + eps)`` is a layer norm without affine. Both
+normalised vectors have norm sqrt(D), so surprise is the RMS per-dimension difference and lies
+in [0, 2] whatever D is; it equals ``sqrt(2 * (1 - r))`` with r the Pearson correlation of
+p and o: 0 = perfect prediction, ~1.41 = unrelated, 2 = anti-correlated. (The seed guide used
+raw ``||p - o||``, whose scale depends on D and the encoder; thresholds such as its
+``> 2.0`` must be re-chosen on this scale.)
+
+**Reciprocal rank** of the observed latent among ``[observed] + candidates`` ranked by
+cosine similarity to the prediction: ``1 / rank`` with rank 1 the most similar. Ties count
+against the observed latent (pessimistic), so a candidate identical to it costs a rank:
+leave the observed latent itself out of the candidate bank. **MRR** is the mean over a batch;
+the IWM evaluation protocol uses a bank of 256 candidates. K (the number of candidates) is
+part of any reported MRR: with K candidates chance level is about ``H(K+1) / (K+1)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "RunningMean",
+    "cosine_similarity",
+    "layer_norm",
+    "mrr",
+    "mrr_torch",
+    "reciprocal_rank",
+    "reciprocal_ranks",
+    "reciprocal_ranks_torch",
+    "surprise",
+    "surprise_torch",
+]
+
+EPS = 1e-6
+
+
+def _as_float(x: Any, name: str) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "fiu":
+        raise ValueError(f"{name} must be a numeric array, got dtype {arr.dtype}")
+    return arr.astype(np.float64, copy=False)
+
+
+def layer_norm(x: Any, eps: float = EPS) -> np.ndarray:
+    """Zero mean, unit variance along the last axis (no affine); float64."""
+    x = _as_float(x, "x")
+    mu = x.mean(axis=-1, keepdims=True)
+    var = x.var(axis=-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps)
+
+
+def surprise(pred: Any, observed: Any) -> float | np.ndarray:
+    """Surprise (module docstring): (D,) -> float, (B, D) -> (B,) float64 array."""
+    p, o = _as_float(pred, "pred"), _as_float(observed, "observed")
+    if p.shape != o.shape or p.ndim not in (1, 2) or p.shape[-1] == 0:
+        raise ValueError(f"pred and observed must both be (D,) or (B, D), got {p.shape} "
+                         f"and {o.shape}")
+    d = p.shape[-1]
+    dist = np.linalg.norm(layer_norm(p) - layer_norm(o), axis=-1) / math.sqrt(d)
+    return float(dist) if p.ndim == 1 else dist
+
+
+def cosine_similarity(a: Any, b: Any) -> np.ndarray:
+    """Cosine similarity along the last axis with broadcasting; zero vectors give 0."""
+    a, b = _as_float(a, "a"), _as_float(b, "b")
+    na = np.linalg.norm(a, axis=-1, keepdims=True)
+    nb = np.linalg.norm(b, axis=-1, keepdims=True)
+    return np.sum((a / np.maximum(na, EPS)) * (b / np.maximum(nb, EPS)), axis=-1)
+
+
+def reciprocal_ranks(pred: Any, observed: Any, candidates: Any) -> np.ndarray:
+    """Per-row reciprocal rank, (B,) float64.
+
+    pred (B, D), observed (B, D), candidates (B, K, D) per row or (K, D) shared by all rows
+    (K may be 0, giving 1.0).
+    """
+    p, o, c = _as_float(pred, "pred"), _as_float(observed, "observed"), _as_float(candidates, "candidates")
+    if p.ndim != 2 or o.shape != p.shape:
+        raise ValueError(f"pred and observed must both be (B, D), got {p.shape} and {o.shape}")
+    b, d = p.shape
+    if c.ndim == 2:
+        c = np.broadcast_to(c, (b, *c.shape))
+    if c.ndim != 3 or c.shape[0] != b or c.shape[2] != d:
+        raise ValueError(f"candidates must be ({b}, K, {d}) or (K, {d}), got {c.shape}")
+    # The observed latent and the candidates are scored by one expression, so identical
+    # vectors get identical scores and the tie rule below is exact.
+    pool = np.concatenate([o[:, None], c], axis=1)  # (B, 1 + K, D)
+    sims = cosine_similarity(pool, p[:, None])  # (B, 1 + K)
+    rank = 1 + np.sum(sims[:, 1:] >= sims[:, :1], axis=1)  # (B,)
+    return 1.0 / rank
+
+
+def reciprocal_rank(pred: Any, observed: Any, candidates: Any) -> float:
+    """Reciprocal rank for one prediction: pred (D,), observed (D,), candidates (K, D)."""
+    p, o = np.asarray(pred), np.asarray(observed)
+    c = np.asarray(candidates)
+    if p.ndim != 1 or c.ndim != 2:
+        raise ValueError(f"pred must be (D,) and candidates (K, D), got {p.shape} and {c.shape}")
+    return float(reciprocal_ranks(p[None], o[None], c[None])[0])
+
+
+def mrr(pred: Any, observed: Any, candidates: Any) -> float:
+    """Mean reciprocal rank over a batch (see :func:`reciprocal_ranks` for the shapes)."""
+    return float(np.mean(reciprocal_ranks(pred, observed, candidates)))
+
+
+class RunningMean:
+    """Mean of the values seen so far, or of the last ``window`` values.
+
+    ``update(x)`` takes a number or an array of numbers (each counts once) and returns the
+    current mean; non-finite values raise ValueError. ``value`` is NaN before any update.
+    """
+
+    def __init__(self, window: int | None = None) -> None:
+        if window is not None and (isinstance(window, bool) or window < 1):
+            raise ValueError(f"window must be None or >= 1, got {window!r}")
+        self.window = window
+        self.count = 0  # values seen in total
+        self._total = 0.0
+        self._recent: deque[float] = deque(maxlen=window)
+
+    def update(self, x: Any) -> float:
+        vals = np.asarray(x, dtype=np.float64).ravel()
+        if not np.isfinite(vals).all():
+            raise ValueError(f"RunningMean.update got a non-finite value: {x!r}")
+        self.count += vals.size
+        if self.window is None:
+            self._total += math.fsum(vals.tolist())
+        else:
+            self._recent.extend(vals.tolist())
+        return self.value
+
+    @property
+    def value(self) -> float:
+        if self.window is None:
+            return self._total / self.count if self.count else math.nan
+        return math.fsum(self._recent) / len(self._recent) if self._recent else math.nan
+
+    def reset(self) -> None:
+        self.count, self._total = 0, 0.0
+        self._recent.clear()
+
+    def __repr__(self) -> str:
+        return f"RunningMean(window={self.window}, count={self.count}, value={self.value:.4f})"
+
+
+# ----------------------------------------------------------------------------- torch versions
+
+
+def surprise_torch(pred: Any, observed: Any) -> Any:
+    """:func:`surprise` on tensors (..., D) -> (...), on their device, float32."""
+    import torch.nn.functional as F
+
+    d = pred.shape[-1]
+    diff = F.layer_norm(pred.float(), (d,), eps=EPS) - F.layer_norm(observed.float(), (d,), eps=EPS)
+    return diff.norm(dim=-1) / math.sqrt(d)
+
+
+def reciprocal_ranks_torch(pred: Any, observed: Any, candidates: Any) -> Any:
+    """:func:`reciprocal_ranks` on tensors: pred/observed (B, D), candidates (B, K, D) or (K, D)."""
+    import torch
+    import torch.nn.functional as F
+
+    b = pred.shape[0]
+    if candidates.ndim == 2:
+        candidates = candidates.expand(b, *candidates.shape)
+    pool = F.normalize(torch.cat([observed[:, None], candidates], dim=1).float(), dim=-1, eps=EPS)
+    p = F.normalize(pred.float(), dim=-1, eps=EPS)
+    sims = (pool * p[:, None]).sum(-1)  # (B, 1 + K)
+    rank = 1 + (sims[:, 1:] >= sims[:, :1]).sum(1)  # (B,)
+    return 1.0 / rank.float()
+
+
+def mrr_torch(pred: Any, observed: Any, candidates: Any) -> float:
+    """:func:`mrr` on tensors."""
+    return float(reciprocal_ranks_torch(pred, observed, candidates).mean())
+
