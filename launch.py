@@ -130,8 +130,8 @@ class Launcher:
 
     def preflight(self) -> None:
         """Everything that can be wrong with the input, checked before anything starts."""
-        from workers.capture import CaptureConfig, probe_source
-        from workers.sources import check_spec
+        from workers.capture import CaptureConfig
+        from workers.sources import check_spec, open_source
 
         a = self.args
         check_spec(a.source)
@@ -152,7 +152,12 @@ class Launcher:
         self.capture_cfg = CaptureConfig(
             source=a.source, fps=fps, mode=a.mode, frames=a.frames, duration=a.duration,
             rate=a.rate, loop=a.loop, seed=a.seed, ring=self.ring_cfg, options=self.options)
-        h, w, c = probe_source(a.source, seed=a.seed, **self.options)
+        source = open_source(a.source, seed=a.seed, **self.options)
+        try:  # probe: the frame size (checked against the ring) and the action space
+            h, w, c = source.reset().pixels.shape
+            self.action_space = dict(source.action_space)
+        finally:
+            source.close()
         if h > self.ring_cfg.max_height or w > self.ring_cfg.max_width:
             raise ValueError(f"source {a.source!r} gives {h}x{w} frames, larger than the ring's "
                              f"{self.ring_cfg.max_height}x{self.ring_cfg.max_width} "
@@ -175,7 +180,7 @@ class Launcher:
             from workers.recorder import RecorderConfig, run_recorder
 
             rec = RecorderConfig(path=self.args.record, metadata={
-                "source": self.args.source, "worker": to_dict(self.worker_cfg),
+                "source": {"spec": self.args.source, "action_space": self.action_space}, "worker": to_dict(self.worker_cfg),
                 "capture": {"fps": self.args.fps, "mode": self.args.mode}})
             self.children.append(Child("recorder", run_recorder,
                                        (rec, self.endpoints, self.ring_name)))
@@ -198,6 +203,7 @@ class Launcher:
             "ring": self.ring_name, "endpoints": vars(self.endpoints),
             "frame_shape": list(self.frame_shape), "worker": to_dict(self.worker_cfg),
             "source": self.args.source, "mode": self.args.mode,
+            "action_space": self.action_space,
             "pids": {c.name: c.proc.pid for c in self.children if c.proc is not None},
             "restarts": {c.name: c.restarts for c in self.children if c.restart}})
 

@@ -14,6 +14,7 @@ counted where it can be seen, at the subscriber, from the gap in ``seq``.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -91,14 +92,54 @@ def _socket(ctx: zmq.Context | None, kind: int, hwm: int) -> zmq.Socket:
     return sock
 
 
-def bind(sock: zmq.Socket, endpoint: str) -> None:
-    """Bind, making an ipc socket file owner-only (0600)."""
+def bind(sock: zmq.Socket, endpoint: str) -> int | None:
+    """Bind, making an ipc socket file owner-only (0600); returns that file's inode.
+
+    An ipc file left by a dead process is replaced; one that a live process listens on is
+    not stolen (libzmq would silently take it over): ``OSError`` says who to stop.
+    """
+    path = endpoint[len("ipc://"):] if endpoint.startswith("ipc://") else None
+    if path is not None:
+        _claim_ipc_path(path)
     try:
         sock.bind(endpoint)
     except zmq.ZMQError as e:
         raise OSError(f"cannot bind {endpoint}: {e} (is another sidecar using it?)") from e
-    if endpoint.startswith("ipc://"):
-        os.chmod(endpoint[len("ipc://"):], 0o600)
+    if path is None:
+        return None
+    os.chmod(path, 0o600)
+    return os.stat(path).st_ino
+
+
+def _claim_ipc_path(path: str) -> None:
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        Path(path).unlink(missing_ok=True)  # stale: nobody listens any more
+        return
+    except OSError as e:
+        raise OSError(f"{path} exists and cannot be checked ({e}); remove it if it is stale"
+                      ) from e
+    finally:
+        probe.close()
+    raise OSError(f"{path} is in use by a running process; stop it or use another run dir")
+
+
+def unbind_file(endpoint: str, inode: int | None) -> None:
+    """Remove the ipc file ``bind`` created (libzmq leaves it), unless another process has
+    bound the path since (different inode)."""
+    if inode is None or not endpoint.startswith("ipc://"):
+        return
+    path = endpoint[len("ipc://"):]
+    try:
+        if os.stat(path).st_ino == inode:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 class Publisher:
@@ -108,10 +149,11 @@ class Publisher:
                  ctx: zmq.Context | None = None) -> None:
         self.endpoint = endpoint
         self.sock = _socket(ctx, zmq.PUB, hwm)
+        self._inode: int | None = None
         if connect:
             self.sock.connect(endpoint)
         else:
-            bind(self.sock, endpoint)
+            self._inode = bind(self.sock, endpoint)
         self.sent = 0
         self.dropped = 0
 
@@ -131,6 +173,8 @@ class Publisher:
 
     def close(self) -> None:
         self.sock.close(linger=0)
+        unbind_file(self.endpoint, self._inode)
+        self._inode = None
 
     def __enter__(self) -> Publisher:
         return self

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -246,3 +247,24 @@ def test_parse_tcp_and_ipc_specs(run_dir: Path) -> None:
     for port in (0, 65533, 70000):
         with pytest.raises(ValueError, match="base_port"):
             Endpoints.parse(f"tcp://127.0.0.1:{port}")
+
+
+def test_bind_refuses_a_live_ipc_path_and_replaces_a_stale_one():
+    import socket as pysocket
+
+    d = tempfile.mkdtemp(dir="/tmp")
+    ep = Endpoints.ipc(d).agent
+    path = ep[len("ipc://"):]
+    first = Publisher(ep)
+    try:
+        with pytest.raises(OSError, match="in use by a running process"):
+            Publisher(ep)
+    finally:
+        first.close()
+    assert not os.path.exists(path), "close removes the socket file it bound"
+    stale = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+    stale.bind(path)  # a file nobody listens on, as a SIGKILLed process leaves it
+    stale.close()
+    with Publisher(ep):
+        assert os.path.exists(path)
+    assert not os.path.exists(path)

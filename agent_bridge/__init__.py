@@ -1,0 +1,52 @@
+"""What a game agent imports to use the iwm-bus vision sidecar (never imports torch).
+
+- :class:`BeingState` - the seed's vision fields (latent, surprise, MRR, ...).
+- :class:`VisionBridge` / :class:`AsyncVisionBridge` - keep a BeingState current from the bus,
+  hooks on surprise / MRR / latents, ``publish_action`` on ``agent.action``.
+- :class:`IWMClient` / :class:`AsyncIWMClient` - the worker's RPC: ``health``,
+  ``encode_image``, ``predict_next``, ``rollout``, ``rollout_batch``.
+- :mod:`agent_bridge.arbiter` - ActionArbiter hooks (slow down, escalate, temporal coherence).
+- :mod:`agent_bridge.planner` - CEM planning over action sequences with batched rollouts.
+
+See ``docs/agent.md`` ("Use from an agent") for runnable examples.
+"""
+
+from agent_bridge.arbiter import ArbiterConfig, ArbiterDecision, ArbiterHooks
+from agent_bridge.bridge import AsyncVisionBridge, BridgeStats, VisionBridge, resolve_endpoints
+from agent_bridge.client import (
+    AsyncIWMClient,
+    BatchRolloutResult,
+    EncodeResult,
+    IWMClient,
+    PredictResult,
+    RolloutResult,
+)
+from agent_bridge.planner import ActionSpace, CEMPlanner, Plan, PlannerConfig, RandomShootingPlanner
+from agent_bridge.state import BeingState
+from iwm_bus.errors import IWMError, ServiceError, ServiceTimeout, StaleDataError
+
+__all__ = [
+    "ActionSpace",
+    "ArbiterConfig",
+    "ArbiterDecision",
+    "ArbiterHooks",
+    "AsyncIWMClient",
+    "AsyncVisionBridge",
+    "BatchRolloutResult",
+    "BeingState",
+    "BridgeStats",
+    "CEMPlanner",
+    "EncodeResult",
+    "IWMClient",
+    "IWMError",
+    "Plan",
+    "PlannerConfig",
+    "PredictResult",
+    "RandomShootingPlanner",
+    "RolloutResult",
+    "ServiceError",
+    "ServiceTimeout",
+    "StaleDataError",
+    "VisionBridge",
+    "resolve_endpoints",
+]

@@ -1,0 +1,279 @@
+"""ActionArbiter hooks: the seed guide's examples, made real, configurable and tested.
+
+The seed's arbiter did three things with the vision state:
+
+- surprise > 2.0: "slowing down for observation ... maybe add a delay or prefer a wait action";
+- MRR < 0.5: "low world model confidence ... maybe escalate to LLM";
+- surprise > 3.0: "potential stuck loop or novel situation": ``temporal_coherence -= 0.1``.
+
+``ArbiterHooks.assess(state)`` turns a ``BeingState`` into an ``ArbiterDecision`` (slow down?
+how long? prefer waiting? escalate?) and keeps a temporal-coherence value::
+
+    hooks = ArbiterHooks(ArbiterConfig(wait_action_id=0), on_escalate=ask_llm)
+    decision = hooks.assess_bridge(bridge)          # reads bridge.read_latest(max_age_ms)
+    action = hooks.choose_action(proposed, decision)
+    time.sleep(decision.delay_s)
+
+Surprise units. The seed's thresholds were on raw ``||pred - obs||`` of 768-d latents, whose
+scale depends on the encoder. Here surprise is :func:`iwm_bus.metrics.surprise`, the RMS
+difference of layer-normalised latents, ``sqrt(2 * (1 - r))`` with r the Pearson correlation of
+prediction and observation: 0 = perfect, 1.0 = r 0.5, ~1.41 = unrelated, 2 = opposite. The
+defaults are chosen on that scale: **slow down above 1.0** (the prediction explains less than
+half the observed latent's pattern, r < 0.5) and **coherence penalty above 1.2** (r < 0.28,
+close to unrelated), keeping the seed's ordering (the coherence threshold is the stricter
+one) and its 0.1 penalty. The MRR threshold keeps the seed's 0.5 (MRR is already in (0, 1];
+with K bank candidates chance is about H(K+1)/(K+1), 0.13 for K=32). For a trained model,
+calibrate on a recorded session instead: ``ArbiterConfig.calibrated(surprises)`` puts the
+thresholds at percentiles of the observed surprise.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+from loguru import logger
+
+from agent_bridge.state import BeingState
+from iwm_bus.errors import StaleDataError
+
+__all__ = ["ArbiterConfig", "ArbiterDecision", "ArbiterHooks", "TemporalCoherence"]
+
+
+def _bad(name: str, value: Any, why: str) -> None:
+    raise ValueError(f"ArbiterConfig.{name}={value!r}: {why}")
+
+
+@dataclass
+class ArbiterConfig:
+    # surprise above which the agent slows down / prefers waiting (seed: 2.0 on raw L2)
+    slow_down_surprise: float = 1.0
+    # running MRR below which the arbiter escalates (seed: 0.5)
+    escalate_mrr: float = 0.5
+    # surprise above which temporal coherence drops (seed: 3.0 on raw L2)
+    coherence_surprise: float = 1.2
+    # how much coherence drops per surprising frame (seed: 0.1)
+    coherence_penalty: float = 0.1
+    # how much coherence recovers per unsurprising frame (0 = never recovers)
+    coherence_recovery: float = 0.02
+    # delay at the threshold and at the top of the scale (surprise 2.0), seconds
+    min_delay_s: float = 0.1
+    max_delay_s: float = 0.5
+    # prefer the wait action while slowed down
+    prefer_wait: bool = True
+    # the game's "do nothing" action id (None: the agent has none)
+    wait_action_id: int | None = None
+    # seconds between two escalations (the callback is not called more often)
+    escalate_cooldown_s: float = 5.0
+    # vision data older than this is stale (assess_bridge)
+    max_age_ms: float = 500.0
+    # what stale or missing vision data means: slow down (and wait) to be safe
+    slow_down_when_stale: bool = True
+    # surprise and MRR older than this many frames behind the latent are ignored
+    max_metric_lag_frames: int = 5
+
+    def __post_init__(self) -> None:
+        for name in ("slow_down_surprise", "coherence_surprise"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not 0 < v <= 2.0:
+                _bad(name, v, "must be in (0, 2] (surprise is RMS of layer-normed latents)")
+        if not isinstance(self.escalate_mrr, (int, float)) or not 0 <= self.escalate_mrr <= 1:
+            _bad("escalate_mrr", self.escalate_mrr, "must be in [0, 1]")
+        for name in ("coherence_penalty", "coherence_recovery"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                _bad(name, v, "must be in [0, 1]")
+        if not 0 <= self.min_delay_s <= self.max_delay_s <= 60:
+            _bad("max_delay_s", self.max_delay_s,
+                 f"need 0 <= min_delay_s ({self.min_delay_s}) <= max_delay_s <= 60")
+        if self.wait_action_id is not None and (
+                isinstance(self.wait_action_id, bool) or not isinstance(self.wait_action_id, int)
+                or self.wait_action_id < 0):
+            _bad("wait_action_id", self.wait_action_id, "must be None or an int >= 0")
+        if not self.escalate_cooldown_s >= 0:
+            _bad("escalate_cooldown_s", self.escalate_cooldown_s, "must be >= 0")
+        if not self.max_age_ms > 0:
+            _bad("max_age_ms", self.max_age_ms, "must be > 0")
+        if not isinstance(self.max_metric_lag_frames, int) or self.max_metric_lag_frames < 0:
+            _bad("max_metric_lag_frames", self.max_metric_lag_frames, "must be an int >= 0")
+
+    @classmethod
+    def calibrated(cls, surprises: Sequence[float] | np.ndarray, *, slow_down_pct: float = 95.0,
+                   coherence_pct: float = 99.0, **overrides: Any) -> ArbiterConfig:
+        """Thresholds at percentiles of surprise observed in normal play (e.g. a session).
+
+        With the defaults, 5% of ordinary frames slow the agent down and 1% cost coherence.
+        """
+        vals = np.asarray([s for s in surprises if s is not None], dtype=np.float64)
+        vals = vals[np.isfinite(vals)]
+        if vals.size < 20:
+            raise ValueError(f"need at least 20 finite surprise values to calibrate, got "
+                             f"{vals.size}")
+        if not 0 < slow_down_pct <= coherence_pct < 100:
+            raise ValueError(f"need 0 < slow_down_pct ({slow_down_pct}) <= coherence_pct "
+                             f"({coherence_pct}) < 100")
+        lo, hi = np.percentile(vals, [slow_down_pct, coherence_pct])
+        clip = lambda x: float(min(max(x, 1e-3), 2.0))  # noqa: E731
+        return cls(**{"slow_down_surprise": clip(lo), "coherence_surprise": clip(hi),
+                      **overrides})
+
+
+@dataclass(frozen=True)
+class ArbiterDecision:
+    """What the vision state says the arbiter should do now."""
+
+    slow_down: bool = False
+    delay_s: float = 0.0
+    prefer_wait: bool = False
+    escalate: bool = False
+    temporal_coherence: float = 1.0
+    stale: bool = False
+    surprise: float | None = None
+    mrr: float | None = None
+    frame_seq: int | None = None
+    reasons: tuple[str, ...] = field(default_factory=tuple)
+
+
+class TemporalCoherence:
+    """A value in [0, 1]: each surprising frame subtracts ``penalty``, each calm one adds
+    ``recovery``. Updated once per frame (``surprise_seq``), however often it is asked."""
+
+    def __init__(self, threshold: float, penalty: float = 0.1, recovery: float = 0.02,
+                 start: float = 1.0) -> None:
+        self.threshold, self.penalty, self.recovery = threshold, penalty, recovery
+        self.value = float(start)
+        self.drops = 0
+        self._last_seq: int | None = None
+
+    def update(self, surprise: float | None, seq: int | None) -> float:
+        if surprise is None or (seq is not None and seq == self._last_seq):
+            return self.value
+        self._last_seq = seq
+        if surprise > self.threshold:
+            self.value = max(0.0, self.value - self.penalty)
+            self.drops += 1
+        else:
+            self.value = min(1.0, self.value + self.recovery)
+        return self.value
+
+    def reset(self, value: float = 1.0) -> None:
+        self.value, self._last_seq, self.drops = float(value), None, 0
+
+
+class ArbiterHooks:
+    """Decisions from vision state (see the module docstring)."""
+
+    def __init__(self, config: ArbiterConfig | None = None, *,
+                 on_escalate: Callable[[ArbiterDecision], Any] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = cfg = config or ArbiterConfig()
+        self.on_escalate = on_escalate
+        self.coherence = TemporalCoherence(cfg.coherence_surprise, cfg.coherence_penalty,
+                                           cfg.coherence_recovery)
+        self._clock = clock
+        self._last_escalation: float | None = None
+        self.escalations = 0
+        self.slowdowns = 0
+        self.escalate_errors = 0
+
+    # -------------------------------------------------------------- single questions
+
+    def _metric(self, state: BeingState, value: float | None, seq: int | None) -> float | None:
+        """A metric only counts while it belongs to a recent frame."""
+        if value is None or seq is None or state.frame_seq is None:
+            return value
+        return value if state.frame_seq - seq <= self.config.max_metric_lag_frames else None
+
+    def surprise(self, state: BeingState) -> float | None:
+        return self._metric(state, state.vision_prediction_surprise, state.surprise_seq)
+
+    def slow_down(self, state: BeingState) -> bool:
+        """High surprise = uncertain state: slow down for observation (seed)."""
+        s = self.surprise(state)
+        return s is not None and s > self.config.slow_down_surprise
+
+    def delay_s(self, state: BeingState) -> float:
+        """How long to wait: min_delay_s at the threshold, rising to max_delay_s at surprise 2."""
+        s = self.surprise(state)
+        cfg = self.config
+        if s is None or s <= cfg.slow_down_surprise:
+            return 0.0
+        frac = min(1.0, (s - cfg.slow_down_surprise) / max(2.0 - cfg.slow_down_surprise, 1e-6))
+        return cfg.min_delay_s + frac * (cfg.max_delay_s - cfg.min_delay_s)
+
+    def low_confidence(self, state: BeingState) -> bool:
+        """Running MRR below the threshold: the world model is not reliable here (seed)."""
+        m = self._metric(state, state.vision_mrr, state.mrr_seq)
+        return m is not None and m < self.config.escalate_mrr
+
+    # -------------------------------------------------------------- the decision
+
+    def assess(self, state: BeingState) -> ArbiterDecision:
+        """Decide from a state; updates coherence and may call ``on_escalate`` (cooldown)."""
+        cfg = self.config
+        s = self.surprise(state)
+        coherence = self.coherence.update(s, state.surprise_seq)
+        reasons: list[str] = []
+        slow = self.slow_down(state)
+        if slow:
+            self.slowdowns += 1
+            reasons.append(f"surprise {s:.2f} > {cfg.slow_down_surprise:g}")
+        low = self.low_confidence(state)
+        if low:
+            reasons.append(f"mrr {state.vision_mrr:.2f} < {cfg.escalate_mrr:g}")
+        decision = ArbiterDecision(
+            slow_down=slow, delay_s=self.delay_s(state), prefer_wait=slow and cfg.prefer_wait,
+            escalate=low, temporal_coherence=coherence, surprise=s, mrr=state.vision_mrr,
+            frame_seq=state.frame_seq, reasons=tuple(reasons))
+        if low:
+            self._escalate(decision)
+        return decision
+
+    def assess_bridge(self, bridge: Any) -> ArbiterDecision:
+        """``assess(bridge.read_latest(max_age_ms))``; stale or missing data is a decision too."""
+        try:
+            state = bridge.read_latest(max_age_ms=self.config.max_age_ms)
+        except StaleDataError as e:
+            return self.stale_decision(str(e))
+        return self.assess(state)
+
+    def stale_decision(self, why: str) -> ArbiterDecision:
+        """What to do without fresh vision: by default slow down and prefer waiting."""
+        cfg = self.config
+        slow = cfg.slow_down_when_stale
+        return ArbiterDecision(slow_down=slow, delay_s=cfg.min_delay_s if slow else 0.0,
+                               prefer_wait=slow and cfg.prefer_wait, stale=True,
+                               temporal_coherence=self.coherence.value,
+                               reasons=(f"stale vision: {why}",))
+
+    def choose_action(self, proposed: int, decision: ArbiterDecision) -> int:
+        """The wait action when the decision prefers waiting and one is configured."""
+        wait = self.config.wait_action_id
+        return wait if decision.prefer_wait and wait is not None else proposed
+
+    def _escalate(self, decision: ArbiterDecision) -> None:
+        now = self._clock()
+        last = self._last_escalation
+        if last is not None and now - last < self.config.escalate_cooldown_s:
+            return
+        self._last_escalation = now
+        self.escalations += 1
+        logger.info("low world-model confidence (MRR={:.2f}) at frame {}: escalating",
+                    decision.mrr if decision.mrr is not None else math.nan, decision.frame_seq)
+        if self.on_escalate is None:
+            return
+        try:
+            self.on_escalate(decision)
+        except Exception as e:  # noqa: BLE001 - an escalation handler must not stop the agent
+            self.escalate_errors += 1
+            logger.opt(exception=e).error("on_escalate callback raised (error #{})",
+                                          self.escalate_errors)
+
+    def with_config(self, **changes: Any) -> ArbiterHooks:
+        """A fresh ArbiterHooks with some config fields changed (validated)."""
+        return ArbiterHooks(replace(self.config, **changes), on_escalate=self.on_escalate,
+                            clock=self._clock)

@@ -1,0 +1,392 @@
+"""Planning with rollouts (seed Phase 3): cross-entropy method over action sequences.
+
+Candidates are action sequences of ``horizon`` steps: continuous vectors (the model's cond /
+augmentation vector, padded to cond_dim by the worker), discrete action ids, or both. Each
+iteration scores ``samples`` candidates with **one batched rollout** (one RPC when the rollout
+function is the client's), keeps the ``elites`` cheapest and refits the sampling distribution
+(Gaussian per step and dimension; categorical per step). The cost of a candidate is the
+distance of its predicted final latent to a goal latent (CLS; patches optional), optionally
+plus the predicted uncertainty. ``act()`` is receding-horizon control: plan, execute the first
+action, shift the plan one step and warm-start the next call from it. ``RandomShootingPlanner``
+spends the same budget (same calls, same candidates) on samples from the initial distribution;
+it is the baseline CEM must beat.
+
+Any ``rollout_fn(z0 (D,), cond_seqs (N, H, C) | None, action_seqs (N, H) | None)`` works; it
+returns the predicted latents ``(N, H, D)``, or an object with ``z_cls_seq`` (and optionally
+``uncertainty_seq`` (N, H), ``patches_last`` (N, P, D)) such as the client's
+``BatchRolloutResult``::
+
+    from agent_bridge import IWMClient
+    from agent_bridge.planner import ActionSpace, CEMPlanner, PlannerConfig, client_rollout_fn
+    iwm = IWMClient(run_dir)
+    planner = CEMPlanner(client_rollout_fn(iwm), ActionSpace(num_actions=6), PlannerConfig())
+    plan = planner.act(z_now, goal_z)      # plan.action_ids (H,), plan.first_action_id
+
+Anchors (issue 5): DINO-WM's CEM uses horizon 5, 300 samples, top 30, 30 iterations (53 s per
+plan on an A6000); V-JEPA 2-AC takes 16 s per action on an RTX 4090. ``bench/planning_bench.py``
+measures ours.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ActionSpace", "CEMPlanner", "Plan", "PlannerConfig", "RandomShootingPlanner",
+           "client_rollout_fn", "latent_cost", "model_rollout_fn"]
+
+RolloutFn = Callable[[np.ndarray, np.ndarray | None, np.ndarray | None], Any]
+DISTANCES = ("l2", "surprise", "cosine")
+
+
+@dataclass
+class ActionSpace:
+    """What a plan is made of: a continuous vector per step, a discrete id per step, or both."""
+
+    # length of the continuous action vector (0 = none); at most the model's cond_dim
+    dim: int = 0
+    # bounds of each continuous component (scalars apply to all)
+    low: float = -1.0
+    high: float = 1.0
+    # number of discrete actions (0 = none); at most the model's num_actions
+    num_actions: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "num_actions"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"ActionSpace.{name} must be an int >= 0, got {v!r}")
+        if self.dim == 0 and self.num_actions == 0:
+            raise ValueError("ActionSpace needs dim > 0 (continuous) and/or num_actions > 0 "
+                             "(discrete)")
+        if not np.isfinite([self.low, self.high]).all() or not self.low < self.high:
+            raise ValueError(f"ActionSpace.low={self.low!r} must be < high={self.high!r}, "
+                             "both finite")
+
+    @property
+    def center(self) -> float:
+        return (self.low + self.high) / 2
+
+    @property
+    def half_range(self) -> float:
+        return (self.high - self.low) / 2
+
+
+@dataclass
+class PlannerConfig:
+    # steps per candidate sequence
+    horizon: int = 5
+    # candidates per iteration (one batched rollout each)
+    samples: int = 300
+    # cheapest candidates the distribution is refit to
+    elites: int = 30
+    # refits per plan
+    iterations: int = 30
+    # initial std of continuous actions, as a fraction of the half range
+    init_std: float = 1.0
+    # floor of the continuous std, same units
+    min_std: float = 0.02
+    # weight of the old distribution when refitting (0 = take the elites' fit as is)
+    momentum: float = 0.1
+    # floor on each discrete action's probability, so no action dies out early
+    min_prob: float = 0.002
+    # distance: l2 (RMS difference), surprise (metrics.surprise units), cosine (1 - cos)
+    distance: str = "l2"
+    # score the final predicted latent only, or the mean over all steps
+    cost_on: str = "final"
+    # + weight * mean predicted uncertainty (needs a rollout_fn that returns it)
+    uncertainty_weight: float = 0.0
+    # + weight * patch distance to goal patches (needs patches_last from the rollout_fn)
+    patch_weight: float = 0.0
+    # random seed (None = fresh entropy)
+    seed: int | None = 0
+
+    def __post_init__(self) -> None:
+        for name, lo in [("horizon", 1), ("samples", 2), ("elites", 1), ("iterations", 1)]:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"PlannerConfig.{name} must be an int >= {lo}, got {v!r}")
+        if self.horizon > 64:
+            raise ValueError(f"PlannerConfig.horizon must be <= 64 (rollout limit), "
+                             f"got {self.horizon}")
+        if self.elites > self.samples:
+            raise ValueError(f"PlannerConfig.elites={self.elites} must be <= samples="
+                             f"{self.samples}")
+        if not 0 < self.min_std <= self.init_std:
+            raise ValueError(f"PlannerConfig.min_std={self.min_std} must be in (0, "
+                             f"init_std={self.init_std}]")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"PlannerConfig.momentum must be in [0, 1), got {self.momentum}")
+        if not 0 <= self.min_prob < 0.5:
+            raise ValueError(f"PlannerConfig.min_prob must be in [0, 0.5), got {self.min_prob}")
+        if self.distance not in DISTANCES:
+            raise ValueError(f"PlannerConfig.distance must be one of {DISTANCES}, got "
+                             f"{self.distance!r}")
+        if self.cost_on not in ("final", "all"):
+            raise ValueError(f"PlannerConfig.cost_on must be 'final' or 'all', got "
+                             f"{self.cost_on!r}")
+        for name in ("uncertainty_weight", "patch_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"PlannerConfig.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class Plan:
+    """The best sequence found, its cost and what finding it took."""
+
+    vectors: np.ndarray | None  # (H, dim) continuous actions, or None
+    action_ids: np.ndarray | None  # (H,) discrete actions, or None
+    cost: float
+    cost_history: list[float] = field(default_factory=list)  # best cost after each iteration
+    rollouts: int = 0  # candidate sequences evaluated
+    calls: int = 0  # rollout_fn calls (= RPCs with the client)
+    elapsed_s: float = 0.0
+
+    @property
+    def first_vector(self) -> np.ndarray | None:
+        return None if self.vectors is None else self.vectors[0]
+
+    @property
+    def first_action_id(self) -> int | None:
+        return None if self.action_ids is None else int(self.action_ids[0])
+
+
+# ----------------------------------------------------------------------------- rollout fns
+
+
+def client_rollout_fn(client: Any, patches: Any = None, timeout_s: float | None = None
+                      ) -> RolloutFn:
+    """A rollout_fn that makes one ``client.rollout_batch`` RPC per call (sync IWMClient)."""
+    def fn(z0: np.ndarray, cond_seqs: np.ndarray | None, action_seqs: np.ndarray | None) -> Any:
+        return client.rollout_batch(z0, aug_seqs=cond_seqs, action_seqs=action_seqs,
+                                    patches=patches, timeout_s=timeout_s)
+    return fn
+
+
+def model_rollout_fn(model: Any, patches: Any = None) -> RolloutFn:
+    """A rollout_fn on a local ``iwm_bus.model.IWM`` (the caller imported torch, not us).
+
+    Continuous vectors are zero-padded to the model's cond_dim.
+    """
+    cond_dim = model.config.cond_dim
+
+    def fn(z0: np.ndarray, cond_seqs: np.ndarray | None, action_seqs: np.ndarray | None) -> Any:
+        if cond_seqs is not None and cond_seqs.shape[-1] < cond_dim:
+            pad = np.zeros((*cond_seqs.shape[:-1], cond_dim - cond_seqs.shape[-1]), np.float32)
+            cond_seqs = np.concatenate([cond_seqs.astype(np.float32), pad], axis=-1)
+        roll = model.rollout(np.array(z0, np.float32)[None], patches, cond_seqs, action_seqs)
+        p = roll.patches_seq
+        return _Rolled(roll.z_cls_seq.float().cpu().numpy(),
+                       roll.uncertainty_seq.float().cpu().numpy(),
+                       None if p is None else p[:, -1].float().cpu().numpy())
+    return fn
+
+
+@dataclass
+class _Rolled:
+    z_cls_seq: np.ndarray  # (N, H, D)
+    uncertainty_seq: np.ndarray | None = None  # (N, H)
+    patches_last: np.ndarray | None = None  # (N, P, D)
+
+
+def _as_rolled(out: Any, n: int, h: int) -> _Rolled:
+    if isinstance(out, np.ndarray):
+        r = _Rolled(out)
+    elif isinstance(out, tuple):
+        r = _Rolled(*(np.asarray(x) if x is not None else None for x in out))
+    else:
+        r = _Rolled(np.asarray(out.z_cls_seq),
+                    _opt(getattr(out, "uncertainty_seq", None)),
+                    _opt(getattr(out, "patches_last", None)))
+    if r.z_cls_seq.ndim != 3 or r.z_cls_seq.shape[:2] != (n, h):
+        raise ValueError(f"rollout_fn returned latents of shape {r.z_cls_seq.shape}; expected "
+                         f"({n}, {h}, D)")
+    return r
+
+
+def _opt(x: Any) -> np.ndarray | None:
+    return None if x is None else np.asarray(x)
+
+
+# ----------------------------------------------------------------------------- cost
+
+
+def _distance(a: np.ndarray, b: np.ndarray, kind: str) -> np.ndarray:
+    """Distance along the last axis with broadcasting."""
+    a, b = a.astype(np.float64, copy=False), b.astype(np.float64, copy=False)
+    if kind == "cosine":
+        na = np.linalg.norm(a, axis=-1)
+        nb = np.linalg.norm(b, axis=-1)
+        return 1.0 - (a * b).sum(-1) / np.maximum(na * nb, 1e-12)
+    if kind == "surprise":
+        a = (a - a.mean(-1, keepdims=True)) / np.sqrt(a.var(-1, keepdims=True) + 1e-6)
+        b = (b - b.mean(-1, keepdims=True)) / np.sqrt(b.var(-1, keepdims=True) + 1e-6)
+    return np.sqrt(((a - b) ** 2).mean(-1))
+
+
+def latent_cost(z_seq: np.ndarray, goal: np.ndarray, cfg: PlannerConfig,
+                uncertainty: np.ndarray | None = None, patches_last: np.ndarray | None = None,
+                goal_patches: np.ndarray | None = None) -> np.ndarray:
+    """Cost (N,) of predicted latents (N, H, D) against a goal (D,) under ``cfg``."""
+    if cfg.cost_on == "final":
+        cost = _distance(z_seq[:, -1], goal, cfg.distance)
+    else:
+        cost = _distance(z_seq, goal, cfg.distance).mean(1)
+    if cfg.uncertainty_weight > 0:
+        if uncertainty is None:
+            raise ValueError("uncertainty_weight > 0 but the rollout_fn returned no "
+                             "uncertainty_seq")
+        cost = cost + cfg.uncertainty_weight * np.asarray(uncertainty, np.float64).mean(1)
+    if cfg.patch_weight > 0:
+        if patches_last is None or goal_patches is None:
+            raise ValueError("patch_weight > 0 needs goal_patches and a rollout_fn that "
+                             "returns patches_last (pass patches to the rollout_fn)")
+        cost = cost + cfg.patch_weight * _distance(patches_last, goal_patches,
+                                                   cfg.distance).mean(1)
+    return cost
+
+
+# ----------------------------------------------------------------------------- planners
+
+
+class _Sampler:
+    """The sampling distribution of CEM: Gaussian (continuous) and categorical (discrete)."""
+
+    def __init__(self, space: ActionSpace, cfg: PlannerConfig) -> None:
+        self.space, self.cfg = space, cfg
+        self.reset()
+
+    def reset(self) -> None:
+        h, s = self.cfg.horizon, self.space
+        self.mean = np.full((h, s.dim), s.center)  # (H, C)
+        self.std = np.full((h, s.dim), self.cfg.init_std * s.half_range)  # (H, C)
+        self.probs = np.full((h, s.num_actions), 1.0 / max(s.num_actions, 1))  # (H, A)
+
+    def shift(self) -> None:
+        """Receding horizon: drop the executed step, append a fresh one, widen again."""
+        s, cfg = self.space, self.cfg
+        self.mean = np.concatenate([self.mean[1:], np.full((1, s.dim), s.center)])
+        self.std = np.full_like(self.std, cfg.init_std * s.half_range)
+        fresh = np.full((1, s.num_actions), 1.0 / max(s.num_actions, 1))
+        self.probs = np.concatenate([self.probs[1:], fresh])
+        self.probs = self._floor(0.5 * self.probs + 0.5 / max(s.num_actions, 1))
+
+    def sample(self, rng: np.random.Generator, n: int, include_mode: bool
+               ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        s, h = self.space, self.cfg.horizon
+        vec = ids = None
+        if s.dim:
+            vec = self.mean + self.std * rng.standard_normal((n, h, s.dim))  # (N, H, C)
+            if include_mode:
+                vec[0] = self.mean
+            vec = np.clip(vec, s.low, s.high).astype(np.float32)
+        if s.num_actions:
+            cdf = np.cumsum(self.probs, axis=1)  # (H, A)
+            u = rng.random((n, h, 1)) * cdf[:, -1:]  # (N, H, 1)
+            ids = (u >= cdf[None]).sum(-1).clip(0, s.num_actions - 1)  # (N, H)
+            if include_mode:
+                ids[0] = self.probs.argmax(1)
+            ids = ids.astype(np.int64)
+        return vec, ids
+
+    def refit(self, vec: np.ndarray | None, ids: np.ndarray | None, elite: np.ndarray) -> None:
+        m, s = self.cfg.momentum, self.space
+        if vec is not None:
+            ev = vec[elite].astype(np.float64)  # (K, H, C)
+            self.mean = m * self.mean + (1 - m) * ev.mean(0)
+            std = m * self.std + (1 - m) * ev.std(0)
+            self.std = np.maximum(std, self.cfg.min_std * s.half_range)
+        if ids is not None:
+            counts = np.stack([np.bincount(col, minlength=s.num_actions)
+                               for col in ids[elite].T]).astype(np.float64)  # (H, A)
+            freq = counts / len(elite)
+            self.probs = self._floor(m * self.probs + (1 - m) * freq)
+
+    def _floor(self, probs: np.ndarray) -> np.ndarray:
+        a = probs.shape[1]
+        if a == 0:
+            return probs
+        eps = min(self.cfg.min_prob, 1.0 / a)
+        probs = np.maximum(probs, eps)
+        return probs / probs.sum(1, keepdims=True)
+
+
+class CEMPlanner:
+    """Cross-entropy method over action sequences (module docstring)."""
+
+    refit = True
+
+    def __init__(self, rollout_fn: RolloutFn, space: ActionSpace,
+                 config: PlannerConfig | None = None) -> None:
+        self.rollout_fn, self.space = rollout_fn, space
+        self.config = cfg = config or PlannerConfig()
+        self.rng = np.random.default_rng(cfg.seed)
+        self.sampler = _Sampler(space, cfg)
+        self.calls = 0
+
+    def reset(self) -> None:
+        """Forget the warm start (e.g. a new episode or goal)."""
+        self.sampler.reset()
+
+    def plan(self, z0: Any, goal: Any, goal_patches: Any = None, *,
+             warm_start: bool = False) -> Plan:
+        """Best sequence from latent ``z0`` (D,) towards ``goal`` (D,): ``config.iterations``
+        batched rollouts. Starts from the initial distribution unless ``warm_start``."""
+        cfg = self.config
+        if not warm_start:
+            self.sampler.reset()
+        z0, goal = _latent("z0", z0), _latent("goal", goal)
+        if z0.shape != goal.shape:
+            raise ValueError(f"z0 {z0.shape} and goal {goal.shape} must have the same shape")
+        gp = None if goal_patches is None else np.asarray(goal_patches, np.float64)
+        t0 = time.perf_counter()
+        best = Plan(None, None, np.inf)
+        for _ in range(cfg.iterations):
+            vec, ids = self.sampler.sample(self.rng, cfg.samples, include_mode=self.refit)
+            out = _as_rolled(self.rollout_fn(z0, vec, ids), cfg.samples, cfg.horizon)
+            self.calls += 1
+            best.calls += 1
+            best.rollouts += cfg.samples
+            cost = latent_cost(out.z_cls_seq, goal, cfg, out.uncertainty_seq, out.patches_last,
+                               gp)
+            i = int(np.argmin(cost))
+            if cost[i] < best.cost:
+                best.cost = float(cost[i])
+                best.vectors = None if vec is None else vec[i].copy()
+                best.action_ids = None if ids is None else ids[i].copy()
+            best.cost_history.append(best.cost)
+            if self.refit:
+                self.sampler.refit(vec, ids, np.argsort(cost, kind="stable")[:cfg.elites])
+        best.elapsed_s = time.perf_counter() - t0
+        return best
+
+    def act(self, z0: Any, goal: Any, goal_patches: Any = None) -> Plan:
+        """Receding horizon: plan (warm-started), then shift so the next call continues."""
+        plan = self.plan(z0, goal, goal_patches, warm_start=True)
+        if self.refit:  # continue from the best plan, not from the last distribution's mean
+            if plan.vectors is not None:
+                self.sampler.mean = plan.vectors.astype(np.float64)
+            if plan.action_ids is not None:
+                onehot = np.eye(self.space.num_actions)[plan.action_ids]
+                self.sampler.probs = self.sampler._floor(onehot)
+        self.sampler.shift()
+        return plan
+
+
+class RandomShootingPlanner(CEMPlanner):
+    """The baseline: the same calls and candidates, all drawn from the initial distribution."""
+
+    refit = False
+
+
+def _latent(name: str, value: Any) -> np.ndarray:
+    arr = np.asarray(value, dtype=np.float32)
+    if arr.ndim == 2 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 1 or arr.size == 0 or not np.isfinite(arr).all():
+        raise ValueError(f"{name} must be a finite (D,) latent, got shape {arr.shape}")
+    return arr
