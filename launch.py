@@ -348,6 +348,7 @@ def _unlink_ring(name: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    os.environ["IWM_LOG_LEVEL"] = args.log_level  # read by the children (workers/entry.py)
     logger.remove()
     logger.add(sys.stderr, level=args.log_level.upper(),
                format="<green>{time:HH:mm:ss.SSS}</green> {level: <7} {message}")

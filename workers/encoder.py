@@ -712,7 +712,9 @@ class EncoderWorker:
 def _num_threads(device: str) -> int:
     if device.startswith("cuda"):
         return 2  # the GPU does the work; keep the CPU for capture
-    return max(1, min(len(os.sched_getaffinity(0)), 8))
+    # leave a core for the capture (and the game): on a small machine, torch's OpenMP threads
+    # competing with capture for every core made a ViT-Ti frame take ~2 s instead of ~30 ms
+    return max(1, min(len(os.sched_getaffinity(0)) - 1, 8))
 
 
 def run_worker(cfg: WorkerConfig, endpoints: Endpoints, ring_name: str, *,
