@@ -73,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="discrete action tokens of an untrained model (default 32)")
     model.add_argument("--patches", action="store_true", help="publish patch latents")
     model.add_argument("--compile", action="store_true", help="torch.compile (CUDA)")
+    model.add_argument("--threads", type=int,
+                       help="torch CPU threads (default: all cores but one)")
     run = p.add_argument_group("run (env: IWM_RUN_DIR, IWM_SERVICE_HOST, IWM_SERVICE_PORT)")
     run.add_argument("--run-dir", type=Path, help="folder for sockets + manifest")
     run.add_argument("--record", type=Path, help="record the session to this .mcap file")
@@ -117,7 +119,7 @@ class Launcher:
             encoder=args.encoder, img_size=args.img_size, mode=args.mode,
             mrr_bank=args.mrr_bank, num_actions=args.num_actions,
             publish_patches=args.patches or None,
-            compile=args.compile or None)
+            compile=args.compile or None, threads=args.threads)
         h, w = _parse_hw(args.max_frame)
         self.ring_cfg = RingConfig(slots=args.ring_slots, max_height=h, max_width=w)
         self.ring_name = f"iwm_{os.getpid()}_{secrets.token_hex(4)}"

@@ -30,7 +30,7 @@ TARGETS = {"cpu": ("vit_tiny_patch16_224", 25.0), "cuda": ("vit_base_patch16_224
 
 
 def run_one(encoder: str, variant: str, device: str, size: str, mode: str, fps: float,
-            seconds: float, warmup: float) -> dict:
+            seconds: float, warmup: float, threads: int = 0) -> dict:
     """One sidecar run; returns latency percentiles (ms), fps in/out and skip counts."""
     run_dir = Path(tempfile.mkdtemp(prefix="iwmb", dir="/tmp")) / "run"
     eps = Endpoints.ipc(run_dir)
@@ -40,7 +40,9 @@ def run_one(encoder: str, variant: str, device: str, size: str, mode: str, fps: 
            "--source", f"synthetic:{w}x{h}", "--encoder", encoder, "--variant", variant,
            "--device", device, "--mode", mode, "--fps", str(fps), "--log-level", "WARNING",
            "--duration", str(seconds + warmup + 120)]
-    proc = subprocess.Popen(cmd, cwd=ROOT)
+    if threads:
+        cmd += ["--threads", str(threads)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.DEVNULL)
     lat, seqs, stats = [], [], {}
     try:
         t_first = _wait_first(sub, proc)
@@ -89,10 +91,12 @@ def main() -> None:
     p.add_argument("--fps", type=float, default=30.0, help="capture rate (realtime)")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--warmup", type=float, default=3.0)
+    p.add_argument("--threads", type=int, default=0, help="worker torch threads (0 = auto)")
     args = p.parse_args()
     kind = "cuda" if args.device.startswith("cuda") else "cpu"
     target_encoder, target_ms = TARGETS[kind]
-    print(f"# e2e frame->surprise, device={args.device}, {args.seconds:.0f}s per row "
+    print(f"# e2e frame->surprise, device={args.device}, threads={args.threads or 'auto'}, "
+          f"{args.seconds:.0f}s per row "
           f"(target: {target_encoder} p50 <= {target_ms} ms)")
     header = (f"{'encoder':<24}{'variant':<13}{'capture':<10}{'mode':<10}{'p50 ms':>8}"
               f"{'p99 ms':>9}{'fps in':>8}{'fps out':>9}{'skipped':>9}{'vs target':>11}")
@@ -104,7 +108,7 @@ def main() -> None:
                 for mode in args.modes:
                     fps = args.fps if mode == "realtime" else 0.0
                     r = run_one(encoder, variant, args.device, size, mode, fps,
-                                args.seconds, args.warmup)
+                                args.seconds, args.warmup, args.threads)
                     ratio = (f"{r['p50'] / target_ms:.2f}x" if encoder == target_encoder
                              and mode == "realtime" else "")
                     print(f"{encoder:<24}{variant:<13}{size:<10}{mode:<10}{r['p50']:>8.1f}"

@@ -120,6 +120,8 @@ class WorkerConfig:
     stats_interval_s: float = 1.0
     # torch.compile the model (CUDA)
     compile: bool = False
+    # torch CPU threads; 0 = auto (all cores but one, which is left to the capture)
+    threads: int = 0
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -135,6 +137,9 @@ class WorkerConfig:
             _fail("WorkerConfig", "device", self.device, "must be cpu, cuda or cuda:N")
         if self.mode not in MODES:
             _fail("WorkerConfig", "mode", self.mode, f"must be one of {MODES}")
+        _need("WorkerConfig", "threads", self.threads, int)
+        if not 0 <= self.threads <= 256:
+            _fail("WorkerConfig", "threads", self.threads, "must be in 0..256 (0 = auto)")
         _need("WorkerConfig", "num_actions", self.num_actions, int)
         if not 0 <= self.num_actions <= 4096:
             _fail("WorkerConfig", "num_actions", self.num_actions, "must be in 0..4096")

@@ -709,7 +709,9 @@ class EncoderWorker:
 # ----------------------------------------------------------------------------- process
 
 
-def _num_threads(device: str) -> int:
+def _num_threads(device: str, requested: int = 0) -> int:
+    if requested:
+        return requested
     if device.startswith("cuda"):
         return 2  # the GPU does the work; keep the CPU for capture
     # leave a core for the capture (and the game): on a small machine, torch's OpenMP threads
@@ -736,7 +738,7 @@ def run_worker(cfg: WorkerConfig, endpoints: Endpoints, ring_name: str, *,
             logger.error("encoder worker cannot load its model: {}", e)
             return 2
         torch.manual_seed(SEED)
-        torch.set_num_threads(_num_threads(cfg.device))
+        torch.set_num_threads(_num_threads(cfg.device, cfg.threads))
         try:
             worker = EncoderWorker(cfg, endpoints, ring_name, model=model, restarts=restarts)
         except OSError as e:
