@@ -32,7 +32,8 @@ TARGETS = {"cpu": ("vit_tiny_patch16_224", 25.0), "cuda": ("vit_base_patch16_224
 def run_one(encoder: str, variant: str, device: str, size: str, mode: str, fps: float,
             seconds: float, warmup: float, threads: int = 0) -> dict:
     """One sidecar run; returns latency percentiles (ms), fps in/out and skip counts."""
-    run_dir = Path(tempfile.mkdtemp(prefix="iwmb", dir="/tmp")) / "run"
+    tmp = tempfile.TemporaryDirectory(prefix="iwmb", dir="/tmp")
+    run_dir = Path(tmp.name) / "run"
     eps = Endpoints.ipc(run_dir)
     sub = Subscriber([eps.worker], [topics.SURPRISE, topics.STATS])
     h, w = size.split("x")
@@ -62,6 +63,7 @@ def run_one(encoder: str, variant: str, device: str, size: str, mode: str, fps: 
         proc.terminate()
         proc.wait(60)
         sub.close()
+        tmp.cleanup()
     if not lat:
         raise RuntimeError(f"no surprise messages in {seconds}s: {' '.join(cmd)}")
     span = max(seqs) - min(seqs) + 1

@@ -517,6 +517,8 @@ class IWM(nn.Module):
     def _check_frames(frames: ArrayLike) -> Tensor:
         """Validated uint8 (B, H, W, 3) tensor, still where the caller had it."""
         if isinstance(frames, np.ndarray):
+            if not frames.flags.writeable:  # e.g. decoded straight from a wire buffer
+                frames = frames.copy()
             frames = torch.from_numpy(np.ascontiguousarray(frames))
         elif not isinstance(frames, Tensor):
             raise ValueError(f"frames must be a numpy array or torch tensor, got {type(frames)}")

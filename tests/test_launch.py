@@ -28,7 +28,8 @@ class Sidecar:
     """``iwm-launch`` in a subprocess, with a subscriber connected before it starts."""
 
     def __init__(self, *args: str, sub_topics=(topics.LATENT, topics.SURPRISE, topics.MRR)):
-        self.run_dir = Path(tempfile.mkdtemp(prefix="iwmt", dir="/tmp")) / "run"
+        self._tmp = tempfile.TemporaryDirectory(prefix="iwmt", dir="/tmp")
+        self.run_dir = Path(self._tmp.name) / "run"
         self.eps = Endpoints.ipc(self.run_dir)
         self.sub = Subscriber([self.eps.worker], sub_topics)
         self.log = tempfile.TemporaryFile()
@@ -76,6 +77,7 @@ class Sidecar:
             self.wait(30)
         self.sub.close()
         self.log.close()
+        self._tmp.cleanup()
 
     def __enter__(self) -> Sidecar:
         return self
@@ -198,8 +200,8 @@ def test_garbage_on_action_and_rpc_does_not_stop_the_worker():
     (["--source", "synthetic:64x64", "--max-frame", "32x32"], "larger than the ring"),
     (["--source", "synthetic", "--frames", "0"], "--frames"),
 ])
-def test_bad_input_exits_2_before_starting(args, needle):
-    run_dir = Path(tempfile.mkdtemp(prefix="iwmt", dir="/tmp")) / "run"
+def test_bad_input_exits_2_before_starting(args, needle, tmp_path):
+    run_dir = tmp_path / "run"
     out = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--run-dir", str(run_dir),
                           *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr
@@ -207,8 +209,8 @@ def test_bad_input_exits_2_before_starting(args, needle):
     assert not run_dir.exists(), "bad input must fail before anything starts"
 
 
-def test_busy_run_dir_exits_2():
-    run_dir = Path(tempfile.mkdtemp(prefix="iwmt", dir="/tmp")) / "run"
+def test_busy_run_dir_exits_2(tmp_path):
+    run_dir = tmp_path / "run"
     with RunDir(run_dir) as held:
         held.write_manifest({"note": "held by the test"})
         out = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--run-dir",

@@ -29,15 +29,12 @@ running. Timestamps are ``iwm_bus.ring.clock_ns`` (CLOCK_MONOTONIC), as the ring
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from collections.abc import Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any, NoReturn
 
 import numpy as np
@@ -50,6 +47,7 @@ from iwm_bus.errors import RingError, WireError
 from iwm_bus.ring import FrameRing, clock_ns
 from iwm_bus.transport import Endpoints, Publisher, Subscriber
 from iwm_bus.wire import make_action
+from workers.entry import StopFlag, stop_on_signals
 from workers.sources import Source, SourceError, SourceFrame, check_spec, open_source
 
 __all__ = ["CaptureConfig", "capture_entry", "probe_source", "run_capture"]
@@ -160,8 +158,8 @@ def run_capture(cfg: CaptureConfig, endpoints: Endpoints, ring_name: str) -> int
 
     Spawn-safe (top level, picklable arguments). The ring is unlinked on every path.
     """
-    stop = _StopFlag()
-    with _stop_on_signals(stop):
+    stop = StopFlag()
+    with stop_on_signals(stop, "capture"):
         try:
             source = open_source(cfg.source, seed=cfg.seed, loop=cfg.loop, **cfg.options)
         except (ValueError, SourceError) as e:
@@ -178,7 +176,7 @@ def run_capture(cfg: CaptureConfig, endpoints: Endpoints, ring_name: str) -> int
 
 
 def _run_source(cfg: CaptureConfig, endpoints: Endpoints, ring_name: str, source: Source,
-                stop: _StopFlag) -> int:
+                stop: StopFlag) -> int:
     first = source.reset()
     problem = _fit_problem(first.pixels, cfg.ring, cfg.source)
     if problem:
@@ -215,38 +213,6 @@ def _fit_problem(pixels: np.ndarray, ring: RingConfig, spec: str) -> str | None:
     return None
 
 
-# ---------------------------------------------------------------- signals
-
-
-class _StopFlag:
-    """Set by SIGTERM/SIGINT. The handler only stores the signal number (no locks, no
-    logging: it may interrupt code that holds the logger's lock)."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-    def __bool__(self) -> bool:
-        return self.signum is not None
-
-
-@contextmanager
-def _stop_on_signals(stop: _StopFlag) -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        logger.warning("capture: not in the main thread; SIGTERM/SIGINT will not stop it")
-        yield
-        return
-
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        stop.signum = signum
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
 # ---------------------------------------------------------------- the loop
 
 
@@ -254,7 +220,7 @@ class _CaptureLoop:
     """Sockets, counters and the per-frame loop of one capture run (the ring is the caller's)."""
 
     def __init__(self, cfg: CaptureConfig, endpoints: Endpoints, ring: FrameRing,
-                 source: Source, stop: _StopFlag) -> None:
+                 source: Source, stop: StopFlag) -> None:
         self.cfg, self.endpoints, self.ring, self.source, self.stop = (
             cfg, endpoints, ring, source, stop)
         self.lossless = cfg.mode == "lossless"

@@ -24,14 +24,11 @@ drain what is queued, close the file (index, closing statistics), exit 0. Exit c
 from __future__ import annotations
 
 import queue
-import signal
 import threading
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import zmq
@@ -42,6 +39,7 @@ from iwm_bus.errors import RingError, SessionError
 from iwm_bus.ring import FrameRing
 from iwm_bus.session import FRAME_ENCODINGS, SessionOptions, SessionWriter
 from iwm_bus.transport import Endpoints, Subscriber
+from workers.entry import StopFlag, stop_on_signals
 
 __all__ = ["RecorderConfig", "Recorder", "run_recorder"]
 
@@ -338,37 +336,10 @@ class Recorder:
 # ---------------------------------------------------------------- process entry
 
 
-class _StopFlag:
-    """Set by SIGTERM/SIGINT (the handler only stores the number)."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-    def __bool__(self) -> bool:
-        return self.signum is not None
-
-
-@contextmanager
-def _stop_on_signals(stop: _StopFlag) -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        stop.signum = signum
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
 def run_recorder(cfg: RecorderConfig, endpoints: Endpoints, ring_name: str) -> int:
     """Process entry (spawn-safe): record until SIGTERM/SIGINT; returns the exit code."""
-    stop = _StopFlag()
-    with _stop_on_signals(stop):
+    stop = StopFlag()
+    with stop_on_signals(stop, "recorder"):
         try:
             recorder = Recorder(cfg, endpoints, ring_name)
         except (OSError, ValueError, SessionError) as e:
