@@ -38,6 +38,8 @@ from iwm_bus.transport import Endpoints, Subscriber
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 #: seconds between restarts of a dying worker: doubles up to this cap
 MAX_BACKOFF_S = 10.0
+#: worker exit codes that a restart cannot fix (workers/encoder.py run_worker)
+PERMANENT_EXIT_CODES = {2: "its model could not be loaded", 3: "its sockets could not be bound"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -238,6 +240,12 @@ class Launcher:
             return True
         if child.proc.exitcode is None:  # being restarted
             return True
+        if self.stopping:  # children exit on the same Ctrl-C: nothing to restart
+            return True
+        if child.restart and child.proc.exitcode in PERMANENT_EXIT_CODES:
+            logger.error("{} cannot run ({}): not restarting it", child.name,
+                         PERMANENT_EXIT_CODES[child.proc.exitcode])
+            return False
         if not child.restart:
             if child.name == "agent":
                 logger.warning("demo agent exited (code {})", child.proc.exitcode)

@@ -57,6 +57,8 @@ class RunDir:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
+        # a manifest left by a killed sidecar must not be read as this one's
+        self.manifest_path.unlink(missing_ok=True)
         return self
 
     def write_manifest(self, info: dict[str, Any]) -> None:

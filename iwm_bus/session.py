@@ -14,7 +14,7 @@ closed cleanly). Channels (MCAP topics), every payload a msgpack map (``message_
 ``iwm.latent``, ``iwm.surprise``, ``iwm.mrr`` (``.suffix`` too), ``iwm.stats``
     the wire payloads the worker published (optional).
 
-Every message's MCAP ``log_time`` is its capture time (``t_capture_ns``, CLOCK_MONOTONIC;
+Every message's MCAP ``log_time`` is its capture time (``t_capture_ns``, wall clock;
 ``t_ns`` for actions), so events line up with the frames they describe; ``publish_time`` is
 the time it was written. Metadata record ``iwm_bus.session`` holds the format version, the
 software version, the creation time, the frame encoding and the caller's ``metadata`` (resolved
@@ -312,7 +312,7 @@ class SessionWriter:
         head = {"format": "iwm-bus-session", "format_version": FORMAT_VERSION,
                 "software_version": __version__,
                 "created_utc": datetime.fromtimestamp(now, timezone.utc).isoformat(),
-                "created_unix_ns": time.time_ns(), "clock": "CLOCK_MONOTONIC",
+                "created_unix_ns": time.time_ns(), "clock": "wall (time.time_ns)",
                 "frame_encoding": self.options.frame_encoding,
                 "options": asdict(self.options)}
         clash = set(head) & set(user)
@@ -343,7 +343,7 @@ class SessionWriter:
             raise ValueError(f"log time must be a non-negative int (ns), got {log_time!r}")
         cid = self._channel(topic, kind)
         self._mcap.add_message(cid, log_time=log_time, data=payload,
-                               publish_time=time.monotonic_ns(), sequence=seq & 0xFFFFFFFF)
+                               publish_time=time.time_ns(), sequence=seq & 0xFFFFFFFF)
         self.messages_written += 1
         self._pending += len(payload) + 31
         if self._chunk_opened is None:

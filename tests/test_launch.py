@@ -235,3 +235,20 @@ def test_real_game_through_the_whole_pipe():
         assert all(m["action"] is not None and "action_id" in m["action"]
                    for m in surprise[1:])
         _assert_clean(sc)
+
+
+def test_lossless_resumes_after_the_worker_is_killed():
+    """Capture blocks on credits while the worker is down; the restarted worker gets the oldest
+    unprocessed notice again and the run completes with every frame published."""
+    n = 40
+    with Sidecar("--source", "synthetic:64x64", "--mode", "lossless", "--frames", str(n),
+                 "--fps", "20", *TINY) as sc:
+        msgs = sc.collect(lambda m: sum(x["kind"] == "latent" for x in m) >= 5, timeout=120)
+        os.kill(sc.manifest()["pids"]["worker"], signal.SIGKILL)
+        msgs += sc.collect(lambda m: any(x["kind"] == "latent" and x["seq"] == n - 1
+                                         for x in m), timeout=120)
+        assert sc.wait(60) == 0, sc.output()
+        latents = {m["seq"] for m in msgs if m["kind"] == "latent"}
+        assert latents == set(range(n)), sorted(set(range(n)) - latents)
+        assert "re-sending the notice" in sc.output()
+        _assert_clean(sc)

@@ -24,7 +24,7 @@ at the end waits up to ``drain_timeout_s`` for the last frame to be processed.
 Exit codes (``run_capture`` returns them, ``capture_entry`` exits with them): 0 after the end
 of the source / ``frames`` / ``duration`` or on SIGTERM/SIGINT; 2 when nothing could start
 (bad spec, frame larger than the ring, ring name taken, endpoint in use); 1 on a failure while
-running. Timestamps are ``iwm_bus.ring.clock_ns`` (CLOCK_MONOTONIC), as the ring uses.
+running. Timestamps are ``iwm_bus.ring.clock_ns`` (the wall clock), as the ring uses.
 """
 
 from __future__ import annotations
@@ -60,6 +60,9 @@ WAIT_LOG_INTERVAL_S = 5.0
 MAX_ACTIONS_PER_FRAME = 1000
 #: recorded pacing re-anchors when it falls further behind than this (no catch-up burst)
 MAX_LAG_S = 1.0
+#: lossless: a worker reporting no notice this long after capture stopped sending them (credit
+#: wait) is a fresh one that needs the oldest unprocessed notice again
+FRESH_GRACE_NS = 300_000_000
 #: at shutdown the PUB socket gets this long to deliver queued notices
 FLUSH_LINGER_MS = 500
 
@@ -235,6 +238,10 @@ class _CaptureLoop:
             stack.pop_all()
         self.seq = -1
         self.frames = 0
+        # lossless: the notices of the frames still in the ring, to re-send to a fresh worker
+        self._recent: dict[int, dict[str, Any]] = {}
+        self._fresh_worker_t: int | None = None  # when a worker said it had seen no notice
+        self._blocked_t = 0  # when the current credit wait began (clock_ns)
         # latest agent action map and its t_ns (None until an agent speaks)
         self.action: dict[str, Any] | None = None
         self.action_t_ns: int | None = None
@@ -326,10 +333,14 @@ class _CaptureLoop:
                 "seq": self.replayed_actions - 1, "t_ns": t_action,
                 "frame_seq": seq - 1 if seq > 0 else None, "source": "replay",
                 "vector": frame.action.get("vector"), "action_id": frame.action.get("action_id")})
-        self.pub.send(topics.FRAME, {
+        notice = {
             "seq": seq, "slot": self.ring.slot_of(seq), "t_capture_ns": t_capture,
             "height": height, "width": width, "channels": channels, "action": frame.action,
-            "source": self.cfg.source})
+            "source": self.cfg.source}
+        self.pub.send(topics.FRAME, notice)
+        if self.lossless:
+            self._recent[seq] = notice
+            self._recent.pop(seq - self.ring.slots, None)
         if self._due is None:
             self._due = time.monotonic()
         if frame.t_recorded_ns is not None and self._anchor is None:
@@ -404,7 +415,24 @@ class _CaptureLoop:
             if topics.base_topic(topic) == topics.SURPRISE:
                 variant = msg.get("variant") or topic
                 self.processed[variant] = max(self.processed.get(variant, -1), msg["seq"])
+            elif msg["values"].get("notices") == 0:  # a worker that has seen no notice yet
+                self._fresh_worker_t = msg["t_ns"]
+            else:
+                self._fresh_worker_t = None
             got = self.worker.recv(timeout_ms=0)
+
+    def _resend_to_fresh_worker(self) -> None:
+        """While capture waits for credits it sends no notices, and a worker that has seen
+        none (restarted after a crash) would wait for one forever: re-send the oldest
+        unprocessed notice; the worker takes the rest from the ring."""
+        # only a worker that still had seen no notice well after we stopped sending them
+        if self._fresh_worker_t is None or self._fresh_worker_t < self._blocked_t + FRESH_GRACE_NS:
+            return
+        self._fresh_worker_t = None
+        seq = self._processed_seq() + 1
+        if seq in self._recent:
+            logger.info("capture: lossless: a fresh worker; re-sending the notice of seq {}", seq)
+            self.pub.send(topics.FRAME, self._recent[seq])
 
     def _wait_for_worker(self) -> bool:
         """Lossless start: block until the worker publishes anything; False when stopped."""
@@ -430,12 +458,14 @@ class _CaptureLoop:
         if self.seq - self._processed_seq() < window:
             return True
         started = time.monotonic()
+        self._blocked_t = clock_ns()
         next_log = started + WAIT_LOG_INTERVAL_S
         try:
             while self.seq - self._processed_seq() >= window:
                 if self.stop:
                     return False
                 self._poll_worker(50)
+                self._resend_to_fresh_worker()
                 self._maybe_stats()
                 if time.monotonic() >= next_log:
                     next_log += WAIT_LOG_INTERVAL_S
@@ -448,6 +478,7 @@ class _CaptureLoop:
     def _drain_worker(self) -> None:
         """Lossless end: wait (bounded) until the worker has processed the last frame."""
         deadline = time.monotonic() + self.cfg.drain_timeout_s
+        self._blocked_t = clock_ns()
         while self._processed_seq() < self.seq and not self.stop:
             if time.monotonic() >= deadline:
                 logger.warning("capture: lossless: worker processed up to seq {} of {} within "
@@ -455,6 +486,7 @@ class _CaptureLoop:
                                self.cfg.drain_timeout_s)
                 return
             self._poll_worker(50)
+            self._resend_to_fresh_worker()
             self._maybe_stats()
 
     # ------------------------------------------------------------ stats

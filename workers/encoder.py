@@ -44,12 +44,16 @@ from iwm_bus.model import IWM, create_iwm_model, load_iwm, pad_cond
 from iwm_bus.ring import FrameRing, clock_ns
 from iwm_bus.transport import Endpoints, Publisher, Subscriber
 from iwm_bus.wire import make_action
+from workers.rpc_server import DEFAULT_BUDGET as DEFAULT_RPC_BUDGET
 from workers.rpc_server import ModelService, RPCServer, Throttle
 
 #: torch seed of the worker process (untrained models are built with it too)
 SEED = 0
 #: rollout horizons whose MRR is measured (rollout RPC: mrr_seq[k] is horizon k + 1)
 HORIZON = 5
+#: realtime: a frame more than this many frames after the last processed one gets no
+#: surprise (nil); closer ones are predicted through the skipped frames
+MAX_GAP = 8
 #: the horizon MRR is measured every this many processed frames
 HORIZON_EVERY = 8
 #: running MRR (per frame and per horizon) is the mean of the last this many values
@@ -420,6 +424,7 @@ class EncoderWorker:
         self._notices: dict[int, tuple[int, dict[str, Any] | None]] = {}
         self._cursor: int | None = None  # next seq not yet processed, skipped or dropped
         self._last_notice: int | None = None
+        self._last_notice_t = 0  # its t_capture_ns
         self._prev: tuple[int, np.ndarray] | None = None  # (seq, z_cls) last processed
         self._stop = threading.Event()
         self._t_start = time.monotonic()
@@ -495,7 +500,8 @@ class EncoderWorker:
         if self._frames_sub.sock in events:
             self._drain(self._frames_sub, self._on_frame)
         if self._rpc.sock in events:
-            self._rpc.handle_pending()
+            # frames first: while one waits, answer one request per turn (bounded latency)
+            self._rpc.handle_pending(1 if self._has_work() else DEFAULT_RPC_BUDGET)
 
     @staticmethod
     def _drain(sub: Subscriber, handle: Callable[[dict[str, Any]], None]) -> None:
@@ -523,11 +529,21 @@ class EncoderWorker:
     def _on_frame(self, msg: dict[str, Any]) -> None:
         seq = msg["seq"]
         self.stats.notice()
-        if self._last_notice is not None and seq < self._last_notice:
+        t_capture = msg["t_capture_ns"]
+        if self._last_notice is None or seq >= self._last_notice:
+            self._last_notice, self._last_notice_t = seq, t_capture
+        elif t_capture > self._last_notice_t:  # seq went back but time did not: new capture
             self._restart_stream(seq)
-        self._last_notice = seq
+            self._last_notice, self._last_notice_t = seq, t_capture
+        # else: an older frame's notice re-sent by a lossless capture to a fresh worker; it is
+        # kept below while that frame is still to be processed
         if self._cursor is None:
-            self._cursor = seq  # lossless starts here; realtime never goes below it
+            # realtime never goes below the first notice. Lossless: the first worker starts
+            # at the stream's beginning (a notice sent before its subscription was connected
+            # is not lost, the frame is still in the ring); a restarted one where the capture
+            # re-sends, the oldest frame its predecessor did not publish
+            first = self.cfg.mode == "lossless" and not self.restarts
+            self._cursor = 0 if first else seq
         if seq >= self._cursor:
             self._notices[seq] = (msg["t_capture_ns"], msg.get("action"))
             while len(self._notices) > NOTICE_KEEP:
@@ -608,9 +624,9 @@ class EncoderWorker:
         z = z_t[0].cpu().numpy()  # (D,)
         bank = self.bank.array()  # (k, D): the k most recent other latents
         surprise = rr = pred_seq = None
-        if self._prev is not None:
+        if self._prev is not None and seq - self._prev[0] <= MAX_GAP:
             pred_seq, z_prev = self._prev
-            pred = self._predict(z_prev, action)  # (D,)
+            pred = self._predict(z_prev, action, seq - pred_seq)  # (D,)
             surprise = float(metrics.surprise(pred, z))
             rr = metrics.reciprocal_rank(pred, z, bank)
             self.mrr.update(rr)
@@ -622,10 +638,18 @@ class EncoderWorker:
         self.bank.add(z)
         self._prev = (seq, z)
 
-    def _predict(self, z_prev: np.ndarray, action: Action) -> np.ndarray:
+    def _predict(self, z_prev: np.ndarray, action: Action, steps: int) -> np.ndarray:
+        """The latent ``steps`` frames after ``z_prev`` (skipped frames in realtime mode are
+        predicted through, with the current action held), CLS only."""
         ids = np.array([action.action_id]) if self.model.config.num_actions else None
-        pred = self.model.predict(z_prev[None], cond=action.cond[None], action_id=ids)
-        return pred.z_cls[0].cpu().numpy()
+        if steps == 1:
+            pred = self.model.predict(z_prev[None], cond=action.cond[None], action_id=ids)
+            return pred.z_cls[0].cpu().numpy()
+        roll = self.model.rollout(z_prev[None], cond_seq=np.repeat(action.cond[None, None],
+                                                                    steps, axis=1),
+                                  action_seq=None if ids is None else np.repeat(ids[None],
+                                                                               steps, axis=1))
+        return roll.z_cls_seq[0, -1].cpu().numpy()
 
     def _publish(self, seq: int, t_capture: int, z: np.ndarray, patches: np.ndarray | None,
                  surprise: float | None, pred_seq: int | None, action: Action,
