@@ -129,7 +129,8 @@ class RunningMean:
             raise ValueError(f"window must be None or >= 1, got {window!r}")
         self.window = window
         self.count = 0  # values seen in total
-        self._total = 0.0
+        self._total = 0.0  # sum of all values (window None) or of the window's values
+        self._since_exact = 0  # updates since the windowed sum was last recomputed exactly
         self._recent: deque[float] = deque(maxlen=window)
 
     def update(self, x: Any) -> float:
@@ -139,18 +140,24 @@ class RunningMean:
         self.count += vals.size
         if self.window is None:
             self._total += math.fsum(vals.tolist())
-        else:
-            self._recent.extend(vals.tolist())
+            return self.value
+        for v in vals.tolist():  # O(1) per value: add the new one, subtract the evicted one
+            if len(self._recent) == self.window:
+                self._total -= self._recent[0]
+            self._recent.append(v)
+            self._total += v
+        self._since_exact += vals.size
+        if self._since_exact >= self.window:  # bound the rounding drift of the running sum
+            self._total, self._since_exact = math.fsum(self._recent), 0
         return self.value
 
     @property
     def value(self) -> float:
-        if self.window is None:
-            return self._total / self.count if self.count else math.nan
-        return math.fsum(self._recent) / len(self._recent) if self._recent else math.nan
+        n = self.count if self.window is None else len(self._recent)
+        return self._total / n if n else math.nan
 
     def reset(self) -> None:
-        self.count, self._total = 0, 0.0
+        self.count, self._total, self._since_exact = 0, 0.0, 0
         self._recent.clear()
 
     def __repr__(self) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import signal
 import sys
 import threading
 import time
@@ -44,6 +43,7 @@ from iwm_bus.model import IWM, create_iwm_model, load_iwm, pad_cond
 from iwm_bus.ring import FrameRing, clock_ns
 from iwm_bus.transport import Endpoints, Publisher, Subscriber
 from iwm_bus.wire import make_action
+from workers.entry import StopFlag, stop_on_signals
 from workers.rpc_server import DEFAULT_BUDGET as DEFAULT_RPC_BUDGET
 from workers.rpc_server import ModelService, RPCServer, Throttle
 
@@ -477,9 +477,10 @@ class EncoderWorker:
 
     # -- main loop
 
-    def serve(self, stop: threading.Event | None = None, max_frames: int | None = None) -> None:
+    def serve(self, stop: threading.Event | StopFlag | None = None,
+              max_frames: int | None = None) -> None:
         """Run until ``stop`` is set (or ``max_frames`` frames were processed)."""
-        stop = stop or self._stop
+        stop = stop if stop is not None else self._stop
         first = self.stats.frames
         if stop.wait(SETTLE_S):
             return
@@ -750,11 +751,13 @@ def run_worker(cfg: WorkerConfig, endpoints: Endpoints, ring_name: str, *,
     0 clean stop; 1 crashed (logged); 2 model could not be loaded (nothing was bound);
     3 a socket could not be bound.
     """
-    stop = threading.Event()
-    previous: dict[int, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    stop = StopFlag()  # set by the signal handler without taking a lock
+    with stop_on_signals(stop, "encoder worker"):
+        return _run_worker(cfg, endpoints, ring_name, restarts, stop)
+
+
+def _run_worker(cfg: WorkerConfig, endpoints: Endpoints, ring_name: str, restarts: int,
+                stop: StopFlag) -> int:
     try:
         try:
             model = load_model(cfg)
@@ -775,9 +778,6 @@ def run_worker(cfg: WorkerConfig, endpoints: Endpoints, ring_name: str, *,
     except Exception:
         logger.exception("encoder worker crashed")
         return 1
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> int:

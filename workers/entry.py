@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -34,6 +35,19 @@ class StopFlag:
         self.signum: int | None = None
 
     def __bool__(self) -> bool:
+        return self.signum is not None
+
+    # the part of threading.Event's interface that loops use, without its lock
+    def is_set(self) -> bool:
+        return self.signum is not None
+
+    def set(self) -> None:
+        self.signum = 0
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.signum is None and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, 0.01))
         return self.signum is not None
 
 
