@@ -1,7 +1,8 @@
 """The IWM world model: a timm ViT encoder and an action-conditioned transformer predictor.
 
-This is the only module of ``iwm_bus`` that imports torch and timm; ``import iwm_bus`` stays
-torch-free. The pieces:
+This module and its helpers :mod:`iwm_bus.checkpoint` and :mod:`iwm_bus.cuda_graphs` are the
+only ones of ``iwm_bus`` that import torch and timm; ``import iwm_bus`` stays torch-free.
+The pieces:
 
 - :class:`IWMConfig` - one validated dataclass; it travels inside every checkpoint.
 - :class:`IWM` - ``encode(frames) -> (z_cls, patches)``, ``predict(z_cls, patches, cond,
@@ -12,7 +13,8 @@ torch-free. The pieces:
 - :func:`create_iwm_model` - the seed's variants: ``core`` (8 predictor layers), ``invariant``
   (4), ``equivariant`` (16); ``custom`` takes everything from overrides.
 - :func:`save_checkpoint` / :func:`load_iwm` - config + weights + format version in a
-  ``torch.save`` zip of plain tensors and containers, read back with ``weights_only=True``.
+  ``torch.save`` zip of plain tensors and containers, read back with ``weights_only=True``
+  (defined in :mod:`iwm_bus.checkpoint`, re-exported here).
 
 Uncertainty. The predictor ends in ``ensemble`` linear heads on a shared trunk. The
 uncertainty of a prediction is the spread of the heads, measured in the same units as
@@ -29,13 +31,9 @@ import contextlib
 import copy
 import dataclasses
 import math
-import os
-import pickle
-import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -45,7 +43,14 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from iwm_bus.errors import CheckpointError
+from iwm_bus.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    load_checkpoint,
+    load_iwm,
+    save_checkpoint,
+)
+from iwm_bus.cuda_graphs import GraphCache as _GraphCache
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -73,9 +78,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Predictor depth of each named variant (seed guide, "Model Variants").
 VARIANT_DEPTHS = {"core": 8, "invariant": 4, "equivariant": 16}
 VARIANTS = (*VARIANT_DEPTHS, "custom")
-
-CHECKPOINT_FORMAT = "iwm-bus/checkpoint"
-CHECKPOINT_VERSION = 1
 
 ArrayLike = Tensor | np.ndarray
 
@@ -347,57 +349,6 @@ def ensemble_spread(heads: Tensor) -> Tensor:
     ln = F.layer_norm(heads.float(), heads.shape[-1:], eps=1e-6)  # (E, B, T, D)
     dev = ln - ln.mean(0, keepdim=True)  # (E, B, T, D)
     return dev.square().mean(dim=(0, 2, 3)).sqrt()  # (B,)
-
-
-# ----------------------------------------------------------------------------- CUDA graphs
-
-
-class _GraphCache:
-    """CUDA graphs of ``fn``, one per input signature, least recently used evicted.
-
-    At batch 1 a ViT forward is bound by kernel launches; replaying a captured graph removes
-    that cost. ``fn`` takes tensors (or None) on one CUDA device and returns a tuple of
-    tensors (or None). Inputs are copied into static buffers, outputs cloned after replay,
-    so results never alias a later call's.
-    """
-
-    def __init__(self, fn: Any, max_graphs: int = 8) -> None:
-        self.fn, self.max_graphs = fn, max_graphs
-        self.graphs: dict[tuple, tuple[Any, tuple, tuple]] = {}
-
-    def __call__(self, device: torch.device, *args: Tensor | None) -> tuple:
-        key = tuple(None if a is None else (tuple(a.shape), a.dtype) for a in args)
-        entry = self.graphs.pop(key, None) or self._capture(device, args)
-        self.graphs[key] = entry  # most recently used last
-        while len(self.graphs) > self.max_graphs:
-            self.graphs.pop(next(iter(self.graphs)))
-        graph, static_in, static_out = entry
-        for buf, a in zip(static_in, args, strict=True):
-            if buf is not None:
-                buf.copy_(a, non_blocking=True)
-        graph.replay()
-        return tuple(None if o is None else o.clone() for o in static_out)
-
-    def _capture(self, device: torch.device, args: tuple) -> tuple[Any, tuple, tuple]:
-        static_in = tuple(None if a is None else torch.empty(a.shape, dtype=a.dtype, device=device)
-                          for a in args)
-        for buf, a in zip(static_in, args, strict=True):
-            if buf is not None:
-                buf.copy_(a)
-        with torch.cuda.device(device):
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up: cuBLAS/cuDNN handles and algorithms
-                for _ in range(2):
-                    self.fn(*static_in)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                static_out = self.fn(*static_in)
-        return graph, static_in, static_out
-
-    def clear(self) -> None:
-        self.graphs.clear()
 
 
 # ----------------------------------------------------------------------------- model
@@ -718,131 +669,4 @@ def create_iwm_model(variant: str = "core", *, device: str | torch.device = "cpu
         if seed is not None:
             torch.manual_seed(seed)
         model = IWM(cfg, compile=compile, amp=amp, cuda_graphs=cuda_graphs)
-    return model.to(device).eval()
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _check_plain(obj: Any, where: str) -> None:
-    """Raise TypeError unless obj is made of tensors and plain containers/scalars."""
-    if obj is None or isinstance(obj, bool | int | float | str | Tensor):
-        return
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            if not isinstance(k, str | int):
-                raise TypeError(f"{where}: key {k!r} is not a str or int")
-            _check_plain(v, f"{where}[{k!r}]")
-        return
-    if isinstance(obj, list | tuple):
-        for i, v in enumerate(obj):
-            _check_plain(v, f"{where}[{i}]")
-        return
-    raise TypeError(f"{where} is a {type(obj).__name__}; checkpoints hold only tensors, "
-                    "numbers, strings and lists/dicts of them")
-
-
-def save_checkpoint(model: IWM, path: str | os.PathLike, **extra: Any) -> None:
-    """Write config + weights (+ target encoder if built) + ``extra`` to ``path`` atomically.
-
-    ``extra`` (step, optimizer state, ...) must be plain tensors/numbers/strings/containers,
-    so that :func:`load_checkpoint` can read it back with ``weights_only=True``.
-    """
-    _check_plain(extra, "extra")
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-               "config": model.config.to_dict(), "state_dict": state, "extra": extra,
-               "torch_version": str(torch.__version__)}
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{path}: checkpoint file not found") from e
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path}: refused: the file holds pickled Python objects, not only tensors and "
-            "plain containers (weights_only=True); it may be malicious or from another tool. "
-            "Re-save it with iwm_bus.model.save_checkpoint from a trusted copy.") from e
-    except (EOFError, RuntimeError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({e}); "
-                              "re-copy or re-save it") from e
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and validate a checkpoint's payload (CPU tensors) without building a model.
-
-    Returns ``{"format", "version", "config", "state_dict", "extra", ...}``; raises
-    :class:`CheckpointError` naming the file and the problem.
-    """
-    path = Path(path)
-    payload = _torch_load(path)
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not an iwm-bus checkpoint (no format "
-                              f"{CHECKPOINT_FORMAT!r}); write one with save_checkpoint")
-    if payload.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {payload.get('version')!r}, "
-                              f"this code reads version {CHECKPOINT_VERSION}")
-    for key, kind in [("config", dict), ("state_dict", dict), ("extra", dict)]:
-        if not isinstance(payload.get(key), kind):
-            raise CheckpointError(f"{path}: checkpoint field {key!r} is missing or not a {kind.__name__}")
-    return payload
-
-
-def _split_target(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    main = {k: v for k, v in state.items() if not k.startswith("target_encoder.")}
-    target = {k[len("target_encoder."):]: v for k, v in state.items()
-              if k.startswith("target_encoder.")}
-    return main, target
-
-
-def _mismatch(model: nn.Module, state: Mapping[str, Tensor]) -> Iterator[str]:
-    own = model.state_dict()
-    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-    if missing:
-        yield f"missing weights {missing[:5]}{' ...' if len(missing) > 5 else ''}"
-    if unexpected:
-        yield f"unexpected weights {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
-    for k in sorted(own.keys() & state.keys()):
-        if own[k].shape != state[k].shape:
-            yield f"{k} has shape {tuple(state[k].shape)}, config gives {tuple(own[k].shape)}"
-
-
-def load_iwm(path: str | os.PathLike, device: str | torch.device = "cpu", *,
-             variant: str | None = None, with_target: bool = False,
-             compile: bool = False, amp: bool = True, cuda_graphs: bool = True) -> IWM:
-    """Load a checkpoint into an IWM in eval mode on ``device``; never unpickles code.
-
-    ``variant``: if given, the checkpoint's variant must match. ``with_target``: also load
-    (or, if the file has none, initialise from the encoder) the EMA target encoder.
-    Any problem raises :class:`CheckpointError` naming the file and what is wrong.
-    """
-    path = Path(path)
-    payload = load_checkpoint(path)
-    try:
-        cfg = IWMConfig.from_dict(payload["config"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: invalid config in checkpoint: {e}") from e
-    if variant is not None and cfg.variant != variant:
-        raise CheckpointError(f"{path}: checkpoint is variant {cfg.variant!r}, "
-                              f"expected {variant!r}")
-    main, target = _split_target(payload["state_dict"])
-    model = IWM(cfg, compile=compile, amp=amp, cuda_graphs=cuda_graphs)
-    problems = list(_mismatch(model, main))
-    if with_target and target:
-        problems += [f"target_encoder: {m}" for m in _mismatch(model.encoder, target)]
-    if problems:
-        raise CheckpointError(f"{path}: weights do not match the checkpoint's config: "
-                              + "; ".join(problems))
-    model.load_state_dict(main, strict=True)
-    if with_target:  # a copy of the loaded encoder, then the saved target if there is one
-        model.init_target_encoder().load_state_dict(target or model.encoder.state_dict())
     return model.to(device).eval()

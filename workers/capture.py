@@ -63,6 +63,8 @@ MAX_LAG_S = 1.0
 #: lossless: a worker reporting no notice this long after capture stopped sending them (credit
 #: wait) is a fresh one that needs the oldest unprocessed notice again
 FRESH_GRACE_NS = 300_000_000
+#: lossless: after binding, wait at least this long before the first frame (slow joiners)
+SUBSCRIBER_SETTLE_S = 0.3
 #: at shutdown the PUB socket gets this long to deliver queued notices
 FLUSH_LINGER_MS = 500
 
@@ -232,6 +234,7 @@ class _CaptureLoop:
         with ExitStack() as stack:
             stack.callback(self._ctx.destroy, linger=0)
             self.pub = Publisher(endpoints.capture, ctx=self._ctx)
+            self._bound_at = time.monotonic()
             self.agent = Subscriber([endpoints.agent], [topics.ACTION], ctx=self._ctx)
             self.worker = (Subscriber([endpoints.worker], [topics.SURPRISE, topics.STATS],
                                       ctx=self._ctx) if self.lossless else None)
@@ -439,10 +442,13 @@ class _CaptureLoop:
         logger.info("capture: lossless: waiting for the worker on {}", self.endpoints.worker)
         started = time.monotonic()
         next_log = started + WAIT_LOG_INTERVAL_S
-        while not self.worker_seen:
+        # subscribers that connected before we bound (worker, recorder) re-connect within
+        # their reconnect interval: give them a moment so the first notices reach them
+        settled = self._bound_at + SUBSCRIBER_SETTLE_S
+        while not self.worker_seen or time.monotonic() < settled:
             if self.stop:
                 return False
-            self._poll_worker(100)
+            self._poll_worker(20 if self.worker_seen else 100)
             self._maybe_stats()
             if time.monotonic() >= next_log:
                 next_log += WAIT_LOG_INTERVAL_S

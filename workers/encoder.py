@@ -25,9 +25,7 @@ import os
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -38,32 +36,30 @@ from loguru import logger
 
 from iwm_bus import __version__, metrics, topics
 from iwm_bus.config import BusConfig, WorkerConfig
-from iwm_bus.errors import CheckpointError, RingError
-from iwm_bus.model import IWM, create_iwm_model, load_iwm, pad_cond
-from iwm_bus.ring import FrameRing, clock_ns
+from iwm_bus.errors import CheckpointError
+from iwm_bus.model import IWM, create_iwm_model, load_iwm
+from iwm_bus.ring import clock_ns
 from iwm_bus.transport import Endpoints, Publisher, Subscriber
-from iwm_bus.wire import make_action
 from workers.entry import StopFlag, stop_on_signals
 from workers.rpc_server import DEFAULT_BUDGET as DEFAULT_RPC_BUDGET
 from workers.rpc_server import ModelService, RPCServer, Throttle
+from workers.stream import (
+    MRR_WINDOW,
+    Action,
+    ActionBook,
+    FrameReader,
+    HorizonMRR,
+    LatentBank,
+    StreamStats,
+)
 
 #: torch seed of the worker process (untrained models are built with it too)
 SEED = 0
-#: rollout horizons whose MRR is measured (rollout RPC: mrr_seq[k] is horizon k + 1)
-HORIZON = 5
 #: realtime: a frame more than this many frames after the last processed one gets no
 #: surprise (nil); closer ones are predicted through the skipped frames
 MAX_GAP = 8
-#: the horizon MRR is measured every this many processed frames
-HORIZON_EVERY = 8
-#: running MRR (per frame and per horizon) is the mean of the last this many values
-MRR_WINDOW = 1000
 #: frame notices remembered (by seq) until their frame is processed
 NOTICE_KEEP = 4096
-#: agent.action messages remembered for "latest action before the capture time"
-ACTION_HISTORY = 256
-#: how long to keep trying to attach the ring after a notice names a frame in it
-ATTACH_TIMEOUT_S = 5.0
 #: pause after binding before the first iwm.stats, so subscriptions have propagated
 SETTLE_S = 0.2
 #: iwm.stats interval until the first frame notice (a late capture sees "ready" soon)
@@ -72,290 +68,10 @@ READY_INTERVAL_S = 0.25
 POLL_MS = 50
 #: realtime: how long to wait for the notice of a frame already in the ring (ms)
 NOTICE_WAIT_MS = 2
+#: lossless: how long to wait for a frame's notice (its action) before going on without it
+LOSSLESS_NOTICE_WAIT_MS = 250
 #: most messages taken from one socket per loop turn
 DRAIN_BUDGET = 1000
-
-
-# ----------------------------------------------------------------------------- actions
-
-
-@dataclass(frozen=True)
-class Action:
-    """An action as the predictor takes it, and as it is published with the surprise."""
-
-    # (cond_dim,) float32, the vector zero-padded (zeros when there is none)
-    cond: np.ndarray
-    # discrete action token, -1 = none
-    action_id: int = -1
-    # the action map published on iwm.surprise (None when no action was known)
-    wire: dict[str, Any] | None = None
-
-
-class ActionBook:
-    """Validates actions (from frame notices and ``agent.action``) and keeps recent ones.
-
-    A vector longer than ``cond_dim``, not 1-D, or not finite, or an action id outside
-    ``[-1, num_actions)`` is counted in ``bad`` and ignored. A model without discrete action
-    tokens (``num_actions == 0``) cannot use an id: it is dropped from the action (the vector
-    is still used) and counted in ``ids_ignored``.
-    """
-
-    def __init__(self, cond_dim: int, num_actions: int, log: Throttle) -> None:
-        self.cond_dim, self.num_actions, self._log = cond_dim, num_actions, log
-        self.none = Action(np.zeros(cond_dim, np.float32))
-        self._history: deque[tuple[int, Action]] = deque(maxlen=ACTION_HISTORY)
-        self.received = 0
-        self.bad = 0
-        self.ids_ignored = 0
-
-    def parse(self, vector: Any, action_id: Any, where: str) -> Action | None:
-        """The checked Action, or None (counted, logged) when it is bad."""
-        try:
-            cond, vec = self.none.cond, None
-            if vector is not None:
-                vec = np.asarray(vector)
-                if vec.dtype.kind not in "fiu" or vec.ndim != 1:
-                    raise ValueError(f"vector must be a 1-D numeric array, got dtype "
-                                     f"{vec.dtype} shape {vec.shape}")
-                cond = pad_cond(vec, self.cond_dim)  # raises when too long or not finite
-            aid = self._action_id(action_id)
-        except ValueError as e:
-            self.bad += 1
-            self._log.warning("bad-action", "ignored bad action from {} (#{}): {}", where,
-                              self.bad, e)
-            return None
-        if vec is None and aid < 0:
-            return self.none
-        return Action(cond, aid, make_action(vec, aid if aid >= 0 else None))
-
-    def _action_id(self, action_id: Any) -> int:
-        if action_id is None or action_id == -1:
-            return -1
-        if isinstance(action_id, bool) or not isinstance(action_id, int):
-            raise ValueError(f"action_id must be an int, got {action_id!r}")
-        if self.num_actions == 0:
-            self.ids_ignored += 1
-            if self.ids_ignored == 1:
-                logger.warning("the model has no discrete action tokens (num_actions=0): "
-                               "action ids are ignored, action vectors are used")
-            return -1
-        if not 0 <= action_id < self.num_actions:
-            raise ValueError(f"action_id {action_id} outside [-1, {self.num_actions - 1}]")
-        return action_id
-
-    def add(self, msg: dict[str, Any]) -> None:
-        """Remember a decoded ``agent.action`` message (when its action is valid)."""
-        action = self.parse(msg.get("vector"), msg.get("action_id"), topics.ACTION)
-        if action is not None:
-            self.received += 1
-            self._history.append((msg["t_ns"], action))
-
-    def at(self, t_ns: int) -> Action:
-        """The action with the latest ``t_ns <= t_ns`` received so far (none: no action)."""
-        best_t, best = -1, self.none
-        for t, action in self._history:
-            if best_t <= t <= t_ns:
-                best_t, best = t, action
-        return best
-
-
-# ----------------------------------------------------------------------------- latents
-
-
-class LatentBank:
-    """The ``size`` most recent latents (MRR candidates); order does not matter."""
-
-    def __init__(self, size: int, dim: int) -> None:
-        self._buf = np.zeros((size, dim), np.float32)  # (K, D)
-        self._n = 0
-        self._i = 0
-
-    def add(self, z: np.ndarray) -> None:
-        self._buf[self._i] = z
-        self._i = (self._i + 1) % len(self._buf)
-        self._n = min(self._n + 1, len(self._buf))
-
-    def array(self) -> np.ndarray:
-        """(k, D) view of the stored latents; valid until the next ``add``."""
-        return self._buf[: self._n]
-
-    def clear(self) -> None:
-        self._n = self._i = 0
-
-
-class HorizonMRR:
-    """Measured rollout confidence: the running MRR of h-step rollouts, h = 1..horizon.
-
-    Every ``every`` processed frames, for each h it rolls out from the latent h processed
-    frames back with the actions actually used since, and ranks the observed latent among
-    the bank by similarity to the rollout's prediction. All horizons run as one batched
-    rollout (row h is read at step h; later steps of a row are padding).
-    """
-
-    def __init__(self, horizon: int = HORIZON, every: int = HORIZON_EVERY,
-                 window: int = MRR_WINDOW) -> None:
-        self.horizon, self.every = horizon, every
-        self.means = [metrics.RunningMean(window) for _ in range(horizon)]
-        self._hist: deque[tuple[np.ndarray, Action]] = deque(maxlen=horizon + 1)
-        self._count = 0
-
-    def values(self) -> np.ndarray:
-        """(horizon,) float32 running means; NaN where not measured yet."""
-        return np.array([m.value for m in self.means], np.float32)
-
-    def observe(self, model: IWM, z: np.ndarray, action: Action, bank: np.ndarray) -> None:
-        """Record processed frame latent ``z`` reached with ``action``; measure when due."""
-        self._hist.append((z, action))
-        self._count += 1
-        hs = min(self.horizon, len(self._hist) - 1)
-        if self._count % self.every or hs < 1 or len(bank) == 0:
-            return
-        hist = list(self._hist)
-        starts = np.stack([hist[-1 - h][0] for h in range(1, hs + 1)])  # (hs, D)
-        cond = np.zeros((hs, hs, model.config.cond_dim), np.float32)  # (B, K, C)
-        ids = np.full((hs, hs), -1, np.int64)  # (B, K)
-        for h in range(1, hs + 1):
-            for j, (_, act) in enumerate(hist[len(hist) - h:]):
-                cond[h - 1, j], ids[h - 1, j] = act.cond, act.action_id
-        roll = model.rollout(starts, cond_seq=cond,
-                             action_seq=ids if model.config.num_actions else None)
-        preds = roll.z_cls_seq.float().cpu().numpy()  # (hs, hs, D)
-        for h in range(1, hs + 1):
-            rr = metrics.reciprocal_rank(preds[h - 1, h - 1], z, bank)
-            self.means[h - 1].update(rr)
-
-    def clear(self) -> None:
-        self._hist.clear()
-        self._count = 0
-
-
-# ----------------------------------------------------------------------------- frames
-
-
-class FrameReader:
-    """Lazily attached FrameRing plus a reusable host buffer (pinned on CUDA)."""
-
-    def __init__(self, name: str, device: torch.device) -> None:
-        self.name, self.device = name, device
-        self.ring: FrameRing | None = None
-        self.attach_failures = 0
-        self._deadline: float | None = None
-        self._next_try = 0.0
-        self._buf_np: np.ndarray | None = None
-        self._buf_t: torch.Tensor | None = None
-
-    def want(self) -> None:
-        """A notice named a frame: start (or keep) trying to attach."""
-        if self.ring is None and self._deadline is None:
-            self._deadline = time.monotonic() + ATTACH_TIMEOUT_S
-
-    def ensure(self) -> bool:
-        """True when the ring is attached; tries (at most every 20 ms) until the deadline."""
-        if self.ring is not None:
-            return True
-        now = time.monotonic()
-        if self._deadline is None or now < self._next_try:
-            return False
-        try:
-            self._attach()
-            return True
-        except RingError as e:
-            self._next_try = now + 0.02
-            if now >= self._deadline:
-                self.attach_failures += 1
-                self._deadline = None  # the next notice starts another attempt
-                logger.error("cannot attach frame ring {!r} after {} s: {}", self.name,
-                             ATTACH_TIMEOUT_S, e)
-        return False
-
-    def _attach(self) -> None:
-        ring = FrameRing.attach(self.name)
-        if self.device.type == "cuda":  # pinned staging: a true async H2D copy
-            self._buf_t = torch.empty(ring.slot_bytes, dtype=torch.uint8, pin_memory=True)
-            self._buf_np = self._buf_t.numpy()
-        else:
-            self._buf_t, self._buf_np = None, np.empty(ring.slot_bytes, np.uint8)
-        self.ring, self._deadline = ring, None
-        logger.info("attached frame ring {}", ring)
-
-    def read(self, seq: int) -> tuple[np.ndarray | torch.Tensor, int] | str:
-        """``(frame (H, W, 3), t_capture_ns)`` or why not: "dropped", "torn", "unavailable".
-
-        The frame is a view of the reusable buffer: use it before the next ``read``.
-        """
-        assert self.ring is not None and self._buf_np is not None
-        before = self.ring.stats
-        got = self.ring.read(seq, out=self._buf_np, with_meta=True)
-        if got is None:
-            after = self.ring.stats
-            if after.torn > before.torn:
-                return "torn"
-            return "dropped" if after.dropped > before.dropped else "unavailable"
-        arr, meta = got
-        frame: np.ndarray | torch.Tensor = arr
-        if self._buf_t is not None:
-            frame = self._buf_t[: arr.size].view(arr.shape)  # (H, W, C), pinned
-        return _rgb(frame), meta.t_capture_ns
-
-    def close(self) -> None:
-        if self.ring is not None:
-            ring, self.ring = self.ring, None
-            self._buf_np = self._buf_t = None
-            ring.close()
-
-
-def _rgb(frame: Any) -> Any:
-    """(H, W, C) with C in 1, 3, 4 -> (H, W, 3): grey repeated, alpha (RGBA) dropped."""
-    c = frame.shape[-1]
-    if c == 3:
-        return frame
-    if c == 4:
-        return frame[..., :3]
-    if c == 1:
-        return frame.expand(*frame.shape[:2], 3) if isinstance(frame, torch.Tensor) \
-            else np.repeat(frame, 3, axis=-1)
-    raise RingError(f"frames with {c} channels cannot be encoded (1, 3 or 4)")
-
-
-# ----------------------------------------------------------------------------- stats
-
-
-@dataclass
-class StreamStats:
-    """Counters of the frame stream plus the current stats window."""
-
-    notices: int = 0
-    frames: int = 0
-    dropped_overwritten: int = 0
-    torn: int = 0
-    skipped: int = 0
-    stream_restarts: int = 0
-    _win_notices: int = 0
-    _win_frames: int = 0
-    _win_latency_ns: list[int] = field(default_factory=list)
-    _win_start: float = field(default_factory=time.monotonic)
-
-    def notice(self) -> None:
-        self.notices += 1
-        self._win_notices += 1
-
-    def frame(self, latency_ns: int) -> None:
-        self.frames += 1
-        self._win_frames += 1
-        self._win_latency_ns.append(latency_ns)
-
-    def take_window(self) -> dict[str, float | None]:
-        """Rates and capture->publish latency percentiles since the last call; resets."""
-        now = time.monotonic()
-        dt = max(now - self._win_start, 1e-9)
-        lat = np.asarray(self._win_latency_ns, np.float64) / 1e6
-        out = {"fps_in": self._win_notices / dt, "fps_out": self._win_frames / dt,
-               "latency_p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
-               "latency_p99_ms": float(np.percentile(lat, 99)) if lat.size else None}
-        self._win_notices = self._win_frames = 0
-        self._win_latency_ns = []
-        self._win_start = now
-        return out
 
 
 def _finite(x: float) -> float | None:
@@ -603,6 +319,13 @@ class EncoderWorker:
                 self.stats.dropped_overwritten += oldest - self._cursor
                 self._cursor = oldest
             seq = self._cursor
+            # the frame can be in the ring before its notice (and the action that produced it)
+            # arrives: wait for it, bounded, so a loaded machine gives the same results
+            deadline = time.monotonic() + LOSSLESS_NOTICE_WAIT_MS / 1000
+            while seq not in self._notices and time.monotonic() < deadline:
+                self._poll_notices(NOTICE_WAIT_MS)
+                if self._cursor is None or self.reader.ring is not ring:
+                    return None  # that notice restarted the stream
         self._cursor = seq + 1
         while self._notices and next(iter(self._notices)) < seq:
             self._notices.pop(next(iter(self._notices)))

@@ -22,24 +22,42 @@ is a :class:`SourceError`.
 
 from __future__ import annotations
 
-import csv
+import importlib
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 from loguru import logger
 
-from iwm_bus.errors import IWMError, WireError
-from iwm_bus.wire import make_action
+from iwm_bus.errors import IWMError
+
+if TYPE_CHECKING:  # re-exported lazily by __getattr__ below
+    from workers.file_sources import ACTIONS_CSV as ACTIONS_CSV
+    from workers.file_sources import IMAGE_SUFFIXES as IMAGE_SUFFIXES
+    from workers.file_sources import FolderSource, ScreenSource, VideoSource
+    from workers.file_sources import read_actions_csv as read_actions_csv
+    from workers.game_sources import GymSource
 
 __all__ = [
     "SPEC_FORMS", "FolderSource", "GymSource", "ScreenSource", "Source", "SourceError",
     "SourceFrame", "SyntheticSource", "VideoSource", "check_spec", "open_source",
 ]
+
+#: names that live in workers.game_sources / workers.file_sources, importable from here too;
+#: those modules are loaded on first use so ``import workers.sources`` stays light.
+_MOVED = {
+    "GymSource": "workers.game_sources",
+    "ScreenSource": "workers.file_sources",
+    "VideoSource": "workers.file_sources",
+    "FolderSource": "workers.file_sources",
+    "read_actions_csv": "workers.file_sources",
+    "IMAGE_SUFFIXES": "workers.file_sources",
+    "ACTIONS_CSV": "workers.file_sources",
+}
 
 SPEC_FORMS = (
     "synthetic[:WxH]   deterministic moving shapes and an action-driven square (default 64x64)",
@@ -60,12 +78,7 @@ OPTIONS: dict[str, frozenset[str] | None] = {
     "folder": frozenset({"loop"}),
     "replay": None,
 }
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
-ACTIONS_CSV = "actions.csv"
 _SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
-_VIDEO_HINT = ("video: reads what Pillow reads (animated GIF, WebP, PNG/APNG, TIFF); for MP4 "
-               "and other codecs extract frames first (ffmpeg -i in.mp4 DIR/%06d.png) and use "
-               "folder:DIR")
 
 
 class SourceError(IWMError, RuntimeError):
@@ -88,7 +101,7 @@ class SourceFrame:
 @runtime_checkable
 class Source(Protocol):
     """What the capture process needs from a source (counters ``episodes`` and
-    ``bad_actions`` are optional; the sources in this module have them)."""
+    ``bad_actions`` are optional; the sources in workers/*sources.py have them)."""
 
     spec: str
     knows_actions: bool
@@ -228,14 +241,26 @@ def open_source(spec: str, *, seed: int = 0, **options: Any) -> Source:
     if scheme == "synthetic":
         return SyntheticSource(*arg, seed=seed, spec=spec, **opts)
     if scheme == "gym":
+        from workers.game_sources import GymSource
+
         return GymSource(arg, seed=seed, spec=spec, **opts)
-    if scheme == "screen":
-        return ScreenSource(arg, spec=spec)
-    if scheme == "video":
-        return VideoSource(arg, loop=loop, spec=spec)
-    if scheme == "folder":
-        return FolderSource(arg, loop=loop, spec=spec)
+    if scheme in ("screen", "video", "folder"):
+        from workers import file_sources
+
+        if scheme == "screen":
+            return file_sources.ScreenSource(arg, spec=spec)
+        if scheme == "video":
+            return file_sources.VideoSource(arg, loop=loop, spec=spec)
+        return file_sources.FolderSource(arg, loop=loop, spec=spec)
     return _open_replay(arg, spec, options)
+
+
+def __getattr__(name: str) -> Any:
+    """The sources moved to workers.game_sources / workers.file_sources, loaded on first use."""
+    module = _MOVED.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
 
 
 def _open_replay(path: Path, spec: str, options: dict[str, Any]) -> Source:
@@ -374,398 +399,3 @@ class SyntheticSource(_SourceBase):
         px, py = (int(math.floor(v + 0.5)) for v in self._pos)
         frame[py:py + self.square, px:px + self.square] = 255
         return frame
-
-
-# ---------------------------------------------------------------- gymnasium
-
-
-def _import_gym(env_id: str, spec: str) -> Any:
-    hint = "install the games extra: pip install 'iwm-bus[games]'"
-    try:
-        import gymnasium as gym
-    except ImportError as e:
-        raise SourceError(f"{spec}: gymnasium is not installed ({e}); {hint}") from e
-    try:
-        if env_id.startswith("ALE/"):
-            import ale_py
-
-            gym.register_envs(ale_py)
-        elif env_id.startswith("Vizdoom"):
-            import vizdoom.gymnasium_wrapper  # noqa: F401  (registers the Vizdoom* ids)
-    except ImportError as e:
-        raise SourceError(f"{spec}: the game package is not installed ({e}); {hint}") from e
-    return gym
-
-
-class GymSource(_SourceBase):
-    """A gymnasium environment made with ``render_mode="rgb_array"``, stepped once per frame.
-
-    Discrete spaces take ``action_id``; Box spaces a ``vector`` of exactly the space's size
-    (clipped to its bounds); MultiBinary a ``vector`` of n components (> 0.5 = pressed).
-    Anything else, or no action, → the default policy: ``action_space.sample()`` seeded with
-    ``seed``. At an episode's end the next ``step`` resets the env and returns the new
-    episode's first frame with ``action=None`` (no action produced it); ``episodes`` counts
-    finished episodes. Frames come from ``render()``, or from the observation when it is an
-    RGB image (or a dict holding one under screen/rgb/pixels/image).
-    """
-
-    knows_actions = True
-
-    def __init__(self, env_id: str, *, seed: int = 0, max_episode_steps: int | None = None,
-                 env_kwargs: Mapping[str, Any] | None = None, spec: str | None = None) -> None:
-        super().__init__(spec or f"gym:{env_id}")
-        gym = _import_gym(env_id, self.spec)
-        kwargs = dict(env_kwargs or {})
-        if max_episode_steps is not None:
-            kwargs["max_episode_steps"] = int(max_episode_steps)
-        try:
-            self.env = gym.make(env_id, render_mode="rgb_array", **kwargs)
-        except gym.error.Error as e:
-            raise _bad_spec(self.spec, f"gymnasium cannot make {env_id!r}: {e}") from e
-        except Exception as e:  # an engine failing to start (missing ROM, no GL, ...)
-            raise SourceError(f"{self.spec}: cannot create the environment: "
-                              f"{type(e).__name__}: {e}") from e
-        self._seed = seed
-        self._needs_reset = False
-        try:
-            self._kind, self.action_space = _describe_space(self.env.action_space, self.spec)
-        except ValueError:
-            self.env.close()
-            raise
-        self.env.action_space.seed(seed)
-
-    def reset(self) -> SourceFrame:
-        self._needs_reset = False
-        return SourceFrame(self._frame(self._call("reset", seed=self._seed)[0]))
-
-    def step(self, action: dict[str, Any] | None) -> SourceFrame:
-        if self._needs_reset:
-            self._needs_reset = False
-            return SourceFrame(self._frame(self._call("reset")[0]))
-        env_action, applied = self._to_env(action)
-        obs, _reward, terminated, truncated, _info = self._call("step", env_action)
-        if terminated or truncated:
-            self.episodes += 1
-            self._needs_reset = True
-        return SourceFrame(self._frame(obs), applied)
-
-    def close(self) -> None:
-        env, self.env = getattr(self, "env", None), None
-        if env is not None:
-            env.close()
-
-    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        if self.env is None:
-            raise SourceError(f"{self.spec}: the source is closed")
-        try:
-            return getattr(self.env, method)(*args, **kwargs)
-        except Exception as e:  # the engine's own exception types vary by game
-            raise SourceError(f"{self.spec}: env.{method} failed: {type(e).__name__}: {e}") from e
-
-    def _to_env(self, action: Any) -> tuple[Any, dict[str, Any]]:
-        """(action for env.step, wire action map of what was applied)."""
-        if action is not None:
-            try:
-                return self._convert(action)
-            except (TypeError, ValueError) as e:
-                self._bad_action(action, str(e))
-        sample = self.env.action_space.sample()
-        if self._kind == "discrete":
-            return sample, {"action_id": int(sample)}
-        return sample, {"vector": np.asarray(sample, np.float32).ravel()}
-
-    def _convert(self, action: Any) -> tuple[Any, dict[str, Any]]:
-        if not isinstance(action, Mapping):
-            raise TypeError(f"an action must be a map, got {type(action).__name__}")
-        space = self.env.action_space
-        if self._kind == "discrete":
-            action_id = action.get("action_id")
-            first, n = int(space.start), int(space.n)
-            if action_id is None or isinstance(action_id, bool) or not isinstance(
-                    action_id, (int, np.integer)):
-                raise ValueError(f"a discrete space needs an int action_id in "
-                                 f"{first}..{first + n - 1}, got {action_id!r}")
-            if not first <= int(action_id) < first + n:
-                raise ValueError(f"action_id {action_id} is outside {first}..{first + n - 1}")
-            return np.int64(action_id), {"action_id": int(action_id)}
-        vector = action.get("vector")
-        size = int(np.prod(space.shape))
-        if vector is None:
-            raise ValueError(f"a {self._kind} space needs a vector of {size} components")
-        vec = np.asarray(vector, dtype=np.float64).ravel()
-        if vec.size != size:
-            raise ValueError(f"vector has {vec.size} components; the space needs {size}")
-        if not np.all(np.isfinite(vec)):
-            raise ValueError("vector holds NaN or infinity")
-        if self._kind == "box":
-            env_action = np.clip(vec.reshape(space.shape), space.low, space.high)
-        else:  # multibinary
-            env_action = (vec > 0.5).reshape(space.shape)
-        env_action = env_action.astype(space.dtype)
-        return env_action, {"vector": env_action.astype(np.float32).ravel()}
-
-    def _frame(self, obs: Any) -> np.ndarray:
-        image = self._call("render")
-        if not _is_image(image):
-            image = _image_in(obs)
-        if image is None:
-            raise SourceError(f"{self.spec}: the env gives no RGB frame (render() returned "
-                              f"{type(image).__name__}, the observation is "
-                              f"{type(obs).__name__})")
-        return as_rgb_frame(image, self.spec)
-
-
-def _describe_space(space: Any, spec: str) -> tuple[str, dict[str, Any]]:
-    from gymnasium import spaces
-
-    if isinstance(space, spaces.Discrete):
-        return "discrete", {"type": "discrete", "n": int(space.n), "start": int(space.start)}
-    if isinstance(space, spaces.Box):
-        return "box", {"type": "box", "shape": list(space.shape),
-                       "low": float(np.min(space.low)), "high": float(np.max(space.high))}
-    if isinstance(space, spaces.MultiBinary):
-        return "multibinary", {"type": "multibinary", "n": int(np.prod(space.shape))}
-    raise _bad_spec(spec, f"action space {space} is not supported (Discrete, Box, MultiBinary)")
-
-
-def _is_image(value: Any) -> bool:
-    return (isinstance(value, np.ndarray) and value.dtype == np.uint8 and (
-        value.ndim == 2 or (value.ndim == 3 and value.shape[2] in (1, 3, 4))))
-
-
-def _image_in(obs: Any) -> np.ndarray | None:
-    if _is_image(obs):
-        return obs
-    if isinstance(obs, Mapping):
-        for key in ("screen", "rgb", "pixels", "image"):
-            if _is_image(obs.get(key)):
-                return obs[key]
-    return None
-
-
-# ---------------------------------------------------------------- screen
-
-
-class ScreenSource(_SourceBase):
-    """Desktop capture with mss: one grab per frame of ``monitor`` (0 = all monitors).
-
-    Needs a display; without one the constructor raises SourceError saying "no display".
-    Actions are ignored (the agent acts on the game itself).
-    """
-
-    def __init__(self, monitor: int = 1, *, spec: str | None = None) -> None:
-        super().__init__(spec or f"screen:{monitor}")
-        try:
-            import mss
-            from mss.exception import ScreenShotError
-        except ImportError as e:
-            raise SourceError(f"{self.spec}: mss is not installed ({e}); "
-                              "pip install 'iwm-bus[screen]'") from e
-        factory = getattr(mss, "MSS", None) or mss.mss
-        try:
-            self._sct = factory()
-            monitors = self._sct.monitors
-        except (ScreenShotError, OSError) as e:
-            raise SourceError(
-                f"{self.spec}: no display: {e}. Screen capture needs a desktop session "
-                "(DISPLAY or WAYLAND_DISPLAY); on a headless machine use gym:, video: or "
-                "folder:") from e
-        if not 0 <= monitor < len(monitors):
-            self._sct.close()
-            raise _bad_spec(self.spec, f"monitor {monitor} does not exist; this display has "
-                                       f"{len(monitors) - 1} (0 = all of them)")
-        self._error_type = ScreenShotError
-        self._monitor = monitors[monitor]
-
-    def reset(self) -> SourceFrame:
-        return SourceFrame(self._grab())
-
-    def step(self, action: dict[str, Any] | None) -> SourceFrame:
-        return SourceFrame(self._grab())
-
-    def close(self) -> None:
-        sct, self._sct = getattr(self, "_sct", None), None
-        if sct is not None:
-            sct.close()
-
-    def _grab(self) -> np.ndarray:
-        if self._sct is None:
-            raise SourceError(f"{self.spec}: the source is closed")
-        try:
-            shot = self._sct.grab(self._monitor)
-        except (self._error_type, OSError) as e:
-            raise SourceError(f"{self.spec}: screen grab failed: {e}") from e
-        bgra = np.frombuffer(shot.bgra, np.uint8).reshape(shot.height, shot.width, 4)
-        return np.ascontiguousarray(bgra[:, :, 2::-1])  # BGRA -> RGB
-
-
-# ---------------------------------------------------------------- recorded footage
-
-
-class VideoSource(_SourceBase):
-    """Frames of an animated image read with Pillow (GIF, WebP, PNG/APNG, TIFF).
-
-    ``t_recorded_ns`` follows the per-frame durations stored in the file (None when it
-    stores none), so ``--rate`` paces the footage; with ``loop`` the clock keeps running
-    across passes. Actions are ignored.
-    """
-
-    def __init__(self, path: str | Path, *, loop: bool = False, spec: str | None = None) -> None:
-        super().__init__(spec or f"video:{path}")
-        from PIL import Image, UnidentifiedImageError
-
-        self.path, self.loop = Path(path), loop
-        try:
-            self._im = Image.open(self.path)
-        except UnidentifiedImageError as e:
-            raise _bad_spec(self.spec, f"Pillow cannot read {str(self.path)!r} as an image "
-                                       f"({e}). {_VIDEO_HINT}") from e
-        except OSError as e:
-            raise SourceError(f"{self.spec}: cannot open {self.path}: {e}") from e
-        # frames in the file
-        self.n_frames = int(getattr(self._im, "n_frames", 1))
-        self._i = 0
-        self._clock_ms: float | None = 0.0
-
-    def reset(self) -> SourceFrame:
-        self._i, self._clock_ms = 0, 0.0
-        return self._read()
-
-    def step(self, action: dict[str, Any] | None) -> SourceFrame | None:
-        duration = self._im.info.get("duration")
-        if self._clock_ms is not None and isinstance(duration, (int, float)) and duration > 0:
-            self._clock_ms += float(duration)
-        else:
-            self._clock_ms = None  # the file stores no timing
-        self._i += 1
-        if self._i >= self.n_frames:
-            if not self.loop:
-                return None
-            self.episodes += 1
-            self._i = 0
-        return self._read()
-
-    def close(self) -> None:
-        self._im.close()
-
-    def _read(self) -> SourceFrame:
-        try:
-            self._im.seek(self._i)
-            pixels = np.asarray(self._im.convert("RGB"))
-        except (OSError, EOFError, ValueError) as e:
-            raise SourceError(f"{self.spec}: cannot decode frame {self._i} of {self.path}: "
-                              f"{e}") from e
-        t_ns = None if self._clock_ms is None else int(round(self._clock_ms * 1e6))
-        return SourceFrame(as_rgb_frame(pixels, self.spec), None, t_ns)
-
-
-def _natural_key(path: Path) -> list[Any]:
-    """frame2.png before frame10.png (digits compare as numbers)."""
-    return [int(part) if i % 2 else part.lower()
-            for i, part in enumerate(re.split(r"(\d+)", path.name))]
-
-
-class FolderSource(_SourceBase):
-    """An image sequence: the PNG/JPG files of a folder in natural order (all one size).
-
-    An optional ``actions.csv`` beside them makes the source know its actions: a header row,
-    then one row per frame that has an action. Columns: ``frame`` (0-based index in the
-    sorted list; the row is the action that PRODUCED that frame), ``action_id`` and/or
-    vector components ``v0, v1, ...``. Actions from the agent are ignored.
-    """
-
-    def __init__(self, path: str | Path, *, loop: bool = False, spec: str | None = None) -> None:
-        super().__init__(spec or f"folder:{path}")
-        from PIL import Image
-
-        self._image = Image
-        self.path, self.loop = Path(path), loop
-        self.files = sorted((p for p in self.path.iterdir()
-                             if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
-                            key=_natural_key)
-        if not self.files:
-            raise _bad_spec(self.spec, f"no PNG/JPG images in {str(self.path)!r}")
-        self.size = self._check_sizes()
-        csv_path = self.path / ACTIONS_CSV
-        self.actions = read_actions_csv(csv_path, len(self.files)) if csv_path.exists() else {}
-        self.knows_actions = csv_path.exists()
-        self._i = 0
-
-    def reset(self) -> SourceFrame:
-        self._i = 0
-        return self._read()
-
-    def step(self, action: dict[str, Any] | None) -> SourceFrame | None:
-        self._i += 1
-        if self._i >= len(self.files):
-            if not self.loop:
-                return None
-            self.episodes += 1
-            self._i = 0
-        return self._read()
-
-    def _check_sizes(self) -> tuple[int, int]:
-        """(width, height) shared by every image (reads headers only)."""
-        sizes: dict[tuple[int, int], Path] = {}
-        for file in self.files:
-            try:
-                with self._image.open(file) as im:
-                    sizes.setdefault(im.size, file)
-            except OSError as e:
-                raise SourceError(f"{self.spec}: cannot read {file}: {e}") from e
-            if len(sizes) > 1:
-                (s0, f0), (s1, f1) = sizes.items()
-                raise _bad_spec(self.spec, f"images differ in size: {f0.name} is "
-                                           f"{s0[0]}x{s0[1]}, {f1.name} is {s1[0]}x{s1[1]}")
-        return next(iter(sizes))
-
-    def _read(self) -> SourceFrame:
-        file = self.files[self._i]
-        try:
-            with self._image.open(file) as im:
-                pixels = np.asarray(im.convert("RGB"))
-        except OSError as e:
-            raise SourceError(f"{self.spec}: cannot read {file}: {e}") from e
-        if (pixels.shape[1], pixels.shape[0]) != self.size:
-            raise SourceError(f"{self.spec}: {file.name} changed size while running")
-        return SourceFrame(as_rgb_frame(pixels, self.spec), self.actions.get(self._i))
-
-
-def read_actions_csv(path: Path, n_frames: int) -> dict[int, dict[str, Any]]:
-    """{frame index: wire action map} from an actions.csv (see FolderSource)."""
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        reader.fieldnames = columns
-        vcols = sorted((c for c in columns if re.fullmatch(r"v\d+", c)), key=lambda c: int(c[1:]))
-        unknown = set(columns) - {"frame", "action_id"} - set(vcols)
-        if "frame" not in columns or unknown or not ("action_id" in columns or vcols):
-            raise ValueError(f"{path}: header {columns} must be 'frame' plus 'action_id' and/or "
-                             "vector columns v0, v1, ...")
-        if vcols != [f"v{i}" for i in range(len(vcols))]:
-            raise ValueError(f"{path}: vector columns must be v0..v{len(vcols) - 1}, got {vcols}")
-        out: dict[int, dict[str, Any]] = {}
-        for line, row in enumerate(reader, start=2):
-            try:
-                frame, action = _parse_action_row(row, vcols)
-            except (ValueError, WireError) as e:
-                raise ValueError(f"{path}:{line}: {e}") from None
-            if not 0 <= frame < n_frames:
-                raise ValueError(f"{path}:{line}: frame {frame} is outside 0..{n_frames - 1}")
-            if frame in out:
-                raise ValueError(f"{path}:{line}: frame {frame} has a second row")
-            if action is not None:
-                out[frame] = action
-    return out
-
-
-def _parse_action_row(row: dict[str, str | None], vcols: list[str]) -> tuple[int, Any]:
-    frame = int((row.get("frame") or "").strip())
-    text_id = (row.get("action_id") or "").strip()
-    values = [(row.get(c) or "").strip() for c in vcols]
-    if any(values) and not all(values):
-        raise ValueError("vector columns must be all filled or all empty")
-    vector = [float(v) for v in values] if vcols and all(values) else None
-    if vector is not None and not all(math.isfinite(v) for v in vector):
-        raise ValueError("vector holds NaN or infinity")
-    return frame, make_action(vector, int(text_id) if text_id else None)

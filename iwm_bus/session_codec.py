@@ -1,0 +1,192 @@
+"""Session frame records: the format constants, frame encodings and payload (de)serialisation.
+
+Frames are stored ``png`` (lossless), ``zstd-raw`` (zstd of the raw ``(H, W, C)`` uint8
+bytes) or ``jpeg`` (lossy), each as a msgpack map with the nested wire action map that
+produced it. Pure functions over bytes and arrays; no files. See ``iwm_bus.session``.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import msgpack
+import numpy as np
+import zstandard
+
+from iwm_bus import wire
+from iwm_bus.topics import ACTION
+
+FORMAT_VERSION = 1
+FRAMES_TOPIC = "frames"
+ACTIONS_TOPIC = ACTION
+FRAME_ENCODINGS = ("png", "zstd-raw", "jpeg")
+META_NAME = "iwm_bus.session"
+END_META_NAME = "iwm_bus.session.end"
+RECOVER_META_NAME = "iwm_bus.session.recovered"
+_FRAME_FIELDS = ("seq", "t_ns", "encoding", "height", "width", "channels", "data", "action")
+_FRAME_SCHEMA = {
+    "title": "iwm_bus.session.frame", "type": "object",
+    "properties": {"seq": {"type": "integer"}, "t_ns": {"type": "integer"},
+                   "encoding": {"enum": list(FRAME_ENCODINGS)},
+                   "height": {"type": "integer"}, "width": {"type": "integer"},
+                   "channels": {"enum": [1, 3, 4]}, "data": {"contentEncoding": "binary"},
+                   "action": {"type": ["object", "null"]}}}
+
+
+class Frame(NamedTuple):
+    """A decoded frame: ``pixels`` is ``(H, W, C)`` uint8; ``action`` produced it (or None)."""
+
+    seq: int
+    t_ns: int
+    pixels: np.ndarray
+    action: dict[str, Any] | None
+
+
+class FrameRecord(NamedTuple):
+    """A frame as stored (still encoded); ``decode()`` gives the pixels."""
+
+    seq: int
+    t_ns: int
+    encoding: str
+    height: int
+    width: int
+    channels: int
+    data: bytes
+    action: dict[str, Any] | None
+
+    def decode(self) -> np.ndarray:
+        return decode_frame(self.encoding, self.data, self.height, self.width, self.channels)
+
+    def to_frame(self) -> Frame:
+        return Frame(self.seq, self.t_ns, self.decode(), self.action)
+
+
+class Transition(NamedTuple):
+    """``(frame_t, action_t, frame_t+1)``: ``action`` is what produced ``next_frame``."""
+
+    frame: Frame
+    action: dict[str, Any] | None
+    next_frame: Frame
+
+
+def _pil_mode(channels: int) -> str:
+    return {1: "L", 3: "RGB", 4: "RGBA"}[channels]
+
+
+def encode_frame(pixels: np.ndarray, encoding: str, *, jpeg_quality: int = 90,
+                 png_level: int = 1, zstd_level: int = 3) -> bytes:
+    """Encode one ``(H, W, C)`` uint8 frame (C in 1, 3, 4) as ``encoding``."""
+    h, w, c = pixels.shape
+    if encoding == "zstd-raw":
+        return zstandard.ZstdCompressor(level=zstd_level).compress(pixels.tobytes())
+    from PIL import Image  # pillow import costs ~50 ms; only writers and readers of frames pay
+
+    img = Image.fromarray(pixels[:, :, 0] if c == 1 else pixels, mode=_pil_mode(c))
+    buf = io.BytesIO()
+    if encoding == "png":
+        img.save(buf, format="PNG", compress_level=png_level)
+    elif encoding == "jpeg":
+        if c == 4:
+            raise ValueError("jpeg cannot hold 4-channel frames; use png or zstd-raw")
+        img.save(buf, format="JPEG", quality=jpeg_quality)
+    else:
+        raise ValueError(f"frame encoding {encoding!r} unknown; use one of {FRAME_ENCODINGS}")
+    return buf.getvalue()
+
+
+def decode_frame(encoding: str, data: bytes, height: int, width: int,
+                 channels: int) -> np.ndarray:
+    """Decode a stored frame to a writable ``(height, width, channels)`` uint8 array.
+
+    ``ValueError`` when the bytes do not decode to that shape.
+    """
+    nbytes = height * width * channels
+    if encoding == "zstd-raw":
+        try:
+            raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=nbytes)
+        except zstandard.ZstdError as e:
+            raise ValueError(f"zstd-raw frame does not decompress: {e}") from e
+        if len(raw) != nbytes:
+            raise ValueError(f"zstd-raw frame holds {len(raw)} bytes, header says {nbytes}")
+        return np.frombuffer(bytearray(raw), np.uint8).reshape(height, width, channels)
+    if encoding not in ("png", "jpeg"):
+        raise ValueError(f"frame encoding {encoding!r} unknown")
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            arr = np.array(img.convert(_pil_mode(channels)))  # a writable copy
+    except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for bad image bytes
+        raise ValueError(f"{encoding} frame does not decode: {e}") from e
+    arr = arr.reshape(arr.shape[0], arr.shape[1], channels)
+    if arr.shape != (height, width, channels):
+        raise ValueError(f"{encoding} frame is {arr.shape}, header says "
+                         f"{(height, width, channels)}")
+    return arr
+
+
+def _as_frame_array(pixels: Any) -> np.ndarray:
+    arr = np.asarray(pixels)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"frame must be uint8, got {arr.dtype}")
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4) or min(arr.shape[:2]) < 1:
+        raise ValueError(f"frame must be (H, W) or (H, W, C) with C in 1, 3, 4; got {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+def _encode_action(action: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The nested wire action map, validated (vector as a float32 wire array)."""
+    if action is None:
+        return None
+    extra = set(action) - {"vector", "action_id"}
+    if extra:
+        raise ValueError(f"action has unknown keys {sorted(extra)}; use vector, action_id")
+    out = wire.make_action(action.get("vector"), action.get("action_id"))
+    if out is not None and "vector" in out:
+        out["vector"] = wire.encode_array(out["vector"])
+    return out
+
+
+def _decode_action(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not set(value) <= {"vector", "action_id"}:
+        raise ValueError(f"frame action must be a map of vector/action_id, got {value!r:.80}")
+    out: dict[str, Any] = {}
+    if value.get("vector") is not None:
+        out["vector"] = wire.decode_array(value["vector"])
+    if value.get("action_id") is not None:
+        if not isinstance(value["action_id"], int):
+            raise ValueError("frame action_id must be an int")
+        out["action_id"] = value["action_id"]
+    return out
+
+
+def _wire_action(msg: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The nested action map ``{vector?, action_id?}`` of a wire action message."""
+    if msg is None:
+        return None
+    out = {k: msg[k] for k in ("vector", "action_id") if msg.get(k) is not None}
+    return out or None
+
+
+def _frame_record(data: bytes) -> FrameRecord:
+    body = msgpack.unpackb(data, raw=False, strict_map_key=True, max_ext_len=0)
+    if not isinstance(body, dict) or set(body) != set(_FRAME_FIELDS):
+        keys = sorted(body) if isinstance(body, dict) else type(body).__name__
+        raise ValueError(f"frame record must have fields {_FRAME_FIELDS}, got {keys}")
+    ints = ("seq", "t_ns", "height", "width", "channels")
+    if not all(isinstance(body[k], int) and not isinstance(body[k], bool) for k in ints):
+        raise ValueError(f"frame record fields {ints} must be ints")
+    if body["encoding"] not in FRAME_ENCODINGS or body["channels"] not in (1, 3, 4):
+        raise ValueError(f"frame encoding {body['encoding']!r} / channels "
+                         f"{body['channels']!r} not supported")
+    if not isinstance(body["data"], bytes) or min(body["height"], body["width"]) < 1:
+        raise ValueError("frame record has no pixel data or an empty shape")
+    return FrameRecord(body["seq"], body["t_ns"], body["encoding"], body["height"],
+                       body["width"], body["channels"], body["data"],
+                       _decode_action(body["action"]))
