@@ -141,7 +141,18 @@ def print_table(dev: torch.device, results: list[tuple[str, str, dict]], args) -
     for enc, variant, row in results:
         cells = [str(row["batch"])] + [fmt(row.get(col), args.show_min) for col in cols[1:]]
         print(f"| {enc} | {variant} | " + " | ".join(cells) + " |")
+    for name, cells in BASELINES:
+        print(f"| {name} | " + " | ".join(cells) + " |")
     sys.stdout.flush()
+
+
+#: named baselines printed under every table: the seed guide's measured figures and the
+#: issue's H100 targets (ms; "-" = not given)
+BASELINES = [
+    ("baseline: seed guide, Radeon 7900 XT, ViT-B | core",
+     ["1", "10-15", "5-8", "15-23", "30-40", "-", "-"]),
+    ("target: H100, ViT-B | core", ["1", "-", "-", "<= 4", "<= 5", "-", "-"]),
+]
 
 
 def main(argv: list[str] | None = None) -> None:
