@@ -287,13 +287,7 @@ class IWMClient:
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
-            sock = self._ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a worker that is not there
-            sock.setsockopt(zmq.RECONNECT_IVL, 20)
-            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
-            sock.connect(self.endpoint)
-            self._sock = sock
+            self._sock = _dealer(self._ctx, self.endpoint)
         return self._sock
 
     def _reset(self) -> None:
@@ -393,6 +387,17 @@ class IWMClient:
         return out
 
 
+def _dealer(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+    """The client's DEALER socket (sync or asyncio, after ``ctx``), connected."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a worker that is not there
+    sock.setsockopt(zmq.RECONNECT_IVL, 20)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
+    sock.connect(endpoint)
+    return sock
+
+
 def _candidates(aug_seqs: Any, action_seqs: Any) -> int:
     if aug_seqs is None and action_seqs is None:
         raise ValueError("IWMClient.rollout_batch needs aug_seqs (B, K, C) and/or "
@@ -421,19 +426,10 @@ class AsyncIWMClient:
 
     def _socket(self) -> zmq.asyncio.Socket:
         if self._sock is None:
-            sock = self._ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.IMMEDIATE, 1)
-            sock.setsockopt(zmq.RECONNECT_IVL, 20)
-            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
-            sock.connect(self.endpoint)
-            self._sock = sock
+            self._sock = _dealer(self._ctx, self.endpoint)
         return self._sock
 
-    def _reset(self) -> None:
-        if self._sock is not None:
-            self._sock.close(linger=0)
-            self._sock = None
+    _reset = IWMClient._reset
 
     async def call(self, method: str, params: Mapping[str, Any],
                    timeout_s: float | None = None) -> dict[str, Any]:

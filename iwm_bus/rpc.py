@@ -38,15 +38,22 @@ def _asarray(name: str, value: Any) -> np.ndarray:
         raise ValueError(f"{name} is not an array: {e}") from None
 
 
-def _float(name: str, value: Any, ndim: int, width: int | None = None) -> np.ndarray:
+def _batched(name: str, value: Any, kinds: str, what: str, dtype: type, ndim: int
+             ) -> np.ndarray:
+    """``value`` as a ``dtype`` array with a leading batch axis (added when missing)."""
     arr = _asarray(name, value)
-    if arr.dtype.kind not in "fiu":
-        raise ValueError(f"{name} must be numeric, got dtype {arr.dtype}")
-    arr = arr.astype(np.float32, copy=False)
+    if arr.dtype.kind not in kinds:
+        raise ValueError(f"{name} must be {what}, got dtype {arr.dtype}")
+    arr = arr.astype(dtype, copy=False)
     if arr.ndim == ndim - 1:
         arr = arr[None]
     if arr.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dims (batched), got shape {arr.shape}")
+    return arr
+
+
+def _float(name: str, value: Any, ndim: int, width: int | None = None) -> np.ndarray:
+    arr = _batched(name, value, "fiu", "numeric", np.float32, ndim)
     if width is not None and arr.shape[-1] != width:
         raise ValueError(f"{name} last dimension must be {width}, got shape {arr.shape}")
     if not np.isfinite(arr).all():
@@ -57,14 +64,7 @@ def _float(name: str, value: Any, ndim: int, width: int | None = None) -> np.nda
 
 
 def _ids(name: str, value: Any, ndim: int, num_actions: int) -> np.ndarray:
-    arr = _asarray(name, value)
-    if arr.dtype.kind not in "iu":
-        raise ValueError(f"{name} must be integers, got dtype {arr.dtype}")
-    arr = arr.astype(np.int64, copy=False)
-    if arr.ndim == ndim - 1:
-        arr = arr[None]
-    if arr.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dims (batched), got shape {arr.shape}")
+    arr = _batched(name, value, "iu", "integers", np.int64, ndim)
     if arr.size and (arr.min() < -1 or arr.max() >= num_actions):
         raise ValueError(f"{name} values must be -1 (none) or in 0..{num_actions - 1}")
     return arr
