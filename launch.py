@@ -96,7 +96,8 @@ class Child:
     restart: bool = False
     proc: Any = None
     restarts: int = 0
-    next_start: float = 0.0
+    started_at: float = 0.0
+    restart_at: float | None = None  # when a scheduled restart is due
     backoff: float = 0.5
     extra: dict = field(default_factory=dict)
 
@@ -107,6 +108,7 @@ class Child:
         self.proc = ctx.Process(target=exit_with, args=(self.target, *self.args), kwargs=kwargs,
                                 name=f"iwm-{self.name}", daemon=False)
         self.proc.start()
+        self.started_at = time.monotonic()
         logger.info("started {} (pid {})", self.name, self.proc.pid)
 
 
@@ -235,7 +237,7 @@ class Launcher:
     def _check_child(self, child: Child) -> bool:
         """Restart a dead restartable child (with backoff); False when a vital one died."""
         if child.proc.is_alive():
-            if child.restarts and time.monotonic() > child.next_start + 30:
+            if child.restarts and time.monotonic() > child.started_at + 30:
                 child.backoff = 0.5  # stable again: reset the backoff
             return True
         if child.proc.exitcode is None:  # being restarted
@@ -254,14 +256,15 @@ class Launcher:
             logger.error("{} died (exit code {})", child.name, child.proc.exitcode)
             return False
         now = time.monotonic()
-        if now < child.next_start:
+        if child.restart_at is None:  # just noticed: schedule the restart after the backoff
+            child.restarts += 1
+            child.restart_at = now + child.backoff
+            logger.warning("{} died ({}); restart #{} after {:.1f}s backoff", child.name,
+                           _describe_exit(child.proc.exitcode), child.restarts, child.backoff)
             return True
-        why = _describe_exit(child.proc.exitcode)
-        child.restarts += 1
-        logger.warning("{} died ({}); restart #{} after {:.1f}s backoff", child.name, why,
-                       child.restarts, child.backoff)
-        time.sleep(min(child.backoff, 0.5))
-        child.next_start = now + child.backoff
+        if now < child.restart_at:
+            return True
+        child.restart_at = None
         child.backoff = min(child.backoff * 2, MAX_BACKOFF_S)
         child.start(self.ctx)
         self.write_manifest()
