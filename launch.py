@@ -1,7 +1,8 @@
 """iwm-launch: start and supervise the iwm-bus sidecar (capture -> ring -> worker -> bus).
 
-    iwm-launch --source synthetic --encoder vit_tiny_patch16_224 --duration 10
-    iwm-launch --source gym:ALE/Pong-v5 --agent demo --encoder vit_tiny_patch16_224 --duration 30
+    iwm-launch                     # the main job: the demo agent plays a real game (DEFAULT_SOURCE)
+    iwm-launch --source gym:ALE/Pong-v5 --agent demo --duration 30
+    iwm-launch --source synthetic --untrained --encoder vit_tiny_patch16_224 --duration 10
     iwm-launch --source synthetic --mode lossless --frames 200 --record /tmp/s.mcap
     iwm-launch --source replay:/tmp/s.mcap --mode lossless --rate 0
     IWM_DEVICE=cuda:0 IWM_MODEL_PATH=ckpt.pt iwm-launch --source screen --fps 30
@@ -36,6 +37,8 @@ from iwm_bus.rundir import RunDir
 from iwm_bus.transport import Endpoints, Subscriber
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+#: what ``iwm-launch`` with no --source plays, with the demo agent and the shipped model
+DEFAULT_SOURCE = "gym:ALE/Breakout-v5"
 #: seconds between restarts of a dying worker: doubles up to this cap
 MAX_BACKOFF_S = 10.0
 #: worker exit codes that a restart cannot fix (workers/encoder.py run_worker)
@@ -46,9 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="iwm-launch", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("source")
-    src.add_argument("--source", default="synthetic",
+    src.add_argument("--source",
                      help="synthetic[:WxH] | gym:<env id> | screen[:monitor] | video:PATH | "
-                          "folder:PATH | replay:PATH (default: synthetic)")
+                          f"folder:PATH | replay:PATH (default: {DEFAULT_SOURCE}, played by "
+                          "the demo agent)")
     src.add_argument("--fps", type=float, default=30.0, help="capture rate cap (0 = no cap)")
     src.add_argument("--mode", choices=MODES, default="realtime",
                      help="realtime: newest frame, skips counted; lossless: every frame")
@@ -66,7 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="largest frame the ring accepts (default 1080x1920)")
     model = p.add_argument_group("model (env: IWM_MODEL_VARIANT, IWM_MODEL_PATH, IWM_DEVICE)")
     model.add_argument("--variant", choices=VARIANTS)
-    model.add_argument("--model", type=Path, help="checkpoint (default: untrained weights)")
+    model.add_argument("--model", type=Path,
+                       help="checkpoint (default: the shipped model, trained on games)")
+    model.add_argument("--untrained", action="store_true",
+                       help="random weights of --variant/--encoder instead (plumbing tests)")
     model.add_argument("--device", help="cpu | cuda | cuda:N")
     model.add_argument("--encoder", help="timm encoder, e.g. vit_tiny_patch16_224 for CPU")
     model.add_argument("--img-size", type=int, help="encoder input size (multiple of 16)")
@@ -80,7 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run = p.add_argument_group("run (env: IWM_RUN_DIR, IWM_SERVICE_HOST, IWM_SERVICE_PORT)")
     run.add_argument("--run-dir", type=Path, help="folder for sockets + manifest")
     run.add_argument("--record", type=Path, help="record the session to this .mcap file")
-    run.add_argument("--agent", choices=["demo"], help="also start the demo agent")
+    run.add_argument("--agent", choices=["demo", "none"],
+                     help="also start the demo agent (default: demo without --source, else none)")
     run.add_argument("--quiet", action="store_true", help="no status line")
     run.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
@@ -116,6 +124,8 @@ class Launcher:
     """Builds the configs, starts the parts, supervises them and cleans up."""
 
     def __init__(self, args: argparse.Namespace) -> None:
+        if args.source is None:  # the main job: a real game played by the demo agent
+            args.source, args.agent = DEFAULT_SOURCE, args.agent or "demo"
         self.args = args
         self.bus = BusConfig.from_env(run_dir=args.run_dir)
         self.worker_cfg = WorkerConfig.from_env(
@@ -123,7 +133,7 @@ class Launcher:
             encoder=args.encoder, img_size=args.img_size, mode=args.mode,
             mrr_bank=args.mrr_bank, num_actions=args.num_actions,
             publish_patches=args.patches or None,
-            compile=args.compile or None, threads=args.threads)
+            compile=args.compile or None, threads=args.threads, untrained=args.untrained or None)
         h, w = _parse_hw(args.max_frame)
         self.ring_cfg = RingConfig(slots=args.ring_slots, max_height=h, max_width=w)
         self.ring_name = f"iwm_{os.getpid()}_{secrets.token_hex(4)}"
@@ -141,9 +151,11 @@ class Launcher:
 
         a = self.args
         check_spec(a.source)
-        path = self.worker_cfg.model_path
+        path = self.worker_cfg.checkpoint()
         if path is not None and not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} does not exist (--model / IWM_MODEL_PATH)")
+        self.checkpoint_info = checkpoint_header(path, self.worker_cfg.variant) \
+            if path is not None else None
         if a.record is not None and not a.record.parent.is_dir():
             raise FileNotFoundError(f"--record: folder {a.record.parent} does not exist")
         for name in ("frames", "duration"):
@@ -169,6 +181,8 @@ class Launcher:
                              f"{self.ring_cfg.max_height}x{self.ring_cfg.max_width} "
                              "(--max-frame)")
         self.frame_shape = (h, w, c)
+        if self.checkpoint_info is not None:
+            check_action_vocab(path, self.checkpoint_info, a.source, self.action_space)
 
     # ------------------------------------------------------------ start / supervise
 
@@ -176,9 +190,10 @@ class Launcher:
         from workers.capture import run_capture
         from workers.encoder import run_worker
 
-        if self.worker_cfg.model_path is None:
-            logger.warning("no checkpoint given (--model / IWM_MODEL_PATH): latents come from "
-                           "an UNTRAINED model; surprise and MRR are not meaningful yet")
+        if self.checkpoint_info is None:
+            logger.warning("no checkpoint (--untrained, or none shipped in this install): "
+                           "latents come from an UNTRAINED model; surprise and MRR are not "
+                           "meaningful yet")
         self.children.append(Child("worker", run_worker,
                                    (self.worker_cfg, self.endpoints, self.ring_name),
                                    restart=True))
@@ -333,6 +348,55 @@ class StatusLine:
 
     def close(self) -> None:
         self.sub.close()
+
+
+def checkpoint_header(path: Path, variant: str | None = None) -> dict[str, Any]:
+    """A checkpoint's config and ``info`` extra, validated before anything starts.
+
+    Raises :class:`~iwm_bus.errors.CheckpointError` (a ValueError: exit 2) for a corrupt,
+    foreign or truncated file, an invalid config, or another variant than ``variant``.
+    """
+    from iwm_bus.errors import CheckpointError
+    from iwm_bus.model import IWMConfig, load_checkpoint
+
+    payload = load_checkpoint(path)
+    try:
+        cfg = IWMConfig.from_dict(payload["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid config in checkpoint: {e}") from e
+    if variant is not None and cfg.variant != variant:
+        raise CheckpointError(f"{path}: checkpoint is variant {cfg.variant!r}, --variant / "
+                              f"IWM_MODEL_VARIANT asks for {variant!r}")
+    info = payload["extra"].get("info")
+    return {"config": cfg, "info": info if isinstance(info, dict) else {}}
+
+
+def check_action_vocab(path: Path, header: dict[str, Any], spec: str,
+                       space: dict[str, Any]) -> None:
+    """Refuse a source whose action ids mean something else than the checkpoint's.
+
+    A source that names its vocabulary (``action_space["vocab"]``) must name the
+    checkpoint's; one with more ids than the model has is refused; discrete ids of a source
+    without a vocabulary (synthetic, other gym envs) only get a warning.
+    """
+    from iwm_bus.errors import CheckpointError
+
+    vocab = header["info"].get("action_vocab")
+    n_model = header["config"].num_actions
+    if vocab is None or "discrete" not in str(space.get("type", "")):
+        return
+    src_vocab, n_src = space.get("vocab"), int(space.get("n", 0))
+    if src_vocab is not None and src_vocab != vocab:
+        raise CheckpointError(f"{path} was trained for action vocabulary {vocab!r} but source "
+                              f"{spec!r} gives {src_vocab!r} ids; use a checkpoint trained "
+                              "on this vocabulary")
+    if n_src > n_model:
+        raise CheckpointError(f"{path} knows {n_model} action ids but source {spec!r} has "
+                              f"{n_src}; use a checkpoint trained on this source's actions")
+    if src_vocab is None:
+        logger.warning("source {!r} has its own {} action ids, not the vocabulary {!r} that "
+                       "{} was trained on: predictions conditioned on them mean little",
+                       spec, n_src, vocab, path.name)
 
 
 def _parse_hw(text: str) -> tuple[int, int]:

@@ -162,7 +162,7 @@ def _local_plan(args: argparse.Namespace, device: str, encoder: str, z0: np.ndar
                 goal: np.ndarray) -> tuple[str, list]:
     from iwm_bus.model import create_iwm_model
 
-    model = create_iwm_model("core", device=device, seed=0, encoder_name=encoder,
+    model = create_iwm_model("custom", device=device, seed=0, encoder_name=encoder,
                              img_size=args.img_size)
     cfg = PlannerConfig(horizon=args.horizon, samples=args.samples, elites=args.elites,
                         iterations=args.iterations)

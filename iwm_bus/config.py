@@ -23,7 +23,7 @@ from typing import Any
 from iwm_bus.rundir import default_run_dir
 from iwm_bus.transport import Endpoints
 
-VARIANTS = ("core", "invariant", "equivariant")
+VARIANTS = ("core", "invariant", "equivariant", "custom")
 MODES = ("realtime", "lossless")
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
 
@@ -97,10 +97,14 @@ class BusConfig:
 
 @dataclass
 class WorkerConfig:
-    # model variant (env IWM_MODEL_VARIANT)
-    variant: str = "core"
-    # checkpoint path (env IWM_MODEL_PATH); None = untrained weights (a warning is logged)
+    # model variant (env IWM_MODEL_VARIANT); None = the checkpoint's (core when untrained).
+    # Given explicitly, a checkpoint of another variant is refused.
+    variant: str | None = None
+    # checkpoint path (env IWM_MODEL_PATH); None = the shipped default model
     model_path: Path | None = None
+    # ignore the shipped default and run random weights of variant/encoder (plumbing tests;
+    # a warning is logged)
+    untrained: bool = False
     # torch device string (env IWM_DEVICE)
     device: str = "cpu"
     # timm encoder override (e.g. vit_tiny_patch16_224 for CPU); None = the variant's default
@@ -124,10 +128,13 @@ class WorkerConfig:
     threads: int = 0
 
     def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
+        if self.variant is not None and self.variant not in VARIANTS:
             _fail("WorkerConfig", "variant", self.variant, f"must be one of {VARIANTS}")
         if self.model_path is not None:
             self.model_path = Path(self.model_path)
+            if self.untrained:
+                _fail("WorkerConfig", "untrained", self.untrained,
+                      "contradicts model_path (a checkpoint is trained weights)")
         _need("WorkerConfig", "device", self.device, str)
         _need("WorkerConfig", "mrr_bank", self.mrr_bank, int)
         _need("WorkerConfig", "stats_interval_s", self.stats_interval_s, (int, float))
@@ -150,6 +157,15 @@ class WorkerConfig:
         if not 0.05 <= self.stats_interval_s <= 3600:
             _fail("WorkerConfig", "stats_interval_s", self.stats_interval_s,
                   "must be in 0.05..3600")
+
+    def checkpoint(self) -> Path | None:
+        """The checkpoint the worker loads: ``model_path``, else the shipped default unless
+        ``untrained`` (None = random weights)."""
+        if self.model_path is not None or self.untrained:
+            return self.model_path
+        from iwm_bus.default_model import default_checkpoint
+
+        return default_checkpoint()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ, **overrides: Any) -> WorkerConfig:

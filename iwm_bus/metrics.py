@@ -33,6 +33,9 @@ import numpy as np
 
 __all__ = [
     "RunningMean",
+    "auroc",
+    "patch_surprise",
+    "patch_surprise_torch",
     "cosine_similarity",
     "layer_norm",
     "mrr",
@@ -45,6 +48,7 @@ __all__ = [
 ]
 
 EPS = 1e-6
+TIES = ("against", "truth")
 
 
 def _as_float(x: Any, name: str) -> np.ndarray:
@@ -73,6 +77,41 @@ def surprise(pred: Any, observed: Any) -> float | np.ndarray:
     return float(dist) if p.ndim == 1 else dist
 
 
+def patch_surprise(pred: Any, observed: Any) -> float | np.ndarray:
+    """Surprise of a frame's patch latents: the RMS over patches of :func:`surprise`.
+
+    (N, D) -> float, (B, N, D) -> (B,). With N = 1 it is :func:`surprise` of that token.
+    """
+    p, o = _as_float(pred, "pred"), _as_float(observed, "observed")
+    if p.shape != o.shape or p.ndim not in (2, 3):
+        raise ValueError(f"pred and observed must both be (N, D) or (B, N, D), got {p.shape} "
+                         f"and {o.shape}")
+    d = p.shape[-1]
+    per = np.linalg.norm(layer_norm(p) - layer_norm(o), axis=-1) / math.sqrt(d)  # (..., N)
+    out = np.sqrt(np.mean(per ** 2, axis=-1))
+    return float(out) if p.ndim == 2 else out
+
+
+def auroc(negatives: Any, positives: Any) -> float:
+    """Area under the ROC curve of scores: P(positive > negative), ties counting 1/2."""
+    neg, pos = _as_float(negatives, "negatives").ravel(), _as_float(positives, "positives").ravel()
+    if not len(neg) or not len(pos):
+        raise ValueError("auroc needs at least one negative and one positive score")
+    allv = np.concatenate([neg, pos])
+    order = allv.argsort(kind="mergesort")
+    ranks = np.empty(len(allv))
+    sorted_v = allv[order]
+    i = 0
+    while i < len(sorted_v):  # average ranks over ties
+        j = i
+        while j + 1 < len(sorted_v) and sorted_v[j + 1] == sorted_v[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    r_pos = ranks[len(neg):].sum()
+    return float((r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
 def cosine_similarity(a: Any, b: Any) -> np.ndarray:
     """Cosine similarity along the last axis with broadcasting; zero vectors give 0."""
     a, b = _as_float(a, "a"), _as_float(b, "b")
@@ -81,12 +120,21 @@ def cosine_similarity(a: Any, b: Any) -> np.ndarray:
     return np.sum((a / np.maximum(na, EPS)) * (b / np.maximum(nb, EPS)), axis=-1)
 
 
-def reciprocal_ranks(pred: Any, observed: Any, candidates: Any) -> np.ndarray:
+def _check_ties(ties: str) -> None:
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
+
+
+def reciprocal_ranks(pred: Any, observed: Any, candidates: Any,
+                     ties: str = "against") -> np.ndarray:
     """Per-row reciprocal rank, (B,) float64.
 
     pred (B, D), observed (B, D), candidates (B, K, D) per row or (K, D) shared by all rows
-    (K may be 0, giving 1.0).
+    (K may be 0, giving 1.0). ``ties``: ``"against"`` the observed latent (a candidate as
+    similar as it costs a rank) or in favour of the ``"truth"`` (only strictly more similar
+    candidates count), for banks that may hold copies of the observed latent.
     """
+    _check_ties(ties)
     p, o, c = _as_float(pred, "pred"), _as_float(observed, "observed"), _as_float(candidates, "candidates")
     if p.ndim != 2 or o.shape != p.shape:
         raise ValueError(f"pred and observed must both be (B, D), got {p.shape} and {o.shape}")
@@ -99,17 +147,18 @@ def reciprocal_ranks(pred: Any, observed: Any, candidates: Any) -> np.ndarray:
     # vectors get identical scores and the tie rule below is exact.
     pool = np.concatenate([o[:, None], c], axis=1)  # (B, 1 + K, D)
     sims = cosine_similarity(pool, p[:, None])  # (B, 1 + K)
-    rank = 1 + np.sum(sims[:, 1:] >= sims[:, :1], axis=1)  # (B,)
+    beats = sims[:, 1:] >= sims[:, :1] if ties == "against" else sims[:, 1:] > sims[:, :1]
+    rank = 1 + np.sum(beats, axis=1)  # (B,)
     return 1.0 / rank
 
 
-def reciprocal_rank(pred: Any, observed: Any, candidates: Any) -> float:
+def reciprocal_rank(pred: Any, observed: Any, candidates: Any, ties: str = "against") -> float:
     """Reciprocal rank for one prediction: pred (D,), observed (D,), candidates (K, D)."""
     p, o = np.asarray(pred), np.asarray(observed)
     c = np.asarray(candidates)
     if p.ndim != 1 or c.ndim != 2:
         raise ValueError(f"pred must be (D,) and candidates (K, D), got {p.shape} and {c.shape}")
-    return float(reciprocal_ranks(p[None], o[None], c[None])[0])
+    return float(reciprocal_ranks(p[None], o[None], c[None], ties)[0])
 
 
 def mrr(pred: Any, observed: Any, candidates: Any) -> float:
@@ -176,9 +225,17 @@ def surprise_torch(pred: Any, observed: Any) -> Any:
     return diff.norm(dim=-1) / math.sqrt(d)
 
 
-def reciprocal_ranks_torch(pred: Any, observed: Any, candidates: Any) -> Any:
+def patch_surprise_torch(pred: Any, observed: Any) -> Any:
+    """:func:`patch_surprise` on tensors (..., N, D) -> (...), float32."""
+    return surprise_torch(pred, observed).square().mean(-1).sqrt()
+
+
+def reciprocal_ranks_torch(pred: Any, observed: Any, candidates: Any,
+                           ties: str = "against") -> Any:
     """:func:`reciprocal_ranks` on tensors: pred/observed (B, D), candidates (B, K, D) or (K, D)."""
     import torch
+
+    _check_ties(ties)
     import torch.nn.functional as F
 
     b = pred.shape[0]
@@ -187,7 +244,8 @@ def reciprocal_ranks_torch(pred: Any, observed: Any, candidates: Any) -> Any:
     pool = F.normalize(torch.cat([observed[:, None], candidates], dim=1).float(), dim=-1, eps=EPS)
     p = F.normalize(pred.float(), dim=-1, eps=EPS)
     sims = (pool * p[:, None]).sum(-1)  # (B, 1 + K)
-    rank = 1 + (sims[:, 1:] >= sims[:, :1]).sum(1)  # (B,)
+    beats = sims[:, 1:] >= sims[:, :1] if ties == "against" else sims[:, 1:] > sims[:, :1]
+    rank = 1 + beats.sum(1)  # (B,)
     return 1.0 / rank.float()
 
 

@@ -55,7 +55,7 @@ def test_defaults_are_valid() -> None:
     ring, bus, worker = RingConfig(), BusConfig(), WorkerConfig()
     assert (ring.slots, ring.max_height, ring.max_width, ring.channels) == (8, 1080, 1920, 3)
     assert bus.tcp_port is None and bus.endpoints() == Endpoints.ipc(default_run_dir())
-    assert worker.variant == "core" and worker.device == "cpu"
+    assert worker.variant is None and worker.device == "cpu"  # None: the checkpoint's
     assert WorkerConfig(device="cuda:1", img_size=64, mode="lossless").device == "cuda:1"
 
 

@@ -45,9 +45,13 @@ pytestmark = pytest.mark.timeout(90)
 
 
 def tiny_model(device: str = "cpu") -> IWM:
-    return create_iwm_model("core", encoder_name=ENCODER, img_size=IMG, pred_depth=2,
-                            pred_dim=64, pred_heads=2, num_actions=NUM_ACTIONS, seed=1,
-                            device=device)
+    m = create_iwm_model("custom", encoder_name=ENCODER, img_size=IMG, pred_depth=2,
+                         pred_dim=64, pred_heads=2, num_actions=NUM_ACTIONS, seed=1,
+                         device=device)
+    with torch.no_grad():  # untrained conditioning is tiny (init std 0.02): make it visible
+        m.predictor.action_embed.weight.mul_(50)
+        m.predictor.cond_embed[-1].weight.mul_(50)
+    return m
 
 
 def frame_for(i: int) -> np.ndarray:
@@ -237,11 +241,13 @@ def rig() -> Iterator[Rig]:
         r.close()
 
 
-def local_surprise(model: IWM, z_prev: np.ndarray, z: np.ndarray, cond: np.ndarray | None,
+def local_surprise(model: IWM, p_prev: np.ndarray, p: np.ndarray, cond: np.ndarray | None,
                    action_id: int) -> float:
-    pred = model.predict(z_prev[None], cond=None if cond is None else cond[None],
+    """The worker's surprise, computed here: predicted vs observed patch latents (N, D)."""
+    pred = model.predict(p_prev.mean(0)[None], p_prev[None],
+                         cond=None if cond is None else cond[None],
                          action_id=np.array([action_id]))
-    return metrics.surprise(pred.z_cls[0].numpy(), z)
+    return metrics.patch_surprise(pred.patches[0].numpy(), p)
 
 
 # ----------------------------------------------------------------------------- process tests
@@ -258,8 +264,9 @@ def test_lossless_publishes_every_seq_once_and_matches_local_model(rig: Rig) -> 
         got = [s for s in rig.col.seqs(topic) if s >= first]
         assert got == seqs, f"{topic}: {got}"
     lat, sur, mrr = (rig.col.by_seq(t) for t in (topics.LATENT, topics.SURPRISE, topics.MRR))
-    z = {s: rig.model.encode(rig.prod.frames[s])[0][0].numpy()
-         for s in range(max(first - 1, 0), first + n)}
+    enc = {s: rig.model.encode(rig.prod.frames[s]) for s in range(max(first - 1, 0), first + n)}
+    z = {s: e[0][0].numpy() for s, e in enc.items()}
+    p = {s: e[1][0].numpy() for s, e in enc.items()}
     rrs = []
     for s in seqs:
         assert lat[s]["z_cls"].shape == (rig.model.embed_dim,) and lat[s]["patches"] is None
@@ -269,7 +276,7 @@ def test_lossless_publishes_every_seq_once_and_matches_local_model(rig: Rig) -> 
             assert sur[s]["surprise"] is None and mrr[s]["rr"] is None and mrr[s]["k"] == 0
             continue
         assert sur[s]["pred_seq"] == s - 1 and sur[s]["action"] is None
-        want = local_surprise(rig.model, z[s - 1], z[s], None, -1)
+        want = local_surprise(rig.model, p[s - 1], p[s], None, -1)
         assert math.isfinite(sur[s]["surprise"]) and abs(sur[s]["surprise"] - want) < 1e-4
         assert 0 < mrr[s]["rr"] <= 1 and mrr[s]["k"] == min(s, 6)
         rrs.append(mrr[s]["rr"])
@@ -288,7 +295,7 @@ def test_lossless_publishes_every_seq_once_and_matches_local_model(rig: Rig) -> 
 def test_rpc_methods_match_local_model(rig: Rig) -> None:
     m, d = rig.model, rig.model.embed_dim
     health = rig.client.result("health")
-    assert health["variant"] == "core" and health["encoder"] == ENCODER
+    assert health["variant"] == "custom" and health["encoder"] == ENCODER
     assert (health["embed_dim"], health["num_patches"], health["cond_dim"],
             health["num_actions"]) == (d, m.num_patches, 16, NUM_ACTIONS)
     assert health["trained"] is True and health["model_path"] == str(rig.ckpt)
@@ -339,7 +346,7 @@ def test_actions_change_predictions(rig: Rig) -> None:
     act_b = wire.make_action([-0.7, 0.8], 0)
     s = write_paced(rig.prod, rig.col, [a, b, a, b], [None, act_a, None, act_b])
     sur = rig.col.by_seq(topics.SURPRISE)
-    za, zb = (rig.model.encode(f)[0][0].numpy() for f in (a, b))
+    za, zb = (rig.model.encode(f)[1][0].numpy() for f in (a, b))  # patch latents (N, D)
     want_a = local_surprise(rig.model, za, zb, pad_cond([0.9, -0.4, 0.1], 16), 2)
     want_b = local_surprise(rig.model, za, zb, pad_cond([-0.7, 0.8], 16), 0)
     assert abs(sur[s[1]]["surprise"] - want_a) < 1e-4

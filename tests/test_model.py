@@ -32,7 +32,7 @@ TINY = dict(encoder_name="vit_tiny_patch16_224", img_size=32, pred_dim=64, pred_
 D, N = 192, 4
 
 
-def tiny(variant: str = "core", seed: int = 0, **kw) -> IWM:
+def tiny(variant: str = "custom", seed: int = 0, **kw) -> IWM:
     return create_iwm_model(variant, seed=seed, **{**TINY, **kw})
 
 
@@ -227,14 +227,14 @@ def test_bad_inputs_raise_clear_errors(model: IWM) -> None:
 def test_training_path_has_gradients() -> None:
     m = tiny(pred_depth=1).train()
     x = m.preprocess(frames(2))
-    z, p = m.encode_features(x)
-    heads = m.predict_heads(z, p, cond=torch.zeros(2, 16))
-    assert heads.shape == (3, 2, 1 + N, D)
+    p = m.encode_features(x)
+    heads = m.predict_heads(p.mean(1), p, cond=torch.zeros(2, 16))
+    assert heads.shape == (3, 2, N, D)
     with pytest.raises(RuntimeError, match="init_target_encoder"):
         m.encode_features(x, target=True)
     ema = m.make_ema(total_steps=10)
-    zt, pt = m.encode_features(x, target=True)
-    loss = (heads - torch.cat([zt[:, None], pt], 1).detach()).square().mean()
+    pt = m.encode_features(x, target=True)
+    loss = (heads - pt.detach()).square().mean()
     loss.backward()
     assert m.encoder.patch_embed.proj.weight.grad is not None
     assert all(q.grad is None for q in m.target_encoder.parameters())
@@ -265,7 +265,7 @@ def test_ema_schedule_is_pure_and_resume_exact() -> None:
 def test_checkpoint_round_trip_is_bit_exact(model: IWM, tmp_path: Path) -> None:
     path = tmp_path / "iwm.pt"
     save_checkpoint(model, path, step=7, note="hi", opt={"lr": torch.tensor(0.1)})
-    loaded = load_iwm(path, "cpu", variant="core")
+    loaded = load_iwm(path, "cpu", variant="custom")
     assert loaded.config == model.config and not loaded.training
     sd, sd2 = model.state_dict(), loaded.state_dict()
     assert sd.keys() == sd2.keys()
@@ -357,7 +357,7 @@ def test_config_mismatch_is_refused(model: IWM, tmp_path: Path) -> None:
         load_iwm(rewrite(config={**payload["config"], "depth": 3}))
     with pytest.raises(CheckpointError, match="version 99"):
         load_iwm(rewrite(version=99))
-    with pytest.raises(CheckpointError, match="variant 'core', expected 'invariant'"):
+    with pytest.raises(CheckpointError, match="variant 'custom', expected 'invariant'"):
         load_iwm(path, variant="invariant")
     plain = tmp_path / "plain.pt"
     torch.save(model.state_dict(), plain)

@@ -348,3 +348,55 @@ def test_unknown_gym_env_is_a_value_error() -> None:
     require("gymnasium")
     with pytest.raises(ValueError, match="NoSuchGame"):
         open_source("gym:NoSuchGame-v0")
+
+
+@pytest.mark.games
+def test_ale_takes_the_full_action_set_without_sticky_actions() -> None:
+    require("ale_py")
+    src = open_source("gym:ALE/Breakout-v5", seed=0)
+    try:
+        spec_kwargs = src.env.spec.kwargs
+        assert spec_kwargs["full_action_space"] is True
+        assert spec_kwargs["repeat_action_probability"] == 0.0
+        assert src.action_space == {"type": "discrete", "n": 18, "start": 0, "vocab": "iwm-18"}
+        assert src.env.unwrapped.get_action_meanings()[17] == "DOWNLEFTFIRE"
+    finally:
+        src.close()
+    native = open_source("gym:ALE/Breakout-v5", seed=0, actions="native")
+    try:
+        assert native.action_space["n"] == 4 and "vocab" not in native.action_space
+        assert native.env.spec.kwargs["repeat_action_probability"] == 0.0
+    finally:
+        native.close()
+    with pytest.raises(ValueError, match="contradicts actions='shared'"):
+        open_source("gym:ALE/Breakout-v5", env_kwargs={"full_action_space": False})
+    with pytest.raises(ValueError, match="actions must be one of"):
+        open_source("gym:ALE/Breakout-v5", actions="minimal")
+
+
+@pytest.mark.games
+@pytest.mark.parametrize("env_id, action_id, pressed", [
+    ("VizdoomBasic-v1", 11, {"MOVE_RIGHT", "ATTACK"}),         # RIGHTFIRE: strafe (no turning)
+    ("VizdoomBasic-v1", 2, set()),                             # UP: no forward button
+    ("VizdoomDefendLine-v1", 12, {"TURN_LEFT", "ATTACK"}),     # LEFTFIRE
+    ("VizdoomHealthGathering-v1", 6, {"MOVE_FORWARD", "TURN_RIGHT"}),  # UPRIGHT
+    ("VizdoomDeadlyCorridor-v1", 9, {"MOVE_BACKWARD", "TURN_LEFT"}),   # DOWNLEFT
+])
+def test_vizdoom_shared_ids_press_the_mapped_buttons(env_id: str, action_id: int, pressed: set,
+                                                     tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    require("vizdoom")
+    monkeypatch.chdir(tmp_path)
+    src = open_source(f"gym:{env_id}", seed=0)
+    try:
+        assert src.action_space["n"] == 18
+        src.reset()
+        frame = src.step({"action_id": action_id})
+        game = src.env.unwrapped.game
+        names = [b.name for b in game.get_available_buttons()]
+        got = {n for n, v in zip(names, game.get_last_action(), strict=True) if v}
+        assert got == pressed and frame.action == {"action_id": action_id}
+        sample = src.step(None).action  # the default policy draws shared ids
+        assert 0 <= sample["action_id"] < 18
+    finally:
+        src.close()

@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -51,6 +52,7 @@ from workers.stream import (
     HorizonMRR,
     LatentBank,
     StreamStats,
+    frame_key,
 )
 
 #: torch seed of the worker process (untrained models are built with it too)
@@ -87,28 +89,29 @@ def load_model(cfg: WorkerConfig) -> IWM:
     Raises FileNotFoundError / CheckpointError for a missing or bad checkpoint and
     ValueError for a bad encoder / size override.
     """
-    if cfg.model_path is not None:
-        if not cfg.model_path.is_file():
-            raise FileNotFoundError(f"checkpoint {cfg.model_path} does not exist; fix "
-                                    "--model / IWM_MODEL_PATH, or leave it unset to run an "
-                                    "untrained model")
-        model = load_iwm(cfg.model_path, cfg.device, compile=cfg.compile)
+    path = cfg.checkpoint()
+    if path is not None:
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist; fix --model / "
+                                    "IWM_MODEL_PATH, or leave it unset for the shipped model")
+        model = load_iwm(path, cfg.device, compile=cfg.compile, variant=cfg.variant)
         mc = model.config
-        if mc.variant != cfg.variant or (cfg.encoder or mc.encoder_name) != mc.encoder_name:
-            logger.warning("checkpoint {} is {} / {} at {} px; the configured variant, "
-                           "encoder and size are ignored", cfg.model_path, mc.variant,
-                           mc.encoder_name, mc.img_size)
+        if cfg.encoder not in (None, mc.encoder_name) or cfg.img_size not in (None, mc.img_size):
+            logger.warning("checkpoint {} is {} / {} at {} px; the configured encoder and "
+                           "size are ignored", path, mc.variant, mc.encoder_name, mc.img_size)
         return model
     overrides: dict[str, Any] = {"num_actions": cfg.num_actions}
     if cfg.encoder:
         overrides["encoder_name"] = cfg.encoder
     if cfg.img_size:
         overrides["img_size"] = cfg.img_size
-    model = create_iwm_model(cfg.variant, device=cfg.device, seed=SEED, compile=cfg.compile,
+    variant = cfg.variant or "core"
+    model = create_iwm_model(variant, device=cfg.device, seed=SEED, compile=cfg.compile,
                              **overrides)
-    logger.warning("no checkpoint given (--model / IWM_MODEL_PATH): latents, surprise and MRR "
-                   "come from an UNTRAINED {} model ({}, seed {}); use them to test the "
-                   "plumbing only", cfg.variant, model.config.encoder_name, SEED)
+    logger.warning("untrained weights (--untrained, or no shipped model in this install): "
+                   "latents, surprise and MRR come from an UNTRAINED {} model ({}, seed {}); "
+                   "use them to test the plumbing only", variant,
+                   model.config.encoder_name, SEED)
     return model
 
 
@@ -131,17 +134,19 @@ class EncoderWorker:
         mc = self.model.config
         self._log = Throttle()
         self.actions = ActionBook(mc.cond_dim, mc.num_actions, self._log)
-        self.bank = LatentBank(cfg.mrr_bank, self.model.embed_dim)
+        self.bank = LatentBank(cfg.mrr_bank, self.model.num_patches * self.model.embed_dim)
         self.horizon = HorizonMRR()
         self.mrr = metrics.RunningMean(MRR_WINDOW)
         self.stats = StreamStats()
         self.reader = FrameReader(ring_name, self.model.device)
         self.surprise_last: float | None = None
+        prov = self.model.provenance
+        self._checkpoint_name = prov.get("name", Path(prov["path"]).name) if prov else None
         self._notices: dict[int, tuple[int, dict[str, Any] | None]] = {}
         self._cursor: int | None = None  # next seq not yet processed, skipped or dropped
         self._last_notice: int | None = None
         self._last_notice_t = 0  # its t_capture_ns
-        self._prev: tuple[int, np.ndarray] | None = None  # (seq, z_cls) last processed
+        self._prev: tuple[int, np.ndarray] | None = None  # (seq, patches) last processed
         self._stop = threading.Event()
         self._t_start = time.monotonic()
         self._next_stats = 0.0
@@ -346,34 +351,36 @@ class EncoderWorker:
             action = self.actions.at(t_capture)
         z_t, patches_t = self.model.encode(frame)  # (1, D), (1, N, D)
         z = z_t[0].cpu().numpy()  # (D,)
-        bank = self.bank.array()  # (k, D): the k most recent other latents
+        p = patches_t[0].cpu().numpy()  # (N, D)
+        key = frame_key(p)  # (N*D,): what MRR ranks
+        bank = self.bank.array()  # (k, N*D): the k most recent other frames
         surprise = rr = pred_seq = None
         if self._prev is not None and seq - self._prev[0] <= MAX_GAP:
-            pred_seq, z_prev = self._prev
-            pred = self._predict(z_prev, action, seq - pred_seq)  # (D,)
-            surprise = float(metrics.surprise(pred, z))
-            rr = metrics.reciprocal_rank(pred, z, bank)
+            pred_seq, p_prev = self._prev
+            pred = self._predict(p_prev, action, seq - pred_seq)  # (N, D)
+            surprise = float(metrics.patch_surprise(pred, p))
+            rr = metrics.reciprocal_rank(frame_key(pred), key, bank, ties="truth")
             self.mrr.update(rr)
             self.surprise_last = surprise
-        patches = patches_t[0].cpu().numpy().astype(np.float16) \
-            if self.cfg.publish_patches else None
+        patches = p.astype(np.float16) if self.cfg.publish_patches else None
         self._publish(seq, t_capture, z, patches, surprise, pred_seq, action, rr, len(bank))
-        self.horizon.observe(self.model, z, action, bank)
-        self.bank.add(z)
-        self._prev = (seq, z)
+        self.horizon.observe(self.model, p, key, action, bank)
+        self.bank.add(key)
+        self._prev = (seq, p)
 
-    def _predict(self, z_prev: np.ndarray, action: Action, steps: int) -> np.ndarray:
-        """The latent ``steps`` frames after ``z_prev`` (skipped frames in realtime mode are
-        predicted through, with the current action held), CLS only."""
+    def _predict(self, p_prev: np.ndarray, action: Action, steps: int) -> np.ndarray:
+        """The patch latents ``steps`` frames after ``p_prev`` (N, D) (skipped frames in
+        realtime mode are predicted through, with the current action held)."""
         ids = np.array([action.action_id]) if self.model.config.num_actions else None
+        z_prev = p_prev.mean(0)[None]  # (1, D)
         if steps == 1:
-            pred = self.model.predict(z_prev[None], cond=action.cond[None], action_id=ids)
-            return pred.z_cls[0].cpu().numpy()
-        roll = self.model.rollout(z_prev[None], cond_seq=np.repeat(action.cond[None, None],
-                                                                    steps, axis=1),
+            pred = self.model.predict(z_prev, p_prev[None], cond=action.cond[None], action_id=ids)
+            return pred.patches[0].cpu().numpy()
+        roll = self.model.rollout(z_prev, p_prev[None],
+                                  cond_seq=np.repeat(action.cond[None, None], steps, axis=1),
                                   action_seq=None if ids is None else np.repeat(ids[None],
                                                                                steps, axis=1))
-        return roll.z_cls_seq[0, -1].cpu().numpy()
+        return roll.patches_seq[0, -1].cpu().numpy()
 
     def _publish(self, seq: int, t_capture: int, z: np.ndarray, patches: np.ndarray | None,
                  surprise: float | None, pred_seq: int | None, action: Action,
@@ -411,7 +418,8 @@ class EncoderWorker:
                 "attach_failures": self.reader.attach_failures, "restarts": self.restarts,
                 "mrr": _finite(self.mrr.value), "surprise_last": self.surprise_last,
                 "mrr_horizon": [_finite(v) for v in self.horizon.values()],
-                "mode": self.cfg.mode, "variant": self.model.config.variant}
+                "mode": self.cfg.mode, "variant": self.model.config.variant,
+                "checkpoint": self._checkpoint_name}
 
     def _publish_stats(self) -> None:
         assert self._pub is not None
@@ -423,9 +431,9 @@ class EncoderWorker:
         self._next_stats = time.monotonic() + interval
 
     def _health(self) -> dict[str, Any]:
-        path = self.cfg.model_path
-        return {"trained": path is not None, "model_path": str(path) if path else None,
-                "frames": self.stats.frames, "uptime_s": time.monotonic() - self._t_start,
+        prov = self.model.provenance  # path, training data, eval summary (None: random init)
+        return {"trained": prov is not None, "model_path": prov["path"] if prov else None,
+                "checkpoint": prov, "frames": self.stats.frames, "uptime_s": time.monotonic() - self._t_start,
                 "mode": self.cfg.mode, "version": __version__, "ready": True}
 
     # -- lifetime
@@ -511,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", help="core | invariant | equivariant (env IWM_MODEL_VARIANT)")
     ap.add_argument("--model", help="checkpoint path (env IWM_MODEL_PATH)")
     ap.add_argument("--device", help="cpu | cuda | cuda:N (env IWM_DEVICE)")
+    ap.add_argument("--untrained", action="store_true", default=None,
+                    help="random weights instead of the shipped default model")
     ap.add_argument("--encoder", help="timm encoder of an untrained model")
     ap.add_argument("--img-size", type=int, help="input size of an untrained model")
     ap.add_argument("--mode", choices=["realtime", "lossless"])
@@ -521,7 +531,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = WorkerConfig.from_env(variant=args.variant, model_path=args.model,
                                     device=args.device, encoder=args.encoder,
                                     img_size=args.img_size, mode=args.mode,
-                                    publish_patches=args.publish_patches)
+                                    publish_patches=args.publish_patches,
+                                    untrained=args.untrained)
     except ValueError as e:
         ap.error(str(e))
     return run_worker(cfg, bus.endpoints(), args.ring)

@@ -5,6 +5,14 @@ packages (``pip install 'iwm-bus[games]'``) are imported only when a source is m
 
     src = open_source("gym:ALE/Pong-v5", seed=0)
     frame = src.step({"action_id": 2})    # SourceFrame with the action that produced it
+    open_source("gym:VizdoomBasic-v1").action_space   # {"type": "discrete", "n": 18, ...}
+    open_source("gym:ALE/Pong-v5", actions="native")  # the env's own (minimal) action set
+
+Games of the mix take the shared action vocabulary (``iwm_bus.actions``, docs/actions.md)
+by default (``actions="shared"``): ALE envs are made with the full 18-action set, ViZDoom
+envs with every button combination and the 18 ids mapped onto their buttons. ALE envs are
+always made without sticky actions (``repeat_action_probability=0.0``), so the action a
+frame records is the action that produced it; ``env_kwargs`` can override that.
 """
 
 from __future__ import annotations
@@ -14,9 +22,53 @@ from typing import Any
 
 import numpy as np
 
+from iwm_bus.actions import ALE_ENV_KWARGS, doom_button_table, shared_action_space
 from workers.sources import SourceError, SourceFrame, _bad_spec, _SourceBase, as_rgb_frame
 
-__all__ = ["GymSource"]
+__all__ = ["ACTION_MODES", "GymSource", "game_kwargs"]
+
+#: ``actions`` option of a gym source: the shared 18-id vocabulary, or the env's own space
+ACTION_MODES = ("shared", "native")
+#: gymnasium.make kwargs a ViZDoom env needs to take every button combination
+_DOOM_SHARED_KWARGS: dict[str, Any] = {"max_buttons_pressed": 0,
+                                       "use_multi_binary_action_space": True}
+
+
+def _is_ale(env_id: str) -> bool:
+    return env_id.startswith("ALE/")
+
+
+def _is_vizdoom(env_id: str) -> bool:
+    return env_id.startswith("Vizdoom")
+
+
+def game_kwargs(env_id: str, actions: str, env_kwargs: Mapping[str, Any] | None,
+                spec: str) -> dict[str, Any]:
+    """The gymnasium.make kwargs for ``env_id``: the game defaults, then ``env_kwargs``.
+
+    ALE: no sticky actions, and the full action set when ``actions="shared"``; ViZDoom with
+    ``actions="shared"``: every button combination (a MultiBinary space the ids map onto).
+    A user kwarg that contradicts ``actions="shared"`` is a ValueError.
+    """
+    if actions not in ACTION_MODES:
+        raise _bad_spec(spec, f"actions must be one of {ACTION_MODES}, got {actions!r}")
+    user = dict(env_kwargs or {})
+    needed: dict[str, Any] = {}
+    if _is_ale(env_id):
+        defaults = {"repeat_action_probability": ALE_ENV_KWARGS["repeat_action_probability"]}
+        if actions == "shared":
+            needed = {"full_action_space": ALE_ENV_KWARGS["full_action_space"]}
+    elif _is_vizdoom(env_id):
+        defaults = {}
+        if actions == "shared":
+            needed = dict(_DOOM_SHARED_KWARGS)
+    else:
+        defaults = {}
+    for key, value in needed.items():
+        if key in user and user[key] != value:
+            raise _bad_spec(spec, f"env_kwargs {key}={user[key]!r} contradicts actions='shared' "
+                                  f"(which needs {key}={value!r}); pass actions='native'")
+    return {**defaults, **needed, **user}
 
 
 def _import_gym(env_id: str, spec: str) -> Any:
@@ -42,7 +94,10 @@ class GymSource(_SourceBase):
 
     Discrete spaces take ``action_id``; Box spaces a ``vector`` of exactly the space's size
     (clipped to its bounds); MultiBinary a ``vector`` of n components (> 0.5 = pressed).
-    Anything else, or no action, → the default policy: ``action_space.sample()`` seeded with
+    With ``actions="shared"`` (the default) ALE and ViZDoom envs take the shared ids 0..17
+    (``iwm_bus.actions``; ``action_space["vocab"]`` names it), and ViZDoom ids are pressed
+    as the buttons the vocabulary maps them to. Anything else, or no action, → the default
+    policy: ``action_space.sample()`` (a uniform shared id for ViZDoom) seeded with
     ``seed``. At an episode's end the next ``step`` resets the env and returns the new
     episode's first frame with ``action=None`` (no action produced it); ``episodes`` counts
     finished episodes. Frames come from ``render()``, or from the observation when it is an
@@ -52,10 +107,11 @@ class GymSource(_SourceBase):
     knows_actions = True
 
     def __init__(self, env_id: str, *, seed: int = 0, max_episode_steps: int | None = None,
-                 env_kwargs: Mapping[str, Any] | None = None, spec: str | None = None) -> None:
+                 env_kwargs: Mapping[str, Any] | None = None, actions: str = "shared",
+                 spec: str | None = None) -> None:
         super().__init__(spec or f"gym:{env_id}")
+        kwargs = game_kwargs(env_id, actions, env_kwargs, self.spec)
         gym = _import_gym(env_id, self.spec)
-        kwargs = dict(env_kwargs or {})
         if max_episode_steps is not None:
             kwargs["max_episode_steps"] = int(max_episode_steps)
         try:
@@ -65,11 +121,21 @@ class GymSource(_SourceBase):
         except Exception as e:  # an engine failing to start (missing ROM, no GL, ...)
             raise SourceError(f"{self.spec}: cannot create the environment: "
                               f"{type(e).__name__}: {e}") from e
+        self.env_id, self.env_kwargs, self.actions = env_id, kwargs, actions
         self._seed = seed
         self._needs_reset = False
+        # shared ids -> ViZDoom button vectors, (18, buttons); None when ids go to env.step
+        self._id_table: np.ndarray | None = None
+        # the default policy's draws over the shared ids (ViZDoom)
+        self._rng = np.random.default_rng(seed)
         try:
             self._kind, self.action_space = _describe_space(self.env.action_space, self.spec)
-        except ValueError:
+            if actions == "shared" and _is_vizdoom(env_id):
+                self._id_table = self._doom_table()
+                self._kind, self.action_space = "discrete", shared_action_space()
+            elif actions == "shared" and _is_ale(env_id):
+                self.action_space = shared_action_space()
+        except (ValueError, SourceError):
             self.env.close()
             raise
         self.env.action_space.seed(seed)
@@ -94,6 +160,20 @@ class GymSource(_SourceBase):
         if env is not None:
             env.close()
 
+    def _doom_table(self) -> np.ndarray:
+        """(18, buttons) 0/1 rows: the buttons each shared id presses (iwm_bus.actions)."""
+        from gymnasium import spaces
+
+        space = self.env.action_space
+        if not isinstance(space, spaces.MultiBinary):
+            raise SourceError(f"{self.spec}: actions='shared' needs binary buttons only; this "
+                              f"scenario's action space is {space}; pass actions='native'")
+        try:
+            names = [b.name for b in self.env.unwrapped.game.get_available_buttons()]
+        except AttributeError as e:
+            raise SourceError(f"{self.spec}: cannot list the ViZDoom buttons: {e}") from e
+        return np.array(doom_button_table(names), dtype=space.dtype)
+
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         if self.env is None:
             raise SourceError(f"{self.spec}: the source is closed")
@@ -109,6 +189,9 @@ class GymSource(_SourceBase):
                 return self._convert(action)
             except (TypeError, ValueError) as e:
                 self._bad_action(action, str(e))
+        if self._id_table is not None:
+            action_id = int(self._rng.integers(len(self._id_table)))
+            return self._id_table[action_id], {"action_id": action_id}
         sample = self.env.action_space.sample()
         if self._kind == "discrete":
             return sample, {"action_id": int(sample)}
@@ -120,13 +203,15 @@ class GymSource(_SourceBase):
         space = self.env.action_space
         if self._kind == "discrete":
             action_id = action.get("action_id")
-            first, n = int(space.start), int(space.n)
+            first, n = self.action_space["start"], self.action_space["n"]
             if action_id is None or isinstance(action_id, bool) or not isinstance(
                     action_id, (int, np.integer)):
                 raise ValueError(f"a discrete space needs an int action_id in "
                                  f"{first}..{first + n - 1}, got {action_id!r}")
             if not first <= int(action_id) < first + n:
                 raise ValueError(f"action_id {action_id} is outside {first}..{first + n - 1}")
+            if self._id_table is not None:
+                return self._id_table[int(action_id)], {"action_id": int(action_id)}
             return np.int64(action_id), {"action_id": int(action_id)}
         vector = action.get("vector")
         size = int(np.prod(space.shape))

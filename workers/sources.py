@@ -72,7 +72,7 @@ SCHEMES = ("synthetic", "gym", "screen", "video", "folder", "replay")
 #: ``loop`` is accepted everywhere; sources that never end ignore it.
 OPTIONS: dict[str, frozenset[str] | None] = {
     "synthetic": frozenset({"loop", "speed", "shapes"}),
-    "gym": frozenset({"loop", "max_episode_steps", "env_kwargs"}),
+    "gym": frozenset({"loop", "max_episode_steps", "env_kwargs", "actions"}),
     "screen": frozenset({"loop"}),
     "video": frozenset({"loop"}),
     "folder": frozenset({"loop"}),

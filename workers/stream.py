@@ -123,8 +123,14 @@ class ActionBook:
 # ----------------------------------------------------------------------------- latents
 
 
+def frame_key(patches: np.ndarray) -> np.ndarray:
+    """The vector a frame is ranked by in MRR: its patch latents (N, D), each token
+    layer-normed, flattened to (N*D,) float32 (``train.evaluate`` ranks the same way)."""
+    return metrics.layer_norm(patches).astype(np.float32).reshape(-1)
+
+
 class LatentBank:
-    """The ``size`` most recent latents (MRR candidates); order does not matter."""
+    """The ``size`` most recent frame keys (MRR candidates); order does not matter."""
 
     def __init__(self, size: int, dim: int) -> None:
         self._buf = np.zeros((size, dim), np.float32)  # (K, D)
@@ -164,25 +170,27 @@ class HorizonMRR:
         """(horizon,) float32 running means; NaN where not measured yet."""
         return np.array([m.value for m in self.means], np.float32)
 
-    def observe(self, model: IWM, z: np.ndarray, action: Action, bank: np.ndarray) -> None:
-        """Record processed frame latent ``z`` reached with ``action``; measure when due."""
-        self._hist.append((z, action))
+    def observe(self, model: IWM, patches: np.ndarray, key: np.ndarray, action: Action,
+                bank: np.ndarray) -> None:
+        """Record processed frame ``patches`` (N, D) (ranked as ``key``) reached with
+        ``action``; measure when due."""
+        self._hist.append((patches, action))
         self._count += 1
         hs = min(self.horizon, len(self._hist) - 1)
         if self._count % self.every or hs < 1 or len(bank) == 0:
             return
         hist = list(self._hist)
-        starts = np.stack([hist[-1 - h][0] for h in range(1, hs + 1)])  # (hs, D)
+        starts = np.stack([hist[-1 - h][0] for h in range(1, hs + 1)])  # (hs, N, D)
         cond = np.zeros((hs, hs, model.config.cond_dim), np.float32)  # (B, K, C)
         ids = np.full((hs, hs), -1, np.int64)  # (B, K)
         for h in range(1, hs + 1):
             for j, (_, act) in enumerate(hist[len(hist) - h:]):
                 cond[h - 1, j], ids[h - 1, j] = act.cond, act.action_id
-        roll = model.rollout(starts, cond_seq=cond,
+        roll = model.rollout(starts.mean(1), starts, cond_seq=cond,
                              action_seq=ids if model.config.num_actions else None)
-        preds = roll.z_cls_seq.float().cpu().numpy()  # (hs, hs, D)
+        preds = roll.patches_seq.float().cpu().numpy()  # (hs, hs, N, D)
         for h in range(1, hs + 1):
-            rr = metrics.reciprocal_rank(preds[h - 1, h - 1], z, bank)
+            rr = metrics.reciprocal_rank(frame_key(preds[h - 1, h - 1]), key, bank, ties="truth")
             self.means[h - 1].update(rr)
 
     def clear(self) -> None:

@@ -11,21 +11,20 @@ import pickle
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from iwm_bus.errors import CheckpointError
-
-if TYPE_CHECKING:
-    from iwm_bus.model import IWM
+from iwm_bus.model.config import IWMConfig
+from iwm_bus.model.iwm import IWM
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "load_checkpoint", "load_iwm",
            "save_checkpoint"]
 
 CHECKPOINT_FORMAT = "iwm-bus/checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: masked-token predictor, normed latents
 
 
 def _check_plain(obj: Any, where: str) -> None:
@@ -129,8 +128,6 @@ def load_iwm(path: str | os.PathLike, device: str | torch.device = "cpu", *,
     (or, if the file has none, initialise from the encoder) the EMA target encoder.
     Any problem raises :class:`CheckpointError` naming the file and what is wrong.
     """
-    from iwm_bus.model import IWM, IWMConfig  # here: iwm_bus.model imports this module
-
     path = Path(path)
     payload = load_checkpoint(path)
     try:
@@ -149,6 +146,10 @@ def load_iwm(path: str | os.PathLike, device: str | torch.device = "cpu", *,
         raise CheckpointError(f"{path}: weights do not match the checkpoint's config: "
                               + "; ".join(problems))
     model.load_state_dict(main, strict=True)
+    # where the weights came from, for health replies: path + the checkpoint's "info" extra
+    # (training data, eval summary, action vocabulary), when it has one
+    info = payload["extra"].get("info")
+    model.provenance = {"path": str(path), **(info if isinstance(info, dict) else {})}
     if with_target:  # a copy of the loaded encoder, then the saved target if there is one
         model.init_target_encoder().load_state_dict(target or model.encoder.state_dict())
     return model.to(device).eval()

@@ -1,0 +1,214 @@
+"""Training objectives of IWM: what ``IWM.forward(batch)`` computes.
+
+Two batch kinds, told apart by their keys:
+
+- **views** (Phase 1, I-JEPA / IWM): ``src`` and ``tgt`` images (B, 3, S, S), ``cond``
+  (B, cond_dim) the augmentation parameters taking ``src`` to ``tgt``, ``ctx_idx`` (B, C) the
+  kept patches of ``src``, ``tgt_idx`` (B, T) the masked target patches. The predictor sees
+  the context tokens and predicts the EMA target encoder's layer-normed tokens of ``tgt`` at
+  ``tgt_idx`` (smooth-L1, Assran et al. 2023).
+- **dynamics** (Phase 3, V-JEPA 2-AC): ``frames`` (B, K+1, 3, S, S), ``actions`` (B, K) long
+  (-1 = none) and/or ``cond`` (B, K, cond_dim). Teacher forcing predicts frame j+1 from the
+  encoded frame j for every j < K; the rollout loss feeds the predictor its own prediction
+  for K-1 more steps; the global loss predicts frame 1 from frame 0's global latent alone
+  (what ``predict`` does without patches). Targets come from the target encoder (EMA, or
+  the frozen encoder itself when ``freeze_encoder``).
+
+Optional, both kinds: ``boot`` (E, B) per-head bootstrap weights (each ensemble head trains
+on its own Poisson(1) resample of the batch, so the heads' spread measures uncertainty);
+VICReg variance/covariance terms on the online encoder's context tokens (a collapse guard);
+``change_weight`` (dynamics) weights target patches by how much they change from frame j
+to j+1, so a static background cannot dominate the loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from iwm_bus.model.encoder import gather_tokens, global_latent
+
+__all__ = ["Objective", "dynamics_loss", "effective_rank", "views_loss", "vicreg_terms"]
+
+LOSSES = ("smooth_l1", "l1", "l2")
+
+
+@dataclass
+class Objective:
+    """Loss weights and switches of ``IWM.forward``."""
+
+    # distance between predicted and target tokens: smooth_l1 (I-JEPA), l1 (V-JEPA 2-AC), l2
+    loss: str = "smooth_l1"
+    # dynamics: weight of the k-step rollout loss (V-JEPA 2-AC)
+    rollout_weight: float = 1.0
+    # dynamics: weight of predicting frame 1 from frame 0's global latent alone
+    global_weight: float = 0.25
+    # dynamics: target patch weight 1 + change_weight * (its change / the batch's mean change)
+    change_weight: float = 0.0
+    # VICReg variance term on the online encoder's tokens (0 = off)
+    var_weight: float = 0.0
+    # VICReg covariance term on the online encoder's tokens (0 = off)
+    cov_weight: float = 0.0
+    # dynamics: keep the encoder frozen (targets and context from it, no gradient)
+    freeze_encoder: bool = False
+    # activation checkpointing in the online encoder (seed: "OOM during training")
+    grad_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"Objective.loss must be one of {LOSSES}, got {self.loss!r}")
+        for f in ("rollout_weight", "global_weight", "change_weight", "var_weight",
+                  "cov_weight"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+                raise ValueError(f"Objective.{f} must be a number >= 0, got {v!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _token_error(pred: Tensor, target: Tensor, kind: str) -> Tensor:
+    """Per-token error (..., T, D) -> (..., T)."""
+    if kind == "smooth_l1":
+        return F.smooth_l1_loss(pred, target.expand_as(pred), reduction="none").mean(-1)
+    if kind == "l1":
+        return (pred - target).abs().mean(-1)
+    return (pred - target).square().mean(-1)
+
+
+def _head_loss(heads: Tensor, target: Tensor, boot: Tensor, kind: str,
+               tok_w: Tensor | None = None) -> Tensor:
+    """Bootstrap-weighted loss of heads (E, B, T, D) vs target (B, T, D); boot (E, B)."""
+    err = _token_error(heads.float(), target[None].float(), kind)  # (E, B, T)
+    per = (err * tok_w[None]).sum(-1) / tok_w.sum(-1)[None] if tok_w is not None \
+        else err.mean(-1)  # (E, B)
+    return (per * boot).mean()  # over heads and batch; / B (not / sum(boot)): DDP-exact
+
+
+def vicreg_terms(tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """VICReg (Bardes et al. 2022) variance and covariance terms of tokens (B, T, D)."""
+    x = tokens.float().reshape(-1, tokens.shape[-1])  # (B*T, D)
+    x = x - x.mean(0)
+    std = (x.var(0) + 1e-4).sqrt()  # (D,)
+    var = F.relu(1.0 - std).mean()
+    cov = (x.T @ x) / max(x.shape[0] - 1, 1)  # (D, D)
+    off = cov - torch.diag(torch.diag(cov))
+    return var, off.square().sum() / x.shape[1]
+
+
+@torch.no_grad()
+def effective_rank(x: Tensor, max_rows: int = 1024) -> float:
+    """Effective rank (Roy & Vetterli 2007): exp of the entropy of the normalised singular values."""
+    x = x.float().reshape(-1, x.shape[-1])[:max_rows]
+    s = torch.linalg.svdvals(x - x.mean(0))
+    p = s / s.sum().clamp_min(1e-12)
+    return float(torch.exp(-(p * (p + 1e-12).log()).sum()))
+
+
+@torch.no_grad()
+def collapse_stats(targets: Tensor) -> dict[str, float]:
+    """Per-dimension std (mean over dims) and effective rank of target tokens (B, T, D)."""
+    flat = targets.float().reshape(-1, targets.shape[-1])
+    return {"target_std": float(flat.std(0).mean()), "target_rank": effective_rank(flat)}
+
+
+def _boot(batch: dict[str, Tensor], ensemble: int, b: int, ref: Tensor) -> Tensor:
+    boot = batch.get("boot")
+    return boot.to(ref) if boot is not None else ref.new_ones(ensemble, b)
+
+
+def _reg(obj: Objective, ctx: Tensor, out: dict[str, Tensor]) -> Tensor:
+    if not (obj.var_weight or obj.cov_weight) or not ctx.requires_grad:
+        return ctx.new_zeros(())
+    var, cov = vicreg_terms(ctx)
+    out["var"], out["cov"] = var.detach(), cov.detach()
+    return obj.var_weight * var + obj.cov_weight * cov
+
+
+def views_loss(model: Any, batch: dict[str, Tensor], obj: Objective) -> dict[str, Tensor]:
+    """Phase 1: predict the target view's masked tokens from the source view's context."""
+    src, tgt, cond = batch["src"], batch["tgt"], batch["cond"]
+    ctx_idx, tgt_idx = batch["ctx_idx"], batch["tgt_idx"]
+    with torch.no_grad():
+        target = gather_tokens(model.encode_features(tgt, target=True), tgt_idx)  # (B, T, D)
+    ctx = model.encode_features(src, keep=ctx_idx, checkpointing=obj.grad_checkpointing)
+    heads = model.predictor(ctx, ctx_idx, tgt_idx, cond)  # (E, B, T, D)
+    out: dict[str, Tensor] = {}
+    pred = _head_loss(heads, target, _boot(batch, model.config.ensemble, src.shape[0], ctx),
+                      obj.loss)
+    out["pred"] = pred.detach()
+    out["loss"] = pred + _reg(obj, ctx, out)
+    out.update({k: torch.tensor(v) for k, v in collapse_stats(target).items()})
+    return out
+
+
+def _change_weights(prev: Tensor, nxt: Tensor, strength: float) -> Tensor | None:
+    """Patch weights (B, N) from how much each target token changes between two frames."""
+    if not strength:
+        return None
+    d = (nxt - prev).abs().mean(-1)  # (B, N)
+    return 1.0 + strength * d / d.mean().clamp_min(1e-6)
+
+
+def dynamics_loss(model: Any, batch: dict[str, Tensor], obj: Objective) -> dict[str, Tensor]:
+    """Phase 3: teacher-forced next step + k-step rollout + global-latent step."""
+    frames = batch["frames"]  # (B, K+1, 3, S, S)
+    b, k1 = frames.shape[:2]
+    k = k1 - 1
+    cfg = model.config
+    cond = batch.get("cond")
+    if cond is None:
+        cond = frames.new_zeros(b, k, cfg.cond_dim)
+    actions = batch.get("actions")  # (B, K) or None
+    with torch.no_grad():
+        target = model.encode_features(frames.flatten(0, 1), target=not obj.freeze_encoder)
+        target = target.unflatten(0, (b, k1))  # (B, K+1, N, D)
+    if obj.freeze_encoder:
+        ctx = target[:, :k]  # (B, K, N, D)
+    else:
+        ctx = model.encode_features(frames[:, :k].flatten(0, 1),
+                                    checkpointing=obj.grad_checkpointing).unflatten(0, (b, k))
+    n = ctx.shape[2]
+    boot = _boot(batch, cfg.ensemble, b, frames)
+    idx = torch.arange(n, device=frames.device).expand(b * k, n)  # (B*K, N)
+    flat_ctx = ctx.flatten(0, 1)  # (B*K, N, D)
+    flat_act = actions.flatten() if actions is not None else None
+    heads = model.predictor(flat_ctx, idx, idx, cond.flatten(0, 1), flat_act, prior=flat_ctx)
+    heads = heads.unflatten(1, (b, k))  # (E, B, K, N, D)
+    out: dict[str, Tensor] = {}
+    total = frames.new_zeros(())
+    tf = frames.new_zeros(())
+    for j in range(k):
+        w = _change_weights(target[:, j], target[:, j + 1], obj.change_weight)
+        tf = tf + _head_loss(heads[:, :, j], target[:, j + 1], boot, obj.loss, w) / k
+    out["pred"] = tf.detach()
+    total = total + tf
+    if k > 1 and obj.rollout_weight:
+        z, roll, idx1 = heads[:, :, 0].mean(0), frames.new_zeros(()), idx[:b]
+        for j in range(1, k):
+            act = actions[:, j] if actions is not None else None
+            h = model.predictor(z, idx1, idx1, cond[:, j], act, prior=z)  # (E, B, N, D)
+            w = _change_weights(target[:, j], target[:, j + 1], obj.change_weight)
+            roll = roll + _head_loss(h, target[:, j + 1], boot, obj.loss, w) / (k - 1)
+            z = h.mean(0)
+        out["rollout"] = roll.detach()
+        total = total + obj.rollout_weight * roll
+    if obj.global_weight:
+        g = global_latent(ctx[:, 0])[:, None]  # (B, 1, D)
+        gidx = torch.full((b, 1), -1, dtype=torch.long, device=frames.device)
+        act = actions[:, 0] if actions is not None else None
+        h = model.predictor(g, gidx, idx[:b], cond[:, 0], act)  # (E, B, N, D)
+        w = _change_weights(target[:, 0], target[:, 1], obj.change_weight)
+        glob = _head_loss(h, target[:, 1], boot, obj.loss, w)
+        out["global"] = glob.detach()
+        total = total + obj.global_weight * glob
+    out["loss"] = total + _reg(obj, ctx, out)
+    out.update({kk: torch.tensor(v) for kk, v in collapse_stats(target[:, 1:]).items()})
+    return out
+
+

@@ -1,0 +1,181 @@
+"""IWM augmentations that return their parameters (Garrido et al. 2024, "Learning and
+Leveraging World Models in Visual Representation Learning").
+
+Both views share one random resized crop and horizontal flip. The **target** view gets its own
+colour jitter only; the **source** view gets its own colour jitter plus the destructive
+transforms (grayscale, Gaussian blur, solarize). The predictor is told how to get from the
+source to the target through the conditioning vector (``COND_LAYOUT``, 8 values, zero-padded
+to ``cond_dim``)::
+
+    0 brightness_t - brightness_s     4 source grayscale (0/1)
+    1 contrast_t   - contrast_s       5 source blurred (0/1)
+    2 saturation_t - saturation_s     6 source blur sigma / 2
+    3 hue_t        - hue_s            7 source solarized (0/1)
+
+Strong + destructive augmentations with a deep predictor make an equivariant world model,
+weak ones an invariant one (IWM). Every random number comes from the generator passed to
+:func:`sample_params`, so a step's views are a pure function of its seed, and parameters are
+drawn for the whole (global) batch so that DDP ranks can each take their slice.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torchvision.transforms.v2.functional as TF
+from torch import Tensor
+
+__all__ = ["COND_LAYOUT", "AugConfig", "AugParams", "apply_views", "cond_vector",
+           "sample_params"]
+
+COND_LAYOUT = ("d_brightness", "d_contrast", "d_saturation", "d_hue", "grayscale", "blur",
+               "blur_sigma_half", "solarize")
+_GRAY = (0.299, 0.587, 0.114)
+
+
+@dataclass
+class AugConfig:
+    """Augmentation strengths and probabilities."""
+
+    # random resized crop area range shared by both views
+    crop_scale: tuple[float, float] = (0.3, 1.0)
+    # random resized crop aspect-ratio range (width / height)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    # probability of a horizontal flip (shared)
+    flip_p: float = 0.5
+    # colour jitter amplitude: brightness, contrast, saturation (factor 1 +- a), hue (+- a)
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    # probability that a view is colour-jittered at all
+    jitter_p: float = 0.8
+    # source view: grayscale / blur / solarize probabilities (0 = weak augmentations)
+    gray_p: float = 0.2
+    blur_p: float = 0.5
+    solarize_p: float = 0.2
+    # blur sigma range
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+
+    def __post_init__(self) -> None:
+        for f in ("flip_p", "jitter_p", "gray_p", "blur_p", "solarize_p"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1:
+                raise ValueError(f"AugConfig.{f} must be a probability in [0, 1], got {v!r}")
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"AugConfig.crop_scale must be 0 < a <= b <= 1, got {self.crop_scale!r}")
+        if len(self.jitter) != 4 or any(a < 0 for a in self.jitter) or self.jitter[3] > 0.5:
+            raise ValueError(f"AugConfig.jitter must be 4 amplitudes >= 0 (hue <= 0.5), "
+                             f"got {self.jitter!r}")
+
+
+@dataclass
+class AugParams:
+    """The parameters of a batch of view pairs (all (B,) or (B, k) tensors)."""
+
+    crop: Tensor  # (B, 4) top, left, height, width as fractions of the image
+    flip: Tensor  # (B,) bool
+    jitter_t: Tensor  # (B, 4) brightness, contrast, saturation factors, hue shift
+    jitter_s: Tensor  # (B, 4)
+    gray: Tensor  # (B,) bool, source only
+    blur: Tensor  # (B,) bool, source only
+    sigma: Tensor  # (B,) blur sigma (0 when not blurred)
+    solarize: Tensor  # (B,) bool, source only
+
+    def slice(self, sl: slice) -> AugParams:
+        return AugParams(**{f.name: getattr(self, f.name)[sl] for f in fields(self)})
+
+
+def _u(gen: torch.Generator, n: int, lo: float, hi: float) -> Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=gen)
+
+
+def _jitter(gen: torch.Generator, n: int, cfg: AugConfig) -> Tensor:
+    b, c, s, h = cfg.jitter
+    j = torch.stack([_u(gen, n, 1 - b, 1 + b), _u(gen, n, 1 - c, 1 + c),
+                     _u(gen, n, 1 - s, 1 + s), _u(gen, n, -h, h)], 1)  # (B, 4)
+    off = torch.rand(n, generator=gen) >= cfg.jitter_p
+    j[off] = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    return j
+
+
+def sample_params(gen: torch.Generator, n: int, cfg: AugConfig | None = None) -> AugParams:
+    """Draw the parameters of ``n`` view pairs."""
+    cfg = cfg or AugConfig()
+    area = _u(gen, n, *cfg.crop_scale)
+    ratio = torch.exp(_u(gen, n, math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1])))
+    h = (area * ratio).sqrt().clamp(max=1.0)
+    w = (area / ratio).sqrt().clamp(max=1.0)
+    top, left = torch.rand(n, generator=gen) * (1 - h), torch.rand(n, generator=gen) * (1 - w)
+    flip = torch.rand(n, generator=gen) < cfg.flip_p
+    jt, js = _jitter(gen, n, cfg), _jitter(gen, n, cfg)
+    gray = torch.rand(n, generator=gen) < cfg.gray_p
+    blur = torch.rand(n, generator=gen) < cfg.blur_p
+    sigma = torch.where(blur, _u(gen, n, *cfg.blur_sigma), torch.zeros(n))
+    solar = torch.rand(n, generator=gen) < cfg.solarize_p
+    return AugParams(torch.stack([top, left, h, w], 1), flip, jt, js, gray, blur, sigma, solar)
+
+
+def cond_vector(p: AugParams, cond_dim: int) -> Tensor:
+    """The conditioning vectors (B, cond_dim) of ``COND_LAYOUT``, zero-padded."""
+    if cond_dim < len(COND_LAYOUT):
+        raise ValueError(f"cond_dim={cond_dim} is too small for the {len(COND_LAYOUT)} "
+                         "augmentation parameters")
+    v = torch.cat([p.jitter_t - p.jitter_s, p.gray[:, None].float(), p.blur[:, None].float(),
+                   (p.sigma / 2)[:, None], p.solarize[:, None].float()], 1)  # (B, 8)
+    out = torch.zeros(v.shape[0], cond_dim)
+    out[:, : v.shape[1]] = v
+    return out
+
+
+def _gray(x: Tensor) -> Tensor:
+    w = torch.tensor(_GRAY, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * w).sum(1, keepdim=True)  # (B, 1, H, W)
+
+
+def _rgb_to_yiq_rotate(x: Tensor, hue: Tensor) -> Tensor:
+    """Hue shift by ``hue`` turns (B,) as a rotation of the IQ chroma plane."""
+    m = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322],
+                      [0.211, -0.523, 0.312]], dtype=x.dtype)
+    yiq = torch.einsum("ij,bjhw->bihw", m, x)  # (B, 3, H, W)
+    a = (hue * 2 * math.pi).view(-1, 1, 1)
+    i, q = yiq[:, 1], yiq[:, 2]
+    yiq = torch.stack([yiq[:, 0], i * a.cos() - q * a.sin(), i * a.sin() + q * a.cos()], 1)
+    return torch.einsum("ij,bjhw->bihw", torch.linalg.inv(m), yiq)
+
+
+def color_jitter(x: Tensor, j: Tensor) -> Tensor:
+    """Brightness, contrast, saturation factors and hue shift ``j`` (B, 4) on x in [0, 1]."""
+    x = x * j[:, 0].view(-1, 1, 1, 1)
+    m = _gray(x).mean((2, 3), keepdim=True)
+    x = ((x - m) * j[:, 1].view(-1, 1, 1, 1) + m).clamp(0, 1)
+    g = _gray(x)
+    x = ((x - g) * j[:, 2].view(-1, 1, 1, 1) + g).clamp(0, 1)
+    return _rgb_to_yiq_rotate(x, j[:, 3]).clamp(0, 1)
+
+
+def _crop(images: Tensor, p: AugParams) -> Tensor:
+    """Shared resized crop + flip of uint8 (B, S, S, 3) -> float (B, 3, S, S) in [0, 1]."""
+    b, s = images.shape[0], images.shape[1]
+    out = torch.empty(b, 3, s, s)
+    for i in range(b):
+        top, left, h, w = (p.crop[i] * s).tolist()
+        img = images[i].permute(2, 0, 1)  # (3, S, S)
+        c = TF.resized_crop(img, int(top), int(left), max(1, round(h)), max(1, round(w)),
+                            [s, s], antialias=True)
+        out[i] = (TF.horizontal_flip(c) if p.flip[i] else c).float() / 255.0
+    return out
+
+
+def apply_views(images: Tensor, p: AugParams) -> tuple[Tensor, Tensor]:
+    """(source, target) float views in [0, 1], (B, 3, S, S), of uint8 images (B, S, S, 3)."""
+    base = _crop(images, p)
+    tgt = color_jitter(base, p.jitter_t)
+    src = color_jitter(base, p.jitter_s)
+    src = torch.where(p.gray.view(-1, 1, 1, 1), _gray(src).expand_as(src), src)
+    for i in p.blur.nonzero().flatten().tolist():
+        sig = float(p.sigma[i])
+        k = max(3, 2 * math.ceil(3 * sig) + 1)
+        src[i] = TF.gaussian_blur(src[i], [k, k], [sig, sig])
+    src = torch.where(p.solarize.view(-1, 1, 1, 1), torch.where(src >= 0.5, 1 - src, src), src)
+    return src, tgt

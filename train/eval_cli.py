@@ -1,0 +1,145 @@
+"""``iwm-eval``: evaluate a checkpoint on held-out data; one table, one PNG, one JSON.
+
+    iwm-eval --model runs/p3/last.pt --sessions data/default/heldout --out runs/p3/eval
+    iwm-eval --model runs/p3/last.pt --sessions data/default/heldout \\
+        --games ALE/Pong-v5,ALE/Breakout-v5 --cf_states 40 --out runs/p3/eval
+    iwm-eval --model runs/p1/last.pt --images photos/ --out runs/p1/eval    # Phase 1
+
+Rows (see ``train.evaluate``): augmentation MRR vs zero conditioning and chance; next-latent
+MRR vs copy-last and action-shuffled; action discrimination on counterfactual next frames
+(``--games``, ALE clone/restore) vs copy-last and chance; surprise AUROC on injected cuts vs
+copy-last; uncertainty-vs-surprise correlation; latent std and effective rank.
+Writes ``OUT/eval.json`` and ``OUT/eval.png``. Bad input: one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["format_table", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="iwm-eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint to evaluate")
+    p.add_argument("--sessions", nargs="+", help="held-out session files or folders")
+    p.add_argument("--images", nargs="+", help="held-out image folders (augmentation MRR)")
+    p.add_argument("--games", help="comma-separated ALE ids for action discrimination")
+    p.add_argument("--cf_states", type=int, default=30, help="cloned states per game")
+    p.add_argument("--bank", type=int, default=256)
+    p.add_argument("--max_transitions", type=int, default=1024)
+    p.add_argument("--aug_images", type=int, default=8)
+    p.add_argument("--cut_gap", type=int, default=75, help="frames between a cut's two frames")
+    p.add_argument("--max_frames", type=int, default=0, help="frames loaded per source (0 = all)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=1000, help="seed of samples and emulator states")
+    p.add_argument("--out", type=Path, help="folder for eval.json and eval.png")
+    return p
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None or (isinstance(v, float) and v != v) else f"{v:.3f}"
+
+
+def format_table(s: dict[str, Any]) -> str:
+    """The summary as an aligned text table: metric, model, baselines."""
+    rows = [("metric", "model", "baselines")]
+    def add(name: str, key: str, base: list[str]) -> None:
+        if key in s:
+            d = s[key]
+            rows.append((name, _fmt(d.get("model")),
+                         "  ".join(f"{b}={_fmt(d.get(b))}" for b in base)))
+    add("augmentation MRR", "augmentation_mrr", ["zero_cond", "chance"])
+    add("next-latent MRR", "next_latent_mrr", ["copy_last", "shuffled", "chance"])
+    add("action discrimination MRR", "action_discrimination", ["copy_last", "chance"])
+    add("surprise AUROC (cuts)", "surprise_auroc", ["copy_last"])
+    if "uncertainty" in s:
+        rows.append(("uncertainty~surprise corr", _fmt(s["uncertainty"]["corr_with_surprise"]),
+                     ">0.3 wanted"))
+    if "latents" in s:
+        d = s["latents"]
+        rows.append(("latent std / eff. rank", f"{_fmt(d['std'])} / {d['effective_rank']:.1f}",
+                     f"dim={d['dim']}"))
+    w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+    return "\n".join(f"{a:<{w0}}  {b:>{w1}}  {c}" for a, b, c in rows)
+
+
+def write_png(results: dict[str, Any], path: Path) -> None:
+    """Bar chart of every MRR/AUROC row beside its baselines; surprise histograms."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("augmentation_mrr", "next_latent_mrr", "action_discrimination",
+                        "surprise_auroc") if k in results]
+    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(4 * (len(keys) + 1), 3.5))
+    axes = list(axes) if len(keys) else [axes]
+    for ax, k in zip(axes, keys, strict=False):
+        d = {n: v for n, v in results[k].items() if isinstance(v, float) and not n.startswith("_")}
+        ax.bar(list(d), [0 if v != v else v for v in d.values()],
+               color=["C0"] + ["C7"] * (len(d) - 1))
+        ax.set_title(k.replace("_", " "))
+        ax.set_ylim(0, 1)
+        ax.tick_params(axis="x", rotation=30)
+    ax = axes[-1]
+    sa = results.get("surprise_auroc", {})
+    if "_normal" in sa:
+        ax.hist(sa["_normal"], bins=30, alpha=0.6, label="normal")
+        ax.hist(sa["_cuts"], bins=30, alpha=0.6, label="injected cut")
+        ax.legend()
+    ax.set_title("surprise")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _fail(msg: str) -> int:
+    print(f"iwm-eval: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not (args.sessions or args.images or args.games):
+        return _fail("nothing to evaluate on: give --sessions, --images and/or --games")
+    from iwm_bus.errors import CheckpointError
+    from iwm_bus.model import load_iwm
+    from train.data import DataError, FrameStore
+    from train.evaluate import EvalConfig, evaluate, summary
+
+    try:
+        cfg = EvalConfig(bank=args.bank, max_transitions=args.max_transitions,
+                         aug_images=args.aug_images, cut_gap=args.cut_gap, seed=args.seed)
+        model = load_iwm(args.model, args.device)
+        mc = model.config
+        sessions = FrameStore.from_sessions(args.sessions, mc.img_size, mc.cond_dim,
+                                            args.max_frames or None) if args.sessions else None
+        images = FrameStore.from_images(args.images, mc.img_size, mc.cond_dim) \
+            if args.images else None
+        sets: list[Any] = []
+        if args.games:
+            from train.counterfactual import counterfactual_sets
+            for i, game in enumerate(g for g in args.games.split(",") if g):
+                sets += counterfactual_sets(game, args.cf_states, seed=args.seed + i)
+    except (CheckpointError, DataError, ValueError) as e:
+        return _fail(str(e))
+    results = evaluate(model, cfg, sessions, images, sets)
+    s = summary(results)
+    s["model"] = {"path": str(args.model), "config": mc.to_dict()}
+    print(format_table(s))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "eval.json").write_text(json.dumps(s, indent=2))
+        write_png(results, args.out / "eval.png")
+        print(f"wrote {args.out / 'eval.json'} and {args.out / 'eval.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

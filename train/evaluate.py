@@ -1,0 +1,315 @@
+"""World-model evaluation on held-out data, each number beside its trivial baseline.
+
+Latents are compared as whole frames: a frame's patch latents (N, D), each token
+layer-normed, flattened to one vector; ranking is by cosine similarity with ties in favour
+of the truth (a candidate identical to the true latent does not cost a rank).
+
+- **Augmentation MRR** (IWM protocol, Garrido et al. 2024): per image, one source view and a
+  bank of ``bank`` target views of the same crop under different colour jitters; the
+  prediction from the source view conditioned on target k's parameters must retrieve
+  target k. Baseline: the same predictor with the conditioning zeroed, and chance.
+- **Next-latent MRR**: the true next latent among ``bank`` latents of the same session
+  around it (temporal neighbours, the current frame included). Baselines: copy-last (the
+  prediction is the current latent) and action-shuffled (the model fed another
+  transition's action).
+- **Action discrimination**: from cloned emulator states, the next frame under every action;
+  the rank of the true next latent among the distinct next latents. Baselines: copy-last and
+  chance (the mean of 1/rank for a uniformly random rank).
+- **Surprise AUROC**: surprise (:func:`iwm_bus.metrics.patch_surprise`) on normal
+  transitions vs transitions whose next frame was replaced by a frame ``cut_gap`` or more
+  frames away in the same episode; copy-last's distance as the baseline detector.
+- **Uncertainty vs error**: Pearson correlation of the ensemble spread and the surprise on
+  held-out transitions. **Collapse**: per-dimension std and effective rank of the latents.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from iwm_bus import metrics
+from iwm_bus.model import IWM, effective_rank
+from iwm_bus.model.config import IMAGENET_MEAN, IMAGENET_STD
+from train.augment import AugConfig, AugParams, apply_views, cond_vector, sample_params
+from train.data import FrameStore, resize_u8
+
+__all__ = ["EvalConfig", "action_discrimination", "augmentation_mrr", "chance_mrr",
+           "evaluate", "next_latent_mrr", "summary", "surprise_auroc"]
+
+
+@dataclass
+class EvalConfig:
+    """Sizes of the evaluation."""
+
+    # candidates per ranking (IWM protocol: 256)
+    bank: int = 256
+    # held-out transitions scored for next-latent MRR, AUROC and uncertainty
+    max_transitions: int = 1024
+    # images for augmentation MRR (each costs ``bank`` target encodes)
+    aug_images: int = 8
+    # a cut's frame is at least this many frames away (5 s at 15 fps)
+    cut_gap: int = 75
+    # encoder/predictor batch
+    batch: int = 64
+    # seed of every sample drawn
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for f in ("bank", "max_transitions", "aug_images", "cut_gap", "batch"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"EvalConfig.{f} must be an int >= 1, got {v!r}")
+
+
+def chance_mrr(n: int) -> float:
+    """Expected reciprocal rank of a uniformly random rank among n: H(n) / n."""
+    return sum(1.0 / r for r in range(1, n + 1)) / n
+
+
+def flat(patches: Tensor) -> Tensor:
+    """(..., N, D) patch latents -> (..., N*D), each token layer-normed."""
+    return F.layer_norm(patches.float(), patches.shape[-1:]).flatten(-2)
+
+
+def rr_truth(pred: Tensor, true: Tensor, cands: Tensor) -> Tensor:
+    """Reciprocal ranks, ties in favour of the truth: pred/true (B, F), cands (B, K, F)."""
+    return metrics.reciprocal_ranks_torch(pred, true, cands, ties="truth")
+
+
+@torch.no_grad()
+def encode_all(model: IWM, frames: Tensor, batch: int = 64) -> Tensor:
+    """Patch latents (M, N, D) of uint8 frames (M, H, W, 3), on the CPU."""
+    out = [model.encode(frames[i:i + batch])[1].cpu() for i in range(0, len(frames), batch)]
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
+def predict_all(model: IWM, patches: Tensor, actions: Tensor | None, cond: Tensor | None,
+                batch: int = 64) -> tuple[Tensor, Tensor]:
+    """Next-step predicted patches (B, N, D) and uncertainty (B,) for a batch of transitions."""
+    preds, uncs = [], []
+    for i in range(0, len(patches), batch):
+        p = patches[i:i + batch]
+        a = actions[i:i + batch] if actions is not None and model.config.num_actions else None
+        c = cond[i:i + batch] if cond is not None else None
+        out = model.predict(p.mean(1), p, c, a)
+        preds.append(out.patches.cpu())
+        uncs.append(out.uncertainty.cpu())
+    return torch.cat(preds), torch.cat(uncs)
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def _jitter_bank(gen: torch.Generator, base: AugParams, bank: int, aug: AugConfig) -> AugParams:
+    """``bank`` copies of one image's parameters, each with its own target jitter."""
+    rep = {k: getattr(base, k).expand(bank, *getattr(base, k).shape[1:]).clone()
+           for k in ("crop", "flip", "jitter_s", "gray", "blur", "sigma", "solarize")}
+    jt = sample_params(gen, bank, AugConfig(jitter=aug.jitter, jitter_p=1.0)).jitter_t
+    return AugParams(jitter_t=jt, **rep)
+
+
+@torch.no_grad()
+def augmentation_mrr(model: IWM, store: FrameStore, cfg: EvalConfig,
+                     aug: AugConfig | None = None) -> dict[str, float]:
+    """IWM's augmentation MRR (module doc) with the zero-conditioning baseline and chance."""
+    aug = aug or AugConfig()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    pick = torch.randperm(len(store), generator=gen)[:cfg.aug_images]
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1).to(model.device)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1).to(model.device)
+    idx = model.all_idx
+    rr_model, rr_zero = [], []
+    for i in pick.tolist():
+        params = _jitter_bank(gen, sample_params(gen, 1, aug), cfg.bank, aug)
+        img = store.frames[i:i + 1].expand(cfg.bank, -1, -1, -1)
+        src, tgt = apply_views(img, params)
+        src = (src[:1].to(model.device) - mean) / std
+        tgt = (tgt.to(model.device) - mean) / std
+        targets = torch.cat([model.encode_features(tgt[j:j + cfg.batch], target=False)
+                             for j in range(0, cfg.bank, cfg.batch)])  # (K, N, D)
+        ctx = model.encode_features(src)  # (1, N, D)
+        cond = cond_vector(params, model.config.cond_dim).to(model.device)  # (K, C)
+        for c, out in ((cond, rr_model), (torch.zeros_like(cond), rr_zero)):
+            preds = []
+            for j in range(0, cfg.bank, cfg.batch):
+                cj = c[j:j + cfg.batch]
+                b = len(cj)
+                heads = model.predictor(ctx.expand(b, -1, -1), idx.expand(b, -1),
+                                        idx.expand(b, -1), cj)  # (E, b, N, D)
+                preds.append(heads.mean(0))
+            pf, tf = flat(torch.cat(preds)), flat(targets)  # (K, F)
+            others = torch.stack([torch.cat([tf[:k], tf[k + 1:]]) for k in range(len(tf))])
+            out.append(rr_truth(pf, tf, others).mean().item())
+    return {"model": float(np.mean(rr_model)), "zero_cond": float(np.mean(rr_zero)),
+            "chance": chance_mrr(cfg.bank)}
+
+
+# ----------------------------------------------------------------------------- sessions
+
+
+def _transitions(store: FrameStore, cfg: EvalConfig) -> Tensor:
+    """Up to ``max_transitions`` indices t with t -> t+1 linked, evenly spaced."""
+    t = (store.linked[1:]).nonzero().flatten()
+    if len(t) > cfg.max_transitions:
+        t = t[torch.linspace(0, len(t) - 1, cfg.max_transitions).long()]
+    return t
+
+
+def _session_bank(store: FrameStore, lat: Tensor, true_idx: Tensor, bank: int) -> Tensor:
+    """For each true index, ``bank`` other latents of its session centred on it (B, K, F)."""
+    rows = []
+    sess = store.session
+    for t in true_idx.tolist():
+        members = (sess == sess[t]).nonzero().flatten()
+        pos = int((members == t).nonzero()[0])
+        lo = max(0, min(pos - bank // 2, len(members) - bank - 1))
+        window = members[lo:lo + bank + 1]
+        window = window[window != t][:bank]
+        rows.append(lat[window])
+    k = min(len(r) for r in rows)
+    return torch.stack([r[:k] for r in rows])
+
+
+@torch.no_grad()
+def next_latent_mrr(model: IWM, store: FrameStore, cfg: EvalConfig,
+                    lat: Tensor | None = None) -> dict[str, Any]:
+    """Next-latent MRR vs copy-last and action-shuffled; also returns the raw series."""
+    lat = encode_all(model, store.frames, cfg.batch) if lat is None else lat  # (M, N, D)
+    t = _transitions(store, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    acts, conds = store.action_id[t + 1], store.vector[t + 1]
+    pred, unc = predict_all(model, lat[t], acts, conds, cfg.batch)
+    perm = torch.randperm(len(t), generator=gen)
+    shuffled = acts[perm]
+    same = shuffled == acts  # a shuffle that kept the action is no shuffle: take the next id
+    n_act = max(model.config.num_actions, 1)
+    shuffled[same] = (shuffled[same] + 1) % n_act
+    pred_sh, _ = predict_all(model, lat[t], shuffled, conds[perm], cfg.batch)
+    fl = flat(lat)  # (M, F)
+    bank = _session_bank(store, fl, t + 1, cfg.bank)  # (B, K, F)
+    true = fl[t + 1]
+    out = {"model": rr_truth(flat(pred), true, bank).mean().item(),
+           "copy_last": rr_truth(fl[t], true, bank).mean().item(),
+           "shuffled": rr_truth(flat(pred_sh), true, bank).mean().item(),
+           "chance": chance_mrr(bank.shape[1] + 1), "n": len(t)}
+    surprise = metrics.patch_surprise_torch(pred, lat[t + 1]).numpy()
+    out["_surprise"], out["_uncertainty"] = surprise, unc.numpy()
+    return out
+
+
+@torch.no_grad()
+def surprise_auroc(model: IWM, store: FrameStore, cfg: EvalConfig,
+                   lat: Tensor | None = None) -> dict[str, Any]:
+    """AUROC of surprise on injected same-episode cuts (>= cut_gap frames away) vs normal."""
+    lat = encode_all(model, store.frames, cfg.batch) if lat is None else lat
+    t = _transitions(store, cfg)
+    ep = store.episodes()
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    src, cut = [], []
+    for ti in t.tolist():
+        far = ((ep == ep[ti + 1]) & ((torch.arange(len(ep)) - (ti + 1)).abs() >= cfg.cut_gap))
+        far = far.nonzero().flatten()
+        if len(far):
+            src.append(ti)
+            cut.append(int(far[torch.randint(len(far), (), generator=gen)]))
+    if not src:
+        return {"model": float("nan"), "copy_last": float("nan"), "n_cuts": 0}
+    ts, tc = torch.tensor(src), torch.tensor(cut)
+    acts, conds = store.action_id[ts + 1], store.vector[ts + 1]
+    pred, _ = predict_all(model, lat[ts], acts, conds, cfg.batch)
+    normal = metrics.patch_surprise_torch(pred, lat[ts + 1]).numpy()
+    cuts = metrics.patch_surprise_torch(pred, lat[tc]).numpy()
+    copy_n = metrics.patch_surprise_torch(lat[ts], lat[ts + 1]).numpy()
+    copy_c = metrics.patch_surprise_torch(lat[ts], lat[tc]).numpy()
+    return {"model": metrics.auroc(normal, cuts), "copy_last": metrics.auroc(copy_n, copy_c),
+            "n_cuts": len(src), "_normal": normal, "_cuts": cuts}
+
+
+# ----------------------------------------------------------------------------- counterfactuals
+
+
+@torch.no_grad()
+def action_discrimination(model: IWM, sets: Sequence[Any], cfg: EvalConfig) -> dict[str, float]:
+    """Rank of the true next latent among the distinct counterfactual next latents.
+
+    ``sets``: objects with ``frame`` (H, W, 3) and ``next_frames`` (A, H, W, 3) uint8, the
+    next frame under action a = 0..A-1 from one cloned state.
+    """
+    s = model.config.img_size
+    rr_m, rr_c, rr_0 = [], [], []
+    for cs in sets:
+        nxt = np.asarray(cs.next_frames)
+        _, inverse = np.unique(nxt.reshape(len(nxt), -1), axis=0, return_inverse=True)
+        inverse = inverse.ravel()
+        n_distinct = int(inverse.max()) + 1
+        if n_distinct < 2:
+            continue
+        first = [int(np.flatnonzero(inverse == g)[0]) for g in range(n_distinct)]
+        frames = resize_u8(np.concatenate([np.asarray(cs.frame)[None], nxt[first]]), s)
+        lat = encode_all(model, frames, cfg.batch)  # (1 + G, N, D)
+        cur, cands = lat[:1], flat(lat[1:])  # (1, N, D), (G, F)
+        n_act = len(nxt) if model.config.num_actions >= len(nxt) else model.config.num_actions
+        acts = torch.arange(n_act)
+        pred, _ = predict_all(model, cur.expand(n_act, -1, -1), acts, None, cfg.batch)
+        truth = torch.as_tensor(inverse[:n_act])
+        others = torch.stack([cands[torch.arange(n_distinct) != g] for g in truth.tolist()])
+        rr_m.append(rr_truth(flat(pred), cands[truth], others).mean().item())
+        rr_c.append(rr_truth(flat(cur).expand(n_act, -1), cands[truth], others).mean().item())
+        rr_0.append(chance_mrr(n_distinct))
+    if not rr_m:
+        return {"model": float("nan"), "copy_last": float("nan"), "chance": float("nan"),
+                "n_states": 0}
+    return {"model": float(np.mean(rr_m)), "copy_last": float(np.mean(rr_c)),
+            "chance": float(np.mean(rr_0)), "n_states": len(rr_m)}
+
+
+# ----------------------------------------------------------------------------- all
+
+
+@torch.no_grad()
+def evaluate(model: IWM, cfg: EvalConfig, sessions: FrameStore | None = None,
+             images: FrameStore | None = None, counterfactuals: Sequence[Any] = ()
+             ) -> dict[str, Any]:
+    """Every evaluation the data allows; keys starting with ``_`` hold raw series."""
+    model.eval()
+    out: dict[str, Any] = {}
+    aug_src = images if images is not None else sessions
+    if aug_src is not None and len(aug_src):
+        out["augmentation_mrr"] = augmentation_mrr(model, aug_src, cfg)
+    if sessions is not None and sessions.linked.any():
+        lat = encode_all(model, sessions.frames, cfg.batch)
+        nl = next_latent_mrr(model, sessions, cfg, lat)
+        sa = surprise_auroc(model, sessions, cfg, lat)
+        su, un = nl.pop("_surprise"), nl.pop("_uncertainty")
+        out["next_latent_mrr"], out["surprise_auroc"] = nl, sa
+        corr = float(np.corrcoef(un, su)[0, 1]) if un.std() > 0 and su.std() > 0 else float("nan")
+        out["uncertainty"] = {"corr_with_surprise": corr, "mean": float(un.mean()),
+                              "surprise_mean": float(su.mean())}
+        out["_surprise"], out["_uncertainty"] = su, un
+        fl = lat.reshape(-1, lat.shape[-1])
+        out["latents"] = {"std": float(fl.std(0).mean()),
+                          "effective_rank": effective_rank(fl[torch.randperm(
+                              len(fl), generator=torch.Generator().manual_seed(cfg.seed))[:2048]]),
+                          "dim": int(lat.shape[-1])}
+    if counterfactuals:
+        out["action_discrimination"] = action_discrimination(model, counterfactuals, cfg)
+    return out
+
+
+def summary(results: dict[str, Any]) -> dict[str, Any]:
+    """The results without raw series (what goes into JSON files and checkpoints)."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items() if not k.startswith("_")}
+        if isinstance(v, float) and math.isnan(v):
+            return None
+        return v
+    return clean({k: v for k, v in results.items() if not k.startswith("_")})

@@ -1,0 +1,68 @@
+"""Named training presets: partial :class:`~train.config.RunConfig` dicts.
+
+``iwm-train --preset NAME`` starts from one; env vars and flags override it.
+
+- ``cpu-default``: the shipped default model: ``cpu-tiny``'s encoder with a 3-layer predictor,
+  Phase 3 on the recorded game mix with change-weighted targets (``train/recipes/default.sh``).
+- ``cpu-tiny``: ViT-Ti (6 blocks, patch 8) at 64 px, 4-layer predictor: minutes on 2 CPU cores.
+- ``gpu-core``: ViT-S/16 at 224 px with the ``core`` 8-layer predictor (an H200 or similar).
+- ``gpu-equivariant``: as gpu-core with the 16-layer ``equivariant`` predictor and strong
+  destructive augmentations (IWM's equivariant recipe).
+- ``gpu-invariant``: 4-layer ``invariant`` predictor, weak augmentations (no destructive ones).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+__all__ = ["PRESETS", "preset"]
+
+_TINY_MODEL = {"variant": "invariant", "encoder_name": "vit_tiny_patch16_224", "img_size": 64,
+               "patch_size": 8, "encoder_depth": 6, "pred_depth": 4, "pred_dim": 192,
+               "pred_heads": 3, "num_actions": 18}
+_GPU_MODEL = {"encoder_name": "vit_small_patch16_224", "img_size": 224, "pred_dim": 384,
+              "pred_heads": 6, "num_actions": 18}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # the shipped default (issue 10): Phase 3 on the recorded game mix, about an hour here
+    "cpu-default": {
+        "model": {**_TINY_MODEL, "variant": "custom", "pred_depth": 3},
+        "train": {"phase": 3, "batch_size": 32, "lr": 5e-4, "warmup_steps": 100,
+                  "steps": 2400, "ckpt_every": 200, "log_every": 20, "k_steps": 2},
+        "objective": {"var_weight": 1.0, "cov_weight": 0.005, "change_weight": 2.0},
+    },
+    "cpu-tiny": {
+        "model": _TINY_MODEL,
+        "train": {"batch_size": 32, "lr": 5e-4, "warmup_steps": 50, "steps": 600,
+                  "ckpt_every": 100, "k_steps": 2},
+        "objective": {"var_weight": 1.0, "cov_weight": 0.005},
+    },
+    "gpu-core": {
+        "model": {**_GPU_MODEL, "variant": "core", "pred_depth": 8},
+        "train": {"device": "cuda", "batch_size": 256, "lr": 1e-3, "warmup_steps": 500,
+                  "steps": 20000, "ckpt_every": 1000, "k_steps": 3},
+        "objective": {"var_weight": 1.0, "cov_weight": 0.005},
+    },
+    "gpu-equivariant": {
+        "model": {**_GPU_MODEL, "variant": "equivariant", "pred_depth": 16},
+        "train": {"device": "cuda", "batch_size": 256, "lr": 1e-3, "warmup_steps": 500,
+                  "steps": 20000, "ckpt_every": 1000, "k_steps": 3},
+        "aug": {"gray_p": 0.2, "blur_p": 0.5, "solarize_p": 0.2},
+        "objective": {"var_weight": 1.0, "cov_weight": 0.005},
+    },
+    "gpu-invariant": {
+        "model": {**_GPU_MODEL, "variant": "invariant", "pred_depth": 4},
+        "train": {"device": "cuda", "batch_size": 256, "lr": 1e-3, "warmup_steps": 500,
+                  "steps": 20000, "ckpt_every": 1000, "k_steps": 3},
+        "aug": {"gray_p": 0.0, "blur_p": 0.0, "solarize_p": 0.0},
+        "objective": {"var_weight": 1.0, "cov_weight": 0.005},
+    },
+}
+
+
+def preset(name: str) -> dict[str, Any]:
+    """A deep copy of preset ``name``; ValueError naming the known ones otherwise."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])

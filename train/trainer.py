@@ -1,0 +1,310 @@
+"""The training loop shared by Phase 1 and Phase 3, single process or torchrun DDP.
+
+Exact resume: everything random in step ``s`` (data order, augmentations, masks, bootstrap
+weights, dropout) is drawn from generators seeded by ``(seed, s)``; learning rate, weight
+decay and EMA momentum are pure functions of ``s``; a checkpoint holds the model, its EMA
+target, the optimiser and ``s``. A run stopped after any checkpoint and resumed ends
+bit-identical (on CPU) to one that never stopped.
+
+DDP: every rank draws the *global* batch's indices and random parameters and keeps its own
+contiguous slice, so N ranks with batch B/N each compute the same gradient as one process
+with batch B (losses are per-sample means; see ``iwm_bus.model.objective``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from loguru import logger
+from torch import Tensor, nn
+
+from iwm_bus.errors import CheckpointError
+from iwm_bus.model import IWM, create_iwm_model, load_checkpoint, load_iwm, save_checkpoint
+from iwm_bus.model.config import IMAGENET_MEAN, IMAGENET_STD
+from train.augment import apply_views, cond_vector, sample_params
+from train.config import RunConfig, TrainConfig
+from train.data import DataError, FrameStore, batch_indices, find_images, find_sessions
+from train.logbook import Logbook
+from train.masks import sample_masks
+
+__all__ = ["DistInfo", "Trainer", "init_model", "init_opt", "lr_at", "wd_at"]
+
+COLLAPSE_STD = 0.05  # target tokens' mean per-dimension std below this = collapsing
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in a torchrun job (rank 0 of 1 without DDP)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> DistInfo:
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def lr_at(step: int, total: int, tc: TrainConfig) -> float:
+    """Linear warmup to ``lr``, then cosine decay to ``min_lr`` at ``total``."""
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    frac = min(1.0, (step - tc.warmup_steps) / max(1, total - tc.warmup_steps))
+    return tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1 + math.cos(math.pi * frac))
+
+
+def wd_at(step: int, total: int, tc: TrainConfig) -> float:
+    """Cosine from ``weight_decay`` to ``weight_decay_end`` (I-JEPA)."""
+    frac = min(1.0, step / max(1, total))
+    return tc.weight_decay_end + 0.5 * (tc.weight_decay - tc.weight_decay_end) * (
+        1 + math.cos(math.pi * frac))
+
+
+def init_model(run: RunConfig, device: torch.device) -> IWM:
+    """A fresh model of ``run.model`` (seeded), or ``init_from``'s weights (same config)."""
+    tc = run.train
+    if tc.init_from:
+        model = load_iwm(tc.init_from, device, with_target=True)
+        if model.config != run.model:
+            diff = {k: (v, getattr(run.model, k)) for k, v in model.config.to_dict().items()
+                    if getattr(run.model, k) != v}
+            raise CheckpointError(f"{tc.init_from}: checkpoint config differs from the run's "
+                                  f"model config (checkpoint, run): {diff}")
+    else:
+        model = create_iwm_model(run.model.variant, device=device, seed=tc.seed,
+                                 **{k: v for k, v in run.model.to_dict().items()
+                                    if k != "variant"})
+        model.init_target_encoder()
+    model.amp = tc.amp
+    return model.train()
+
+
+def init_opt(model: IWM, tc: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not biases, norms, positions, tokens)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad or name.startswith("target_encoder."):
+            continue
+        (decay if p.ndim >= 2 and "pos" not in name and "token" not in name else no_decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr)
+
+
+def _step_gen(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 7_919 + step * 104_729 + 1)
+
+
+class Trainer:
+    """One training run: ``Trainer(run).run()``; ``resume`` first to continue a run."""
+
+    def __init__(self, run: RunConfig, dist_info: DistInfo | None = None,
+                 store: FrameStore | None = None) -> None:
+        self.run_cfg, self.tc = run, run.train
+        self.dist = dist_info or DistInfo()
+        if self.tc.batch_size % self.dist.world:
+            raise ValueError(f"batch size {self.tc.batch_size} does not divide over "
+                             f"{self.dist.world} DDP ranks")
+        self.device = torch.device(self.tc.device if not self.tc.device.startswith("cuda")
+                                   or not self.tc.ddp else f"cuda:{self.dist.local_rank}")
+        self.out = Path(self.tc.out_dir)
+        self.store = store if store is not None else self.load_data()
+        self._check_data()
+        self.model = init_model(run, self.device)
+        self.ddp_model: nn.Module = self.model
+        if self.tc.ddp and self.dist.world > 1:
+            self.ddp_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.tc.phase == 1 or not run.objective.global_weight)
+        self.opt = init_opt(self.model, self.tc)
+        self.total = self.tc.steps or self.tc.epochs * (self.num_samples // self.tc.batch_size)
+        self.ema = self.model.make_ema(self.total)
+        self.step = 0  # steps completed
+        mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        self._mean, self._std = mean.view(1, 3, 1, 1).to(self.device), std.view(1, 3, 1, 1).to(
+            self.device)
+
+    # -- data
+
+    def load_data(self) -> FrameStore:
+        tc, mc = self.tc, self.run_cfg.model
+        if tc.phase == 3:
+            return FrameStore.from_sessions(tc.sessions, mc.img_size, mc.cond_dim, tc.max_frames)
+        stores = []
+        sess = find_sessions(tc.data_dirs)
+        imgs = find_images([p for p in tc.data_dirs if not str(p).endswith(".mcap")])
+        if imgs:
+            stores.append(FrameStore.from_images(imgs, mc.img_size, mc.cond_dim))
+        if sess:
+            stores.append(FrameStore.from_sessions(sess, mc.img_size, mc.cond_dim,
+                                                   tc.max_frames))
+        if not stores:
+            raise DataError(f"{', '.join(tc.data_dirs)}: no PNG/JPG images or .mcap sessions")
+        return FrameStore.concat(stores) if len(stores) > 1 else stores[0]
+
+    def _check_data(self) -> None:
+        mc, tc = self.run_cfg.model, self.tc
+        if tc.phase == 3:
+            self.starts = self.store.sequence_starts(tc.k_steps)
+            if self.store.num_actions > mc.num_actions:
+                raise DataError(f"the sessions hold action ids up to {self.store.num_actions - 1} "
+                                f"but the model has num_actions={mc.num_actions}")
+        if self.num_samples < tc.batch_size:
+            what = f"{tc.k_steps}-step sequences" if tc.phase == 3 else "frames"
+            raise DataError(f"the data holds {self.num_samples} {what}, fewer than one batch "
+                            f"of {tc.batch_size}")
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.starts) if self.tc.phase == 3 else len(self.store)
+
+    def _norm(self, x01: Tensor) -> Tensor:
+        return (x01.to(self.device) - self._mean) / self._std
+
+    def make_batch(self, step: int) -> dict[str, Tensor]:
+        """This rank's slice of the global batch of ``step``."""
+        tc, mc = self.tc, self.run_cfg.model
+        gen = _step_gen(tc.seed, step)
+        idx = batch_indices(step, self.num_samples, tc.batch_size, tc.seed)
+        b = tc.batch_size // self.dist.world
+        sl = slice(self.dist.rank * b, (self.dist.rank + 1) * b)
+        boot = torch.poisson(torch.ones(mc.ensemble, tc.batch_size), generator=gen)
+        if tc.phase == 1:
+            params = sample_params(gen, tc.batch_size, self.run_cfg.aug)
+            ctx, tgt = sample_masks(gen, tc.batch_size, mc.grid, self.run_cfg.masks)
+            src, tgt_img = apply_views(self.store.frames[idx[sl]], params.slice(sl))
+            return {"src": self._norm(src), "tgt": self._norm(tgt_img),
+                    "cond": cond_vector(params, mc.cond_dim)[sl].to(self.device),
+                    "ctx_idx": ctx[sl].to(self.device), "tgt_idx": tgt[sl].to(self.device),
+                    "boot": boot[:, sl].to(self.device)}
+        start = self.starts[idx[sl]]  # (b,)
+        k = tc.k_steps
+        fi = start[:, None] + torch.arange(k + 1)  # (b, K+1)
+        frames = self.store.frames[fi].permute(0, 1, 4, 2, 3).float() / 255.0  # (b, K+1, 3, S, S)
+        frames = self._norm(frames.flatten(0, 1)).unflatten(0, (b, k + 1))
+        ai = fi[:, 1:]  # the action that produced frame j+1
+        batch = {"frames": frames, "cond": self.store.vector[ai].to(self.device),
+                 "boot": boot[:, sl].to(self.device)}
+        if mc.num_actions:
+            batch["actions"] = self.store.action_id[ai].to(self.device)
+        return batch
+
+    # -- optimisation
+
+    def train_step(self, step: int) -> dict[str, float]:
+        tc = self.tc
+        t0 = time.perf_counter()
+        batch = self.make_batch(step)
+        t1 = time.perf_counter()
+        torch.manual_seed(tc.seed * 15_485_863 + step)  # dropout etc.: a pure function of step
+        lr, wd = lr_at(step, self.total, tc), wd_at(step, self.total, tc)
+        self.opt.param_groups[0]["lr"] = self.opt.param_groups[1]["lr"] = lr
+        self.opt.param_groups[0]["weight_decay"] = wd
+        autocast = torch.autocast("cuda", torch.bfloat16) if (
+            tc.amp and self.device.type == "cuda") else torch.autocast("cpu", enabled=False)
+        with autocast:
+            out = self.ddp_model(batch, self.run_cfg.objective)
+        t2 = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.requires_grad],
+            tc.clip_grad if tc.clip_grad else float("inf"))
+        self.opt.step()
+        t3 = time.perf_counter()
+        m = self.ema.update(step) if not self.run_cfg.objective.freeze_encoder or tc.phase == 1 \
+            else 1.0
+        t4 = time.perf_counter()
+        self.step = step + 1
+        return {**{k: float(v.detach()) for k, v in out.items()}, "lr": lr, "wd": wd,
+                "grad_norm": float(gnorm), "ema_momentum": m, "t_data": t1 - t0,
+                "t_forward": t2 - t1, "t_backward": t3 - t2, "t_ema": t4 - t3}
+
+    # -- checkpoints
+
+    def save(self, path: Path) -> None:
+        save_checkpoint(self.model, path, kind="train-state", step=self.step,
+                        total_steps=self.total, optimizer=self.opt.state_dict(),
+                        ema=self.ema.state_dict(), run_config=self.run_cfg.to_dict())
+
+    def save_all(self) -> None:
+        """``step_NNNNNNN.pt`` (the last two kept) and ``last.pt``, each written atomically."""
+        if self.dist.rank:
+            return
+        self.save(self.out / f"step_{self.step:07d}.pt")
+        self.save(self.out / "last.pt")
+        for old in sorted(self.out.glob("step_*.pt"))[:-2]:
+            old.unlink(missing_ok=True)
+
+    def resume(self, path: str | os.PathLike[str]) -> None:
+        """Continue from a ``train-state`` checkpoint of the same run config."""
+        payload = load_checkpoint(path)
+        extra = payload["extra"]
+        if extra.get("kind") != "train-state":
+            raise CheckpointError(f"{path}: not a training checkpoint (no optimiser state); "
+                                  "use --init_from to start from its weights")
+        saved = RunConfig.from_dict(extra["run_config"])
+        if saved.model != self.run_cfg.model:
+            raise CheckpointError(f"{path}: the checkpoint's model config differs from this "
+                                  "run's; resume with the same preset and flags")
+        self.model.load_state_dict(payload["state_dict"], strict=True)
+        self.opt.load_state_dict(extra["optimizer"])
+        self.ema.load_state_dict(extra["ema"])
+        self.step = int(extra["step"])
+        logger.info("resumed {} at step {}", path, self.step)
+
+    # -- the loop
+
+    def run(self) -> dict[str, float]:
+        tc, rank0 = self.tc, self.dist.rank == 0
+        self.out.mkdir(parents=True, exist_ok=True)
+        if rank0:
+            (self.out / "config.json").write_text(json.dumps(self.run_cfg.to_dict(), indent=2))
+        book = Logbook(self.out, self.step) if rank0 else None
+        bar = None
+        if rank0 and tc.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=self.total, initial=self.step, unit="step", dynamic_ncols=True)
+        last: dict[str, float] = {}
+        try:
+            while self.step < self.total:
+                last = self.train_step(self.step)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", std=f"{last['target_std']:.3f}")
+                if book is not None and (self.step % tc.log_every == 0 or self.step == self.total):
+                    last["ema_distance"] = self.ema.distance()
+                    book.log(self.step, last)
+                    self._check_collapse(last)
+                if self.step % tc.ckpt_every == 0 or self.step == self.total:
+                    self.save_all()
+        finally:
+            if bar is not None:
+                bar.close()
+            if book is not None:
+                book.close()
+        return last
+
+    def _check_collapse(self, m: dict[str, float]) -> None:
+        if m.get("target_std", 1.0) < COLLAPSE_STD:
+            logger.warning("COLLAPSE at step {}: target latents' per-dimension std {:.4f} "
+                           "(effective rank {:.1f}); raise var_weight/cov_weight, slow the "
+                           "EMA (ema_momentum_start) or lower the lr", self.step,
+                           m["target_std"], m.get("target_rank", float("nan")))
+
+
+def setup_distributed(tc: TrainConfig) -> DistInfo:
+    """Join the torchrun process group (NCCL on GPUs, gloo on CPU) when ``tc.ddp``."""
+    info = DistInfo.from_env()
+    if tc.ddp and info.world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if tc.device.startswith("cuda") else "gloo")
+        if tc.device.startswith("cuda"):
+            torch.cuda.set_device(info.local_rank)
+    return info
