@@ -54,6 +54,10 @@ class ArbiterConfig:
     slow_down_surprise: float = 1.0
     # running MRR below which the arbiter escalates (seed: 0.5)
     escalate_mrr: float = 0.5
+    # a frame's surprise above which the arbiter escalates at once (a scene cut, a novel
+    # situation); None = only the running MRR escalates. ``calibrated`` sets it at a high
+    # percentile of ordinary play
+    escalate_surprise: float | None = None
     # surprise above which temporal coherence drops (seed: 3.0 on raw L2)
     coherence_surprise: float = 1.2
     # how much coherence drops per surprising frame (seed: 0.1)
@@ -83,6 +87,10 @@ class ArbiterConfig:
                 _bad(name, v, "must be in (0, 2] (surprise is RMS of layer-normed latents)")
         if not isinstance(self.escalate_mrr, (int, float)) or not 0 <= self.escalate_mrr <= 1:
             _bad("escalate_mrr", self.escalate_mrr, "must be in [0, 1]")
+        if self.escalate_surprise is not None and (
+                not isinstance(self.escalate_surprise, (int, float))
+                or not 0 < self.escalate_surprise <= 2.0):
+            _bad("escalate_surprise", self.escalate_surprise, "must be None or in (0, 2]")
         for name in ("coherence_penalty", "coherence_recovery"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0 <= v <= 1:
@@ -103,10 +111,13 @@ class ArbiterConfig:
 
     @classmethod
     def calibrated(cls, surprises: Sequence[float] | np.ndarray, *, slow_down_pct: float = 95.0,
-                   coherence_pct: float = 99.0, **overrides: Any) -> ArbiterConfig:
+                   coherence_pct: float = 99.0, escalate_pct: float | None = None,
+                   **overrides: Any) -> ArbiterConfig:
         """Thresholds at percentiles of surprise observed in normal play (e.g. a session).
 
-        With the defaults, 5% of ordinary frames slow the agent down and 1% cost coherence.
+        With the defaults, 5% of ordinary frames slow the agent down and 1% cost coherence;
+        ``escalate_pct`` (e.g. 99.9: about one ordinary frame in a thousand) also sets
+        ``escalate_surprise``.
         """
         vals = np.asarray([s for s in surprises if s is not None], dtype=np.float64)
         vals = vals[np.isfinite(vals)]
@@ -118,7 +129,13 @@ class ArbiterConfig:
                              f"({coherence_pct}) < 100")
         lo, hi = np.percentile(vals, [slow_down_pct, coherence_pct])
         clip = lambda x: float(min(max(x, 1e-3), 2.0))  # noqa: E731
-        return cls(**{"slow_down_surprise": clip(lo), "coherence_surprise": clip(hi),
+        extra = {}
+        if escalate_pct is not None:
+            if not coherence_pct <= escalate_pct < 100:
+                raise ValueError(f"need coherence_pct ({coherence_pct}) <= escalate_pct "
+                                 f"({escalate_pct}) < 100")
+            extra["escalate_surprise"] = clip(np.percentile(vals, escalate_pct))
+        return cls(**{"slow_down_surprise": clip(lo), "coherence_surprise": clip(hi), **extra,
                       **overrides})
 
 
@@ -205,6 +222,12 @@ class ArbiterHooks:
         frac = min(1.0, (s - cfg.slow_down_surprise) / max(2.0 - cfg.slow_down_surprise, 1e-6))
         return cfg.min_delay_s + frac * (cfg.max_delay_s - cfg.min_delay_s)
 
+    def surprising(self, state: BeingState) -> bool:
+        """This frame's surprise is past ``escalate_surprise``: something the model did not
+        expect happened (a cut, a new room): escalate now, not when the running MRR drops."""
+        s, t = self.surprise(state), self.config.escalate_surprise
+        return s is not None and t is not None and s > t
+
     def low_confidence(self, state: BeingState) -> bool:
         """Running MRR below the threshold: the world model is not reliable here (seed)."""
         m = self._metric(state, state.vision_mrr, state.mrr_seq)
@@ -225,6 +248,9 @@ class ArbiterHooks:
         low = self.low_confidence(state)
         if low:
             reasons.append(f"mrr {state.vision_mrr:.2f} < {cfg.escalate_mrr:g}")
+        if self.surprising(state):
+            low = True
+            reasons.append(f"surprise {s:.2f} > escalate {cfg.escalate_surprise:g}")
         decision = ArbiterDecision(
             slow_down=slow, delay_s=self.delay_s(state), prefer_wait=slow and cfg.prefer_wait,
             escalate=low, temporal_coherence=coherence, surprise=s, mrr=state.vision_mrr,

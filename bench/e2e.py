@@ -4,9 +4,13 @@ Starts ``launch.py`` (capture + worker processes, shared-memory ring, ipc socket
 synthetic source and subscribes to ``iwm.surprise``; latency is the time from the frame's
 capture stamp to the subscriber receiving its surprise (one machine, one clock).
 
-    python bench/e2e.py                                   # ViT-Ti, CPU, 224² and 640x480
-    python bench/e2e.py --encoders vit_tiny_patch16_224 vit_small_patch16_224 --seconds 20
-    python bench/e2e.py --device cuda --encoders vit_base_patch16_224 --variants core
+    python bench/e2e.py            # the shipped model beside untrained ViT-Ti/224, CPU
+    python bench/e2e.py --models default --sizes 210x160 --modes realtime --seconds 30
+    python bench/e2e.py --models vit_tiny_patch16_224 vit_small_patch16_224 --seconds 20
+    python bench/e2e.py --device cuda --models vit_base_patch16_224:core
+
+``--models``: ``default`` = the shipped checkpoint (no model flags), ``ENCODER[:VARIANT]`` =
+untrained weights of that timm encoder at 224 px (``--untrained``; variant default core).
 """
 
 from __future__ import annotations
@@ -26,10 +30,18 @@ sys.path.insert(0, str(ROOT))
 from iwm_bus import topics  # noqa: E402
 from iwm_bus.transport import Endpoints, Subscriber  # noqa: E402
 
-TARGETS = {"cpu": ("vit_tiny_patch16_224", 25.0), "cuda": ("vit_base_patch16_224", 4.0)}
+TARGETS = {"cpu": ("default", 25.0), "cuda": ("vit_base_patch16_224:core", 4.0)}
 
 
-def run_one(encoder: str, variant: str, device: str, size: str, mode: str, fps: float,
+def model_flags(spec: str) -> list[str]:
+    """Launcher flags of a ``--models`` entry (module docstring)."""
+    if spec == "default":
+        return []
+    encoder, _, variant = spec.partition(":")
+    return ["--untrained", "--encoder", encoder, "--variant", variant or "core"]
+
+
+def run_one(spec: str, device: str, size: str, mode: str, fps: float,
             seconds: float, warmup: float, threads: int = 0) -> dict:
     """One sidecar run; returns latency percentiles (ms), fps in/out and skip counts."""
     tmp = tempfile.TemporaryDirectory(prefix="iwmb", dir="/tmp")
@@ -38,8 +50,7 @@ def run_one(encoder: str, variant: str, device: str, size: str, mode: str, fps: 
     sub = Subscriber([eps.worker], [topics.SURPRISE, topics.STATS])
     h, w = size.split("x")
     cmd = [sys.executable, str(ROOT / "launch.py"), "--run-dir", str(run_dir), "--quiet",
-           "--source", f"synthetic:{w}x{h}", "--encoder", encoder, "--variant", variant,
-           "--device", device, "--mode", mode, "--fps", str(fps), "--log-level", "WARNING",
+           "--source", f"synthetic:{w}x{h}", *model_flags(spec), "--device", device, "--mode", mode, "--fps", str(fps), "--log-level", "WARNING",
            "--duration", str(seconds + warmup + 120)]
     if threads:
         cmd += ["--threads", str(threads)]
@@ -85,8 +96,7 @@ def _wait_first(sub: Subscriber, proc: subprocess.Popen, timeout: float = 300) -
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--encoders", nargs="+", default=["vit_tiny_patch16_224"])
-    p.add_argument("--variants", nargs="+", default=["core"])
+    p.add_argument("--models", nargs="+", default=["default", "vit_tiny_patch16_224"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--sizes", nargs="+", default=["224x224", "480x640"], help="HxW")
     p.add_argument("--modes", nargs="+", default=["realtime", "lossless"])
@@ -100,22 +110,21 @@ def main() -> None:
     print(f"# e2e frame->surprise, device={args.device}, threads={args.threads or 'auto'}, "
           f"{args.seconds:.0f}s per row "
           f"(target: {target_encoder} p50 <= {target_ms} ms)")
-    header = (f"{'encoder':<24}{'variant':<13}{'capture':<10}{'mode':<10}{'p50 ms':>8}"
+    header = (f"{'model':<32}{'capture':<10}{'mode':<10}{'p50 ms':>8}"
               f"{'p99 ms':>9}{'fps in':>8}{'fps out':>9}{'skipped':>9}{'vs target':>11}")
     print(header)
     print("-" * len(header))
-    for encoder in args.encoders:
-        for variant in args.variants:
-            for size in args.sizes:
-                for mode in args.modes:
-                    fps = args.fps if mode == "realtime" else 0.0
-                    r = run_one(encoder, variant, args.device, size, mode, fps,
-                                args.seconds, args.warmup, args.threads)
-                    ratio = (f"{r['p50'] / target_ms:.2f}x" if encoder == target_encoder
-                             and mode == "realtime" else "")
-                    print(f"{encoder:<24}{variant:<13}{size:<10}{mode:<10}{r['p50']:>8.1f}"
-                          f"{r['p99']:>9.1f}{r['fps_in']:>8.1f}{r['fps_out']:>9.1f}"
-                          f"{r['skipped']:>9}{ratio:>11}", flush=True)
+    for spec in args.models:
+        for size in args.sizes:
+            for mode in args.modes:
+                fps = args.fps if mode == "realtime" else 0.0
+                r = run_one(spec, args.device, size, mode, fps, args.seconds, args.warmup,
+                            args.threads)
+                ratio = (f"{r['p50'] / target_ms:.2f}x" if spec == target_encoder
+                         and mode == "realtime" else "")
+                print(f"{spec:<32}{size:<10}{mode:<10}{r['p50']:>8.1f}"
+                      f"{r['p99']:>9.1f}{r['fps_in']:>8.1f}{r['fps_out']:>9.1f}"
+                      f"{r['skipped']:>9}{ratio:>11}", flush=True)
     print("lossless rows: capture paced by the worker (credit window), so latency includes "
           "queueing of up to slots-1 frames; fps out = sustained throughput.")
 

@@ -101,7 +101,8 @@ def start_worker(device: str, encoder: str, img_size: int, run_dir: Path,
                  compile: bool) -> Any:
     from workers.encoder import run_worker
 
-    cfg = WorkerConfig(device=device, encoder=encoder, img_size=img_size, compile=compile)
+    cfg = WorkerConfig(device=device, encoder=encoder, img_size=img_size, compile=compile,
+                       untrained=True)
     proc = mp.get_context("spawn").Process(
         target=run_worker, args=(cfg, Endpoints.ipc(run_dir), f"iwmpb_{secrets.token_hex(4)}"),
         daemon=True)

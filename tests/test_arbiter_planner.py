@@ -148,6 +148,24 @@ def test_calibrated_thresholds_follow_the_data() -> None:
         ArbiterConfig.calibrated([0.1] * 5)
 
 
+def test_a_surprise_spike_escalates_at_once_and_ordinary_play_does_not() -> None:
+    rng = np.random.default_rng(1)
+    normal = rng.normal(0.3, 0.05, 5000).clip(0, 2)
+    cfg = ArbiterConfig.calibrated(normal, escalate_pct=99.9, escalate_cooldown_s=0.0)
+    assert cfg.escalate_surprise == pytest.approx(np.percentile(normal, 99.9), rel=1e-6)
+    calls: list[ArbiterDecision] = []
+    hooks = ArbiterHooks(cfg, on_escalate=calls.append, clock=FakeClock())
+    fired = [hooks.assess(_state(seq=i, surprise=float(s), mrr=0.9)).escalate
+             for i, s in enumerate(normal[:1000])]
+    assert sum(fired) <= 3  # ~1 in 1000 ordinary frames
+    spike = hooks.assess(_state(seq=2000, surprise=1.3, mrr=0.9))  # a cut; MRR still high
+    assert spike.escalate and any("escalate" in r for r in spike.reasons)
+    assert calls[-1].surprise == 1.3
+    assert not ArbiterHooks(ArbiterConfig()).assess(_state(surprise=1.9, mrr=0.9)).escalate
+    with pytest.raises(ValueError, match="escalate_surprise"):
+        ArbiterConfig(escalate_surprise=2.5)
+
+
 # ----------------------------------------------------------------------------- toy worlds
 
 

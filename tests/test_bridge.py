@@ -340,7 +340,7 @@ class Sidecar:
 
         proc = self.procs.get("worker")
         if proc is None or not proc.is_alive():
-            wcfg = WorkerConfig(encoder="vit_tiny_patch16_224", img_size=32,
+            wcfg = WorkerConfig(untrained=True, encoder="vit_tiny_patch16_224", img_size=32,
                                 stats_interval_s=0.2)
             proc = self.ctx.Process(target=run_worker, args=(wcfg, self.endpoints, self.ring),
                                     daemon=True)

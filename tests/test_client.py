@@ -46,7 +46,7 @@ def worker() -> Iterator[Path]:
 
     path = Path(tempfile.mkdtemp(prefix="iwmcl", dir="/tmp"))
     eps = Endpoints.ipc(path)
-    cfg = WorkerConfig(encoder=ENCODER, img_size=IMG)
+    cfg = WorkerConfig(untrained=True, encoder=ENCODER, img_size=IMG)
     proc = mp.get_context("spawn").Process(
         target=run_worker, args=(cfg, eps, f"iwmcl_{secrets.token_hex(4)}"), daemon=True)
     proc.start()
@@ -68,7 +68,7 @@ def local_model() -> Any:
     """The worker's model, built here by the worker's own loader (same seed: same weights)."""
     from workers.encoder import load_model
 
-    return load_model(WorkerConfig(encoder=ENCODER, img_size=IMG))
+    return load_model(WorkerConfig(untrained=True, encoder=ENCODER, img_size=IMG))
 
 
 @pytest.fixture

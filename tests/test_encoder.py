@@ -492,7 +492,7 @@ def test_untrained_model_is_seeded_and_warns() -> None:
     lines: list[str] = []
     sink = logger.add(lambda m: lines.append(str(m)), level="WARNING")
     try:
-        cfg = WorkerConfig(variant="invariant", encoder=ENCODER, img_size=IMG)
+        cfg = WorkerConfig(untrained=True, variant="invariant", encoder=ENCODER, img_size=IMG)
         m1, m2 = load_model(cfg), load_model(cfg)
     finally:
         logger.remove(sink)

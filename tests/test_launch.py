@@ -21,7 +21,7 @@ from iwm_bus.rundir import RunDir
 from iwm_bus.transport import Endpoints, Subscriber
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--encoder", "vit_tiny_patch16_224", "--img-size", "32"]
+TINY = ["--untrained", "--encoder", "vit_tiny_patch16_224", "--img-size", "32"]
 
 
 class Sidecar:

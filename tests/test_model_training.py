@@ -55,12 +55,18 @@ def test_predictor_predicts_positions_absent_from_context() -> None:
     heads = m.predictor(ctx, ctx_idx, tgt_idx, torch.zeros(2, 16))
     assert heads.shape == (3, 2, 4, D)
     assert not torch.allclose(heads[:, :, 0], heads[:, :, 1])  # positions are told apart
-    # Outputs come from the heads alone, never "input + delta": zero the heads' last layers
+    # A position absent from the context is predicted by the heads alone (never "input +
+    # delta"): zero the heads' last layers and the prediction there is exactly zero ...
     for head in m.predictor.heads:
         torch.nn.init.zeros_(head[-1].weight)
         torch.nn.init.zeros_(head[-1].bias)
+    with torch.no_grad():
+        assert m.predictor(ctx, ctx_idx, tgt_idx, torch.zeros(2, 16)).abs().max() == 0
+    # ... while the next-frame call, where each position's current latent is known, predicts
+    # its change: zero heads = copy-last
     z, p = m.encode(images(1))
-    assert m.predict(z, p).patches.abs().max() == 0
+    torch.testing.assert_close(m.predict(z, p).patches, p)
+    assert m.predict(z).patches is None  # the global-latent call has no prior to copy
 
 
 def test_next_frame_call_is_the_same_predictor_call() -> None:
@@ -183,7 +189,7 @@ def test_uncertainty_is_larger_where_the_model_is_wrong() -> None:
     for _ in range(120):
         x = inside(64)
         boot = torch.poisson(torch.ones(4, 64), generator=gen)
-        err = (pred(x, idx, idx, cond, prior=x) - target(x)[None]).square().mean((2, 3))
+        err = (pred(x, idx, idx, cond) - target(x)[None]).square().mean((2, 3))
         loss = (err * boot).mean()
         opt.zero_grad()
         loss.backward()
@@ -191,7 +197,7 @@ def test_uncertainty_is_larger_where_the_model_is_wrong() -> None:
     pred.eval()
     held_in, outside = inside(64), torch.randn(64, N, D, generator=gen) * basis.std()
     with torch.no_grad():
-        h_in, h_out = (pred(x, idx, idx, cond, prior=x) for x in (held_in, outside))
+        h_in, h_out = (pred(x, idx, idx, cond) for x in (held_in, outside))
     err_in = (h_in.mean(0) - target(held_in)).square().mean()
     err_out = (h_out.mean(0) - target(outside)).square().mean()
     assert err_out > err_in  # the model is wrong outside its training domain ...

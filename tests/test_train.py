@@ -259,3 +259,44 @@ def test_next_latent_mrr_cannot_see_the_answer(sessions: Path) -> None:
                            store.sources)
     r = next_latent_mrr(m, scrambled, cfg)
     assert r["model"] < 2.5 * r["chance"] and r["copy_last"] < 2.5 * r["chance"], r
+
+
+@pytest.mark.games
+def test_phase3_and_eval_on_a_real_recorded_game(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A real Pong session recorded by train.record, trained on for 2 steps, evaluated with
+    counterfactual next frames from cloned emulator states."""
+    pytest.importorskip("ale_py")
+    from train.record import GAMES, record_session
+
+    rec = tmp_path / "pong.mcap"
+    record_session(GAMES["pong"], rec, seed=0, frames=60, name="pong")
+    model_args = [a.replace("model.num_actions=5", "model.num_actions=18") for a in TOY]
+    assert cli.main(["--phase", "3", "--sessions", str(rec), "--steps", "2", "--batch_size",
+                     "8", "--preset", "cpu-tiny", *model_args,
+                     "--out_dir", str(tmp_path / "m")]) == 0
+    capsys.readouterr()
+    assert eval_cli.main(["--model", str(tmp_path / "m" / "last.pt"), "--sessions", str(rec),
+                          "--games", "ALE/Pong-v5", "--cf_states", "4", "--bank", "16",
+                          "--aug_images", "1", "--cut_gap", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "action discrimination MRR" in out and "chance=" in out
+
+
+def test_export_keeps_weights_and_records_provenance(sessions: Path, tmp_path: Path) -> None:
+    from iwm_bus.model import load_iwm
+    from train.export import export
+
+    assert train("--phase", "3", "--sessions", str(sessions), "--steps", "1", "--batch_size", "8",
+                 "--out_dir", str(tmp_path / "m")) == 0
+    src = tmp_path / "m" / "last.pt"
+    info = export(src, tmp_path / "ship.pt", name="toy-v1",
+                  eval_summary={"next_latent_mrr": {"model": 0.5, "copy_last": 0.4}})
+    shipped = load_iwm(tmp_path / "ship.pt")
+    assert shipped.provenance["name"] == "toy-v1" and info["action_vocab"] == "iwm-18"
+    assert shipped.provenance["eval"]["next_latent_mrr"]["model"] == 0.5
+    assert shipped.provenance["data"]["sessions"] == [str(sessions)]
+    assert not any(k.startswith("target_encoder.") for k in state(tmp_path / "ship.pt"))
+    trained = load_iwm(src)
+    assert all(torch.equal(v, shipped.state_dict()[k]) for k, v in trained.state_dict().items())
+    assert (tmp_path / "ship.pt").stat().st_size < 0.6 * src.stat().st_size

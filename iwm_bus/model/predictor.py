@@ -6,7 +6,9 @@ position, the conditioning and (for the next-frame call) the latent that was at 
 position. A transformer runs over both; only the mask tokens' outputs are read, through
 ``ensemble`` independent MLP heads. Conditioning is "feature conditioning" (IWM, Garrido et
 al. 2024): the embedded augmentation/action vector and the discrete action token are added
-to every mask token.
+to every mask token. With a ``prior`` (the next-frame call) the heads predict the change of
+each position's latent (output = prior + head), so training starts from copy-last and spends
+its capacity on what moves; without one they predict the latent itself.
 
 Positions are patch indices ``0..N-1`` with fixed 2-D sin-cos embeddings; index ``-1`` is
 the *global* position, used when the context is only a frame's global latent (``z_cls``).
@@ -106,7 +108,12 @@ class IWMPredictor(nn.Module):
         for blk in self.blocks:
             h = blk(h)
         h = self.norm(h[:, c:])  # (B, T, P)
-        return torch.stack([head(h) for head in self.heads])  # (E, B, T, D)
+        out = torch.stack([head(h) for head in self.heads])  # (E, B, T, D)
+        # Where the latent at a target position is known (the next-frame call), the heads
+        # predict its change; elsewhere (masked positions, the global-latent call) the
+        # latent itself. An untrained predictor thus starts at copy-last for the next frame
+        # and still predicts positions absent from the context.
+        return out + prior[None] if prior is not None else out
 
 
 def ensemble_spread(heads: Tensor) -> Tensor:

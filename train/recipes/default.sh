@@ -13,11 +13,17 @@
 #   GAMES          games for train.record (default: mix = pong, breakout, mspacman, seaquest,
 #                  spaceinvaders + ViZDoom basic, defend_the_line, health_gathering,
 #                  my_way_home, deadly_corridor; `python -m train.record --list`)
-#   FRAMES         frames a session (default 4000)
+#   FRAMES         frames a session (default 2000)
 #   TRAIN_SEEDS    seeds of the training sessions (default 0-3)
 #   HELDOUT_SEEDS  seeds of the held-out sessions, disjoint from the training ones
 #                  (default 1000-1001); every number that matters is measured on these
 #   JOBS           parallel recording processes (default 2, the cores of this machine)
+#   TRAIN_ARGS     extra iwm-train flags (default none; e.g. "--steps 2 --batch_size 8" for a toy run)
+#   EVAL_ARGS      extra iwm-eval flags (default none)
+#   CF_GAMES       ALE games for action discrimination (default: the five of the mix)
+#   CF_STATES      cloned states per game (default 40)
+#   SHIP           where the exported model goes (default: iwm_bus/weights/default.pt)
+#   RUN            the training run folder (default: <repo>/runs/default)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -27,10 +33,16 @@ if [[ -z "${PYTHON:-}" ]]; then
 fi
 STEPS="${STEPS:-data train eval}"
 GAMES="${GAMES:-mix}"
-FRAMES="${FRAMES:-4000}"
+FRAMES="${FRAMES:-2000}"
 TRAIN_SEEDS="${TRAIN_SEEDS:-0-3}"
 HELDOUT_SEEDS="${HELDOUT_SEEDS:-1000-1001}"
 JOBS="${JOBS:-2}"
+TRAIN_ARGS="${TRAIN_ARGS:-}"
+EVAL_ARGS="${EVAL_ARGS:-}"
+CF_GAMES="${CF_GAMES:-ALE/Pong-v5,ALE/Breakout-v5,ALE/MsPacman-v5,ALE/Seaquest-v5,ALE/SpaceInvaders-v5}"
+CF_STATES="${CF_STATES:-40}"
+SHIP="${SHIP:-$ROOT/iwm_bus/weights/default.pt}"
+RUN="${RUN:-$ROOT/runs/default}"
 DATA="$(mkdir -p "$DATA" && cd "$DATA" && pwd)"  # absolute: the data step runs inside it
 
 want() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -40,11 +52,10 @@ want() { [[ " $STEPS " == *" $1 "* ]]; }
 # random ids of the shared 18-action vocabulary, docs/actions.md, each held 1..8 steps):
 #   $DATA/train/<game>-s<seed>.mcap     seeds $TRAIN_SEEDS
 #   $DATA/heldout/<game>-s<seed>.mcap   seeds $HELDOUT_SEEDS
-# Wall time at the default sizes (10 games x 6 seeds x 4000 frames = 240,000 frames,
-# ~3.4 GB: ViZDoom ~33 KB a frame, ALE ~1 KB), 2 jobs on this 2-core machine: about 2.5 min,
-# extrapolated from a measured run at FRAMES=1000 (60,000 frames, 844 MB): 37 s, with other
-# work loading the machine (load ~3-5). One job on an idle core records ~2,200 ALE frames/s
-# and ~1,100 ViZDoom frames/s. Complete sessions are kept on a rerun (deterministic per
+# Wall time at the default sizes (10 games x 6 seeds x 2000 frames = 120,000 frames,
+# 1.8 GB: ViZDoom ~33 KB a frame, ALE ~1 KB), 2 jobs on this 2-core machine: 38 s measured
+# (80,000 training + 40,000 held-out frames). One job on an idle core records ~2,200 ALE
+# frames/s and ~1,100 ViZDoom frames/s. Complete sessions are kept on a rerun (deterministic per
 # seed); delete $DATA to record them again.
 if want data; then
     (
@@ -57,13 +68,25 @@ if want data; then
 fi
 
 # ------------------------------------------------------------------------------ TRAIN STEP
-# TRAIN STEP
+# Phase 3 on the training sessions with the cpu-default preset (train/presets.py): ViT-Ti
+# (6 blocks, patch 8) at 64 px, 3-layer predictor, 18 action ids, K=2, change-weighted
+# targets, VICReg variance/covariance terms, 1600 steps of batch 32. Resumes when RUN holds
+# a checkpoint (a killed run loses at most 200 steps). Wall time on this 2-core machine:
+# about 40 minutes alone (1.3 s a step), more with other work on the machine.
 if want train; then
-    : # placeholder: iwm-train on "$DATA/train" (sessions), checkpoint into the package
+    # shellcheck disable=SC2086  # TRAIN_ARGS is a list of flags
+    "$PYTHON" -m train --preset cpu-default --sessions "$DATA/train" --out_dir "$RUN" \
+        --resume auto --no_progress $TRAIN_ARGS
 fi
 
 # ------------------------------------------------------------------------------ EVAL STEP
-# EVAL STEP
+# iwm-eval on the held-out sessions (other seeds than training) and on counterfactual next
+# frames of the ALE games, then export the inference checkpoint with its provenance (data,
+# run config, eval summary, action vocabulary) into the package. About 10 minutes here.
 if want eval; then
-    : # placeholder: iwm-eval on "$DATA/heldout" (+ train.counterfactual for the ALE games)
+    # shellcheck disable=SC2086
+    "$PYTHON" -m train.eval_cli --model "$RUN/last.pt" --sessions "$DATA/heldout" \
+        --games "$CF_GAMES" --cf_states "$CF_STATES" --out "$RUN/eval" $EVAL_ARGS
+    "$PYTHON" -m train.export --from "$RUN/last.pt" --eval "$RUN/eval/eval.json" \
+        --name "iwm-default-v1" --out "$SHIP"
 fi

@@ -1,0 +1,73 @@
+"""Export a training checkpoint as an inference checkpoint with its provenance.
+
+Drops the optimiser state and the EMA target encoder, and stores under ``extra["info"]``
+what ``health`` / ``iwm.stats`` report: a name, the training data, the run config, the
+eval summary and the action vocabulary. This is how the shipped default is made::
+
+    python -m train.export --from runs/default/last.pt --eval runs/default/eval/eval.json \\
+        --name iwm-default-v1 --out iwm_bus/weights/default.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["export", "main"]
+
+
+def _plain(v: Any) -> Any:
+    """JSON data as checkpoint-safe plain containers (None stays None)."""
+    return json.loads(json.dumps(v))
+
+
+def export(src: str | Path, out: str | Path, *, name: str, eval_summary: dict[str, Any] | None,
+           action_vocab: str | None = "iwm-18") -> dict[str, Any]:
+    """Write ``out`` from training checkpoint ``src``; returns the info stored."""
+    from iwm_bus.model import load_checkpoint, load_iwm, save_checkpoint
+
+    payload = load_checkpoint(src)
+    extra = payload["extra"]
+    run = extra.get("run_config", {})
+    tr = run.get("train", {})
+    model = load_iwm(src, "cpu")  # the online weights; the target encoder is left behind
+    info = {"name": name, "action_vocab": action_vocab, "step": extra.get("step"),
+            "data": {"sessions": tr.get("sessions"), "data_dirs": tr.get("data_dirs"),
+                     "phase": tr.get("phase")},
+            "run_config": run, "eval": eval_summary,
+            "recipe": "train/recipes/default.sh"}
+    info = _plain(info)
+    save_checkpoint(model, out, info=info)
+    return info
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--from", dest="src", required=True, help="training checkpoint")
+    ap.add_argument("--out", required=True, help="inference checkpoint to write")
+    ap.add_argument("--name", required=True, help="name reported by health and iwm.stats")
+    ap.add_argument("--eval", help="eval.json written by iwm-eval")
+    ap.add_argument("--action_vocab", default="iwm-18")
+    args = ap.parse_args(argv)
+    from iwm_bus.errors import CheckpointError
+
+    try:
+        summary = json.loads(Path(args.eval).read_text()) if args.eval else None
+        if summary is not None:
+            summary.pop("model", None)
+        info = export(args.src, args.out, name=args.name, eval_summary=summary,
+                      action_vocab=args.action_vocab or None)
+    except (CheckpointError, OSError, ValueError) as e:
+        print(f"export: error: {e}", file=sys.stderr)
+        return 2
+    size = Path(args.out).stat().st_size / 2**20
+    print(f"wrote {args.out} ({size:.1f} MiB): {info['name']}, step {info['step']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
