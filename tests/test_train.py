@@ -297,6 +297,9 @@ def test_export_keeps_weights_and_records_provenance(sessions: Path, tmp_path: P
     assert shipped.provenance["eval"]["next_latent_mrr"]["model"] == 0.5
     assert shipped.provenance["data"]["sessions"] == [str(sessions)]
     assert not any(k.startswith("target_encoder.") for k in state(tmp_path / "ship.pt"))
-    trained = load_iwm(src)
+    trained = load_iwm(src, target_as_encoder=True)  # what ships: the EMA target encoder
     assert all(torch.equal(v, shipped.state_dict()[k]) for k, v in trained.state_dict().items())
+    online = load_iwm(src)
+    assert not all(torch.equal(v, shipped.state_dict()[k])
+                   for k, v in online.state_dict().items() if k.startswith("encoder."))
     assert (tmp_path / "ship.pt").stat().st_size < 0.6 * src.stat().st_size

@@ -109,14 +109,17 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.sessions or args.images or args.games):
         return _fail("nothing to evaluate on: give --sessions, --images and/or --games")
     from iwm_bus.errors import CheckpointError
-    from iwm_bus.model import load_iwm
+    from iwm_bus.model import load_checkpoint, load_iwm
     from train.data import DataError, FrameStore
     from train.evaluate import EvalConfig, evaluate, summary
 
     try:
         cfg = EvalConfig(bank=args.bank, max_transitions=args.max_transitions,
                          aug_images=args.aug_images, cut_gap=args.cut_gap, seed=args.seed)
-        model = load_iwm(args.model, args.device)
+        has_target = any(k.startswith("target_encoder.")
+                         for k in load_checkpoint(args.model)["state_dict"])
+        # a training checkpoint is evaluated as it would ship: with its EMA target encoder
+        model = load_iwm(args.model, args.device, target_as_encoder=has_target)
         mc = model.config
         sessions = FrameStore.from_sessions(args.sessions, mc.img_size, mc.cond_dim,
                                             args.max_frames or None) if args.sessions else None

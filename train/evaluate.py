@@ -229,8 +229,12 @@ def surprise_auroc(model: IWM, store: FrameStore, cfg: EvalConfig,
     cuts = metrics.patch_surprise_torch(pred, lat[tc]).numpy()
     copy_n = metrics.patch_surprise_torch(lat[ts], lat[ts + 1]).numpy()
     copy_c = metrics.patch_surprise_torch(lat[ts], lat[tc]).numpy()
+    pct = np.percentile(normal, [50, 95, 99, 99.9])
     return {"model": metrics.auroc(normal, cuts), "copy_last": metrics.auroc(copy_n, copy_c),
-            "n_cuts": len(src), "_normal": normal, "_cuts": cuts}
+            "n_cuts": len(src), "normal_pct": {"p50": float(pct[0]), "p95": float(pct[1]),
+                                               "p99": float(pct[2]), "p99.9": float(pct[3])},
+            "cuts_above_p99.9": float(np.mean(cuts > pct[3])),
+            "_normal": normal, "_cuts": cuts}
 
 
 # ----------------------------------------------------------------------------- counterfactuals

@@ -1,6 +1,8 @@
 """Export a training checkpoint as an inference checkpoint with its provenance.
 
-Drops the optimiser state and the EMA target encoder, and stores under ``extra["info"]``
+Ships the EMA target encoder as the encoder (the latent space the predictor was trained
+to predict in; I-JEPA and V-JEPA release their target encoders too), drops the optimiser
+state and the online encoder, and stores under ``extra["info"]``
 what ``health`` / ``iwm.stats`` report: a name, the training data, the run config, the
 eval summary and the action vocabulary. This is how the shipped default is made::
 
@@ -34,7 +36,7 @@ def export(src: str | Path, out: str | Path, *, name: str, eval_summary: dict[st
     extra = payload["extra"]
     run = extra.get("run_config", {})
     tr = run.get("train", {})
-    model = load_iwm(src, "cpu")  # the online weights; the target encoder is left behind
+    model = load_iwm(src, "cpu", target_as_encoder=True)  # ship the EMA target encoder
     info = {"name": name, "action_vocab": action_vocab, "step": extra.get("step"),
             "data": {"sessions": tr.get("sessions"), "data_dirs": tr.get("data_dirs"),
                      "phase": tr.get("phase")},

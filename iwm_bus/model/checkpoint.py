@@ -121,11 +121,14 @@ def _mismatch(model: nn.Module, state: Mapping[str, Tensor]) -> Iterator[str]:
 
 def load_iwm(path: str | os.PathLike, device: str | torch.device = "cpu", *,
              variant: str | None = None, with_target: bool = False,
-             compile: bool = False, amp: bool = True, cuda_graphs: bool = True) -> IWM:
+             target_as_encoder: bool = False, compile: bool = False, amp: bool = True,
+             cuda_graphs: bool = True) -> IWM:
     """Load a checkpoint into an IWM in eval mode on ``device``; never unpickles code.
 
     ``variant``: if given, the checkpoint's variant must match. ``with_target``: also load
     (or, if the file has none, initialise from the encoder) the EMA target encoder.
+    ``target_as_encoder``: a training checkpoint's EMA target weights become the encoder
+    (the space its predictor was trained to predict in; what ``train.export`` ships).
     Any problem raises :class:`CheckpointError` naming the file and what is wrong.
     """
     path = Path(path)
@@ -146,6 +149,14 @@ def load_iwm(path: str | os.PathLike, device: str | torch.device = "cpu", *,
         raise CheckpointError(f"{path}: weights do not match the checkpoint's config: "
                               + "; ".join(problems))
     model.load_state_dict(main, strict=True)
+    if target_as_encoder:
+        if not target:
+            raise CheckpointError(f"{path}: no EMA target encoder in the checkpoint")
+        problems = list(_mismatch(model.encoder, target))
+        if problems:
+            raise CheckpointError(f"{path}: target encoder weights do not match: "
+                                  + "; ".join(problems))
+        model.encoder.load_state_dict(target, strict=True)
     # where the weights came from, for health replies: path + the checkpoint's "info" extra
     # (training data, eval summary, action vocabulary), when it has one
     info = payload["extra"].get("info")

@@ -12,7 +12,11 @@ Two batch kinds, told apart by their keys:
   encoded frame j for every j < K; the rollout loss feeds the predictor its own prediction
   for K-1 more steps; the global loss predicts frame 1 from frame 0's global latent alone
   (what ``predict`` does without patches). Targets come from the target encoder (EMA, or
-  the frozen encoder itself when ``freeze_encoder``).
+  the frozen encoder itself when ``freeze_encoder``). The context tokens come from the
+  online encoder (so it learns), but the *prior* of each position (the latent the
+  next-frame predictor changes) and the global latent are the target encoder's: the
+  predictor maps target-space latents to target-space latents, the space inference runs in
+  (the target encoder is what :mod:`train.export` ships, as I-JEPA and V-JEPA release it).
 
 Optional, both kinds: ``boot`` (E, B) per-head bootstrap weights (each ensemble head trains
 on its own Poisson(1) resample of the batch, so the heads' spread measures uncertainty);
@@ -177,8 +181,9 @@ def dynamics_loss(model: Any, batch: dict[str, Tensor], obj: Objective) -> dict[
     boot = _boot(batch, cfg.ensemble, b, frames)
     idx = torch.arange(n, device=frames.device).expand(b * k, n)  # (B*K, N)
     flat_ctx = ctx.flatten(0, 1)  # (B*K, N, D)
+    prior = target[:, :k].flatten(0, 1)  # (B*K, N, D): target-space latents of frames j < K
     flat_act = actions.flatten() if actions is not None else None
-    heads = model.predictor(flat_ctx, idx, idx, cond.flatten(0, 1), flat_act, prior=flat_ctx)
+    heads = model.predictor(flat_ctx, idx, idx, cond.flatten(0, 1), flat_act, prior=prior)
     heads = heads.unflatten(1, (b, k))  # (E, B, K, N, D)
     out: dict[str, Tensor] = {}
     total = frames.new_zeros(())
@@ -199,7 +204,7 @@ def dynamics_loss(model: Any, batch: dict[str, Tensor], obj: Objective) -> dict[
         out["rollout"] = roll.detach()
         total = total + obj.rollout_weight * roll
     if obj.global_weight:
-        g = global_latent(ctx[:, 0])[:, None]  # (B, 1, D)
+        g = global_latent(target[:, 0])[:, None]  # (B, 1, D), target space like inference
         gidx = torch.full((b, 1), -1, dtype=torch.long, device=frames.device)
         act = actions[:, 0] if actions is not None else None
         h = model.predictor(g, gidx, idx[:b], cond[:, 0], act)  # (E, B, N, D)
