@@ -51,6 +51,8 @@ def tiny_model(device: str = "cpu") -> IWM:
     with torch.no_grad():  # untrained conditioning is tiny (init std 0.02): make it visible
         m.predictor.action_embed.weight.mul_(50)
         m.predictor.cond_embed[-1].weight.mul_(50)
+        for head in m.predictor.heads:  # and the predicted change itself
+            head[-1].weight.mul_(20)
     return m
 
 
