@@ -18,10 +18,10 @@ Surprise units. The seed's thresholds were on raw ``||pred - obs||`` of 768-d la
 scale depends on the encoder. Here surprise is :func:`iwm_bus.metrics.surprise`, the RMS
 difference of layer-normalised latents, ``sqrt(2 * (1 - r))`` with r the Pearson correlation of
 prediction and observation: 0 = perfect, 1.0 = r 0.5, ~1.41 = unrelated, 2 = opposite. The
-defaults are chosen on that scale: **slow down above 1.0** (the prediction explains less than
-half the observed latent's pattern, r < 0.5) and **coherence penalty above 1.2** (r < 0.28,
-close to unrelated), keeping the seed's ordering (the coherence threshold is the stricter
-one) and its 0.1 penalty. The MRR threshold keeps the seed's 0.5 (MRR is already in (0, 1];
+defaults are calibrated on that scale for the shipped model (docs/agent.md): **slow down
+above 0.72**, **coherence penalty above 0.84**, **escalate above 0.98** (the 95th, 99th and
+99.9th percentiles of its surprise in ordinary held-out play), keeping the seed's ordering
+and its 0.1 penalty. The MRR threshold keeps the seed's 0.5 (MRR is already in (0, 1];
 with K bank candidates chance is about H(K+1)/(K+1), 0.13 for K=32). For a trained model,
 calibrate on a recorded session instead: ``ArbiterConfig.calibrated(surprises)`` puts the
 thresholds at percentiles of the observed surprise.
@@ -50,16 +50,19 @@ def _bad(name: str, value: Any, why: str) -> None:
 
 @dataclass
 class ArbiterConfig:
-    # surprise above which the agent slows down / prefers waiting (seed: 2.0 on raw L2)
-    slow_down_surprise: float = 1.0
+    # surprise above which the agent slows down / prefers waiting (seed: 2.0 on raw L2);
+    # default: the 95th percentile of ordinary held-out play under iwm-default-v1
+    slow_down_surprise: float = 0.72
     # running MRR below which the arbiter escalates (seed: 0.5)
     escalate_mrr: float = 0.5
     # a frame's surprise above which the arbiter escalates at once (a scene cut, a novel
     # situation); None = only the running MRR escalates. ``calibrated`` sets it at a high
-    # percentile of ordinary play
-    escalate_surprise: float | None = None
-    # surprise above which temporal coherence drops (seed: 3.0 on raw L2)
-    coherence_surprise: float = 1.2
+    # percentile of ordinary play. Default: the 99.9th percentile of ordinary held-out play
+    # under iwm-default-v1 (docs/agent.md)
+    escalate_surprise: float | None = 0.98
+    # surprise above which temporal coherence drops (seed: 3.0 on raw L2); default: the
+    # 99th percentile of ordinary held-out play under iwm-default-v1
+    coherence_surprise: float = 0.84
     # how much coherence drops per surprising frame (seed: 0.1)
     coherence_penalty: float = 0.1
     # how much coherence recovers per unsurprising frame (0 = never recovers)

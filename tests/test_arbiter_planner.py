@@ -58,7 +58,8 @@ def test_config_validation_names_the_field() -> None:
 
 
 def test_high_surprise_slows_down_and_prefers_wait() -> None:
-    hooks = ArbiterHooks(ArbiterConfig(wait_action_id=0, min_delay_s=0.1, max_delay_s=0.5))
+    hooks = ArbiterHooks(ArbiterConfig(wait_action_id=0, min_delay_s=0.1, max_delay_s=0.5,
+                                       slow_down_surprise=1.0))
     calm = hooks.assess(_state(surprise=0.4, mrr=0.9))
     assert not calm.slow_down and calm.delay_s == 0 and not calm.prefer_wait
     assert hooks.choose_action(3, calm) == 3
@@ -161,7 +162,8 @@ def test_a_surprise_spike_escalates_at_once_and_ordinary_play_does_not() -> None
     spike = hooks.assess(_state(seq=2000, surprise=1.3, mrr=0.9))  # a cut; MRR still high
     assert spike.escalate and any("escalate" in r for r in spike.reasons)
     assert calls[-1].surprise == 1.3
-    assert not ArbiterHooks(ArbiterConfig()).assess(_state(surprise=1.9, mrr=0.9)).escalate
+    off = ArbiterConfig(escalate_surprise=None)  # off: only the running MRR escalates
+    assert not ArbiterHooks(off).assess(_state(surprise=1.9, mrr=0.9)).escalate
     with pytest.raises(ValueError, match="escalate_surprise"):
         ArbiterConfig(escalate_surprise=2.5)
 

@@ -163,19 +163,27 @@ def _transitions(store: FrameStore, cfg: EvalConfig) -> Tensor:
     return t
 
 
-def _session_bank(store: FrameStore, lat: Tensor, true_idx: Tensor, bank: int) -> Tensor:
-    """For each true index, ``bank`` other latents of its session centred on it (B, K, F)."""
-    rows = []
-    sess = store.session
-    for t in true_idx.tolist():
-        members = (sess == sess[t]).nonzero().flatten()
-        pos = int((members == t).nonzero()[0])
-        lo = max(0, min(pos - bank // 2, len(members) - bank - 1))
-        window = members[lo:lo + bank + 1]
-        window = window[window != t][:bank]
-        rows.append(lat[window])
-    k = min(len(r) for r in rows)
-    return torch.stack([r[:k] for r in rows])
+def _session_window(store: FrameStore, t: int, bank: int) -> Tensor:
+    """``bank`` indices of other frames of ``t``'s session, centred on it."""
+    members = (store.session == store.session[t]).nonzero().flatten()
+    pos = int((members == t).nonzero()[0])
+    lo = max(0, min(pos - bank // 2, len(members) - bank - 1))
+    window = members[lo:lo + bank + 1]
+    return window[window != t][:bank]
+
+
+def _session_rr(store: FrameStore, fl: Tensor, queries: Tensor, true_idx: Tensor, bank: int,
+                chunk: int = 16) -> Tensor:
+    """Reciprocal ranks of ``fl[true_idx]`` among ``bank`` same-session frames around it, for
+    queries (B, F); banks are built ``chunk`` rows at a time (a bank of 256 frames of 64 x
+    192 latents is 12 MB a row)."""
+    out = []
+    for i in range(0, len(true_idx), chunk):
+        rows = [_session_window(store, int(t), bank) for t in true_idx[i:i + chunk]]
+        k = min(len(r) for r in rows)
+        cands = torch.stack([fl[r[:k]] for r in rows])  # (b, K, F)
+        out.append(rr_truth(queries[i:i + chunk], fl[true_idx[i:i + chunk]], cands))
+    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -194,12 +202,11 @@ def next_latent_mrr(model: IWM, store: FrameStore, cfg: EvalConfig,
     shuffled[same] = (shuffled[same] + 1) % n_act
     pred_sh, _ = predict_all(model, lat[t], shuffled, conds[perm], cfg.batch)
     fl = flat(lat)  # (M, F)
-    bank = _session_bank(store, fl, t + 1, cfg.bank)  # (B, K, F)
-    true = fl[t + 1]
-    out = {"model": rr_truth(flat(pred), true, bank).mean().item(),
-           "copy_last": rr_truth(fl[t], true, bank).mean().item(),
-           "shuffled": rr_truth(flat(pred_sh), true, bank).mean().item(),
-           "chance": chance_mrr(bank.shape[1] + 1), "n": len(t)}
+    k = min(cfg.bank, int(torch.bincount(store.session).min()) - 1)
+    out = {"model": _session_rr(store, fl, flat(pred), t + 1, cfg.bank).mean().item(),
+           "copy_last": _session_rr(store, fl, fl[t], t + 1, cfg.bank).mean().item(),
+           "shuffled": _session_rr(store, fl, flat(pred_sh), t + 1, cfg.bank).mean().item(),
+           "chance": chance_mrr(k + 1), "n": len(t)}
     surprise = metrics.patch_surprise_torch(pred, lat[t + 1]).numpy()
     out["_surprise"], out["_uncertainty"] = surprise, unc.numpy()
     return out

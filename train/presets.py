@@ -26,6 +26,7 @@ _GPU_MODEL = {"encoder_name": "vit_small_patch16_224", "img_size": 224, "pred_di
 
 PRESETS: dict[str, dict[str, Any]] = {
     # the shipped default (issue 10): Phase 3 on the recorded game mix, about an hour here
+    # (iwm-default-v1 is its step 1600 of 2400)
     "cpu-default": {
         "model": {**_TINY_MODEL, "variant": "custom", "pred_depth": 3},
         "train": {"phase": 3, "batch_size": 32, "lr": 5e-4, "warmup_steps": 100,

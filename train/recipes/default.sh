@@ -70,9 +70,12 @@ fi
 # ------------------------------------------------------------------------------ TRAIN STEP
 # Phase 3 on the training sessions with the cpu-default preset (train/presets.py): ViT-Ti
 # (6 blocks, patch 8) at 64 px, 3-layer predictor, 18 action ids, K=2, change-weighted
-# targets, VICReg variance/covariance terms, 1600 steps of batch 32. Resumes when RUN holds
-# a checkpoint (a killed run loses at most 200 steps). Wall time on this 2-core machine:
-# about 40 minutes alone (1.3 s a step), more with other work on the machine.
+# targets, VICReg variance/covariance terms, 2400 steps of batch 32 (cosine LR over 2400).
+# Resumes when RUN holds a checkpoint (a killed run loses at most 200 steps). Wall time on
+# this 2-core machine: ~1.5 s a step alone, about an hour. The shipped iwm-default-v1 is
+# step 1600 of this schedule (its session ran out of time; 52 minutes with other work on
+# the machine): TRAIN_ARGS="--steps 1600" stops at the same point, with the LR schedule of
+# a 1600-step run instead.
 if want train; then
     # shellcheck disable=SC2086  # TRAIN_ARGS is a list of flags
     "$PYTHON" -m train --preset cpu-default --sessions "$DATA/train" --out_dir "$RUN" \
