@@ -53,8 +53,10 @@ class ArbiterConfig:
     # surprise above which the agent slows down / prefers waiting (seed: 2.0 on raw L2);
     # default: the 95th percentile of ordinary held-out play under iwm-default-v1
     slow_down_surprise: float = 0.72
-    # running MRR below which the arbiter escalates (seed: 0.5)
-    escalate_mrr: float = 0.5
+    # running MRR below which the arbiter escalates (seed: 0.5). Default 0.2: under
+    # iwm-default-v1 the running MRR (bank 32) of ordinary Breakout play sits at 0.35-0.48,
+    # so the seed's 0.5 escalated every cooldown (docs/agent.md)
+    escalate_mrr: float = 0.2
     # a frame's surprise above which the arbiter escalates at once (a scene cut, a novel
     # situation); None = only the running MRR escalates. ``calibrated`` sets it at a high
     # percentile of ordinary play. Default: the 99.9th percentile of ordinary held-out play

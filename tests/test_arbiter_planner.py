@@ -82,8 +82,8 @@ def test_high_surprise_slows_down_and_prefers_wait() -> None:
 def test_low_mrr_escalates_with_cooldown_and_survives_a_bad_callback() -> None:
     clock = FakeClock()
     calls: list[ArbiterDecision] = []
-    hooks = ArbiterHooks(ArbiterConfig(escalate_cooldown_s=5.0), on_escalate=calls.append,
-                         clock=clock)
+    hooks = ArbiterHooks(ArbiterConfig(escalate_cooldown_s=5.0, escalate_mrr=0.5),
+                         on_escalate=calls.append, clock=clock)
     assert not hooks.assess(_state(mrr=0.8)).escalate
     d = hooks.assess(_state(seq=11, mrr=0.3))
     assert d.escalate and len(calls) == 1 and calls[0].mrr == 0.3
@@ -97,7 +97,7 @@ def test_low_mrr_escalates_with_cooldown_and_survives_a_bad_callback() -> None:
         raise RuntimeError("LLM down")
 
     hooks = ArbiterHooks(on_escalate=bad, clock=clock)
-    assert hooks.assess(_state(mrr=0.1)).escalate  # no exception escapes
+    assert hooks.assess(_state(mrr=0.1)).escalate  # below the default 0.2; nothing escapes
     assert hooks.escalate_errors == 1
 
 
