@@ -81,7 +81,9 @@ def write_png(results: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(keys) + 1, figsize=(4 * (len(keys) + 1), 3.5))
     axes = list(axes) if len(keys) else [axes]
     for ax, k in zip(axes, keys, strict=False):
-        d = {n: v for n, v in results[k].items() if isinstance(v, float) and not n.startswith("_")}
+        d = {n: v for n, v in results[k].items()
+             if n in ("model", "zero_cond", "copy_last", "shuffled", "chance")
+             and isinstance(v, float)}
         ax.bar(list(d), [0 if v != v else v for v in d.values()],
                color=["C0"] + ["C7"] * (len(d) - 1))
         ax.set_title(k.replace("_", " "))
