@@ -356,19 +356,10 @@ def checkpoint_header(path: Path, variant: str | None = None) -> dict[str, Any]:
     Raises :class:`~iwm_bus.errors.CheckpointError` (a ValueError: exit 2) for a corrupt,
     foreign or truncated file, an invalid config, or another variant than ``variant``.
     """
-    from iwm_bus.errors import CheckpointError
-    from iwm_bus.model import IWMConfig, load_checkpoint
+    from iwm_bus.model import read_header
 
-    payload = load_checkpoint(path)
-    try:
-        cfg = IWMConfig.from_dict(payload["config"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: invalid config in checkpoint: {e}") from e
-    if variant is not None and cfg.variant != variant:
-        raise CheckpointError(f"{path}: checkpoint is variant {cfg.variant!r}, --variant / "
-                              f"IWM_MODEL_VARIANT asks for {variant!r}")
-    info = payload["extra"].get("info")
-    return {"config": cfg, "info": info if isinstance(info, dict) else {}}
+    cfg, info = read_header(path, variant)
+    return {"config": cfg, "info": info}
 
 
 def check_action_vocab(path: Path, header: dict[str, Any], spec: str,

@@ -7,7 +7,6 @@ ignored (distinct next frames exist); sets are a function of the seed.
 
 from __future__ import annotations
 
-import importlib
 import subprocess
 import sys
 
@@ -23,13 +22,6 @@ from train.counterfactual import (
 from train.explore import ExplorationPolicy, ExploreConfig
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def require(module: str) -> None:
-    try:
-        importlib.import_module(module)
-    except ImportError as e:
-        pytest.skip(f"{module} not installed ({e}); install the games extra")
 
 
 def test_import_is_numpy_only() -> None:
@@ -52,7 +44,7 @@ def test_bad_arguments_are_value_errors(kwargs: dict, match: str) -> None:
 
 @pytest.mark.games
 def test_restoring_and_stepping_the_same_action_gives_the_same_frame() -> None:
-    require("ale_py")
+    pytest.importorskip("ale_py")
     from workers.sources import open_source
 
     policy = ExplorationPolicy(ExploreConfig(seed=2))
@@ -75,7 +67,7 @@ def test_restoring_and_stepping_the_same_action_gives_the_same_frame() -> None:
 @pytest.mark.games
 @pytest.mark.parametrize("env_id", ["ALE/Pong-v5", "ALE/Breakout-v5"])
 def test_sets_have_every_action_and_the_actions_matter(env_id: str) -> None:
-    require("ale_py")
+    pytest.importorskip("ale_py")
     sets = counterfactual_sets(env_id, n_states=4, seed=1000, min_gap=10, max_gap=20)
     assert len(sets) == 4 and all(isinstance(s, CounterfactualSet) for s in sets)
     for s in sets:
@@ -86,7 +78,7 @@ def test_sets_have_every_action_and_the_actions_matter(env_id: str) -> None:
 
 @pytest.mark.games
 def test_sets_are_a_function_of_the_seed_and_min_distinct_filters() -> None:
-    require("ale_py")
+    pytest.importorskip("ale_py")
     a = counterfactual_sets("ALE/Pong-v5", n_states=3, seed=5)
     b = counterfactual_sets("ALE/Pong-v5", n_states=3, seed=5)
     c = counterfactual_sets("ALE/Pong-v5", n_states=3, seed=6)

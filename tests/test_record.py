@@ -7,7 +7,6 @@ game of the mix opens with the 18-id space; ViZDoom ids press the buttons docs/a
 
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
@@ -30,13 +29,6 @@ from train.record import (
 )
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def require(module: str) -> None:
-    try:
-        importlib.import_module(module)
-    except ImportError as e:
-        pytest.skip(f"{module} not installed ({e}); install the games extra")
 
 
 @pytest.fixture
@@ -120,7 +112,7 @@ def test_games_seeds_and_config_validation(tmp_path: Path) -> None:
 
 @pytest.mark.games
 def test_recorded_session_reads_as_transitions_with_shared_ids(tmp_path: Path) -> None:
-    require("ale_py")
+    pytest.importorskip("ale_py")
     from train.datasets import SessionDataset
 
     path = tmp_path / "pong.mcap"
@@ -145,7 +137,7 @@ def test_recorded_session_reads_as_transitions_with_shared_ids(tmp_path: Path) -
 
 @pytest.mark.games
 def test_same_seed_records_the_same_session_and_another_seed_differs(tmp_path: Path) -> None:
-    require("ale_py")
+    pytest.importorskip("ale_py")
     paths = {}
     for tag, seed in (("a", 3), ("b", 3), ("c", 4)):
         paths[tag] = tmp_path / f"{tag}.mcap"
@@ -160,7 +152,7 @@ def test_same_seed_records_the_same_session_and_another_seed_differs(tmp_path: P
 
 @pytest.mark.games
 def test_doom_session_with_shared_ids(scratch: Path) -> None:
-    require("vizdoom")
+    pytest.importorskip("vizdoom")
     first, second = scratch / "a.mcap", scratch / "b.mcap"
     for path in (first, second):
         record_session(GAMES["basic"], path, seed=1, frames=30, name="basic")
@@ -175,7 +167,7 @@ def test_doom_session_with_shared_ids(scratch: Path) -> None:
 
 @pytest.mark.games
 def test_cli_writes_one_session_per_game_and_seed(scratch: Path) -> None:
-    require("ale_py")
+    pytest.importorskip("ale_py")
     out = scratch / "out"
     assert main(["--out", str(out), "--games", "pong", "--frames", "12", "--seeds", "0-1"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["pong-s0.mcap", "pong-s1.mcap"]
@@ -190,7 +182,7 @@ def test_cli_writes_one_session_per_game_and_seed(scratch: Path) -> None:
 @pytest.mark.parametrize("name", list(GROUPS["mix"]))
 def test_every_game_of_the_mix_opens_with_the_shared_space(name: str, scratch: Path) -> None:
     game = GAMES[name]
-    require("ale_py" if game.env_id.startswith("ALE/") else "vizdoom")
+    pytest.importorskip("ale_py" if game.env_id.startswith("ALE/") else "vizdoom")
     from workers.sources import open_source
 
     with open_source(f"gym:{game.env_id}", seed=0) as src:
@@ -203,8 +195,8 @@ def test_every_game_of_the_mix_opens_with_the_shared_space(name: str, scratch: P
 
 @pytest.mark.games
 def test_recipe_data_step_at_toy_size(tmp_path: Path) -> None:
-    require("ale_py")
-    require("vizdoom")
+    pytest.importorskip("ale_py")
+    pytest.importorskip("vizdoom")
     recipe = Path(__file__).resolve().parents[1] / "train" / "recipes" / "default.sh"
     env = {**os.environ, "STEPS": "data", "GAMES": "pong,basic", "FRAMES": "6",
            "TRAIN_SEEDS": "0", "HELDOUT_SEEDS": "1000", "JOBS": "1", "DATA": str(tmp_path),

@@ -36,7 +36,6 @@ from torch import Tensor
 
 from iwm_bus import metrics
 from iwm_bus.model import IWM, effective_rank
-from iwm_bus.model.config import IMAGENET_MEAN, IMAGENET_STD
 from train.augment import AugConfig, AugParams, apply_views, cond_vector, sample_params
 from train.data import FrameStore, resize_u8
 
@@ -123,16 +122,13 @@ def augmentation_mrr(model: IWM, store: FrameStore, cfg: EvalConfig,
     aug = aug or AugConfig()
     gen = torch.Generator().manual_seed(cfg.seed)
     pick = torch.randperm(len(store), generator=gen)[:cfg.aug_images]
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1).to(model.device)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1).to(model.device)
     idx = model.all_idx
     rr_model, rr_zero = [], []
     for i in pick.tolist():
         params = _jitter_bank(gen, sample_params(gen, 1, aug), cfg.bank, aug)
         img = store.frames[i:i + 1].expand(cfg.bank, -1, -1, -1)
         src, tgt = apply_views(img, params)
-        src = (src[:1].to(model.device) - mean) / std
-        tgt = (tgt.to(model.device) - mean) / std
+        src, tgt = model.normalise_unit(src[:1]), model.normalise_unit(tgt)
         targets = torch.cat([model.encode_features(tgt[j:j + cfg.batch], target=False)
                              for j in range(0, cfg.bank, cfg.batch)])  # (K, N, D)
         ctx = model.encode_features(src)  # (1, N, D)

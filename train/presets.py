@@ -21,6 +21,9 @@ __all__ = ["PRESETS", "preset"]
 _TINY_MODEL = {"variant": "invariant", "encoder_name": "vit_tiny_patch16_224", "img_size": 64,
                "patch_size": 8, "encoder_depth": 6, "pred_depth": 4, "pred_dim": 192,
                "pred_heads": 3, "num_actions": 18}
+_GPU_TRAIN = {"device": "cuda", "batch_size": 256, "lr": 1e-3, "warmup_steps": 500,
+              "steps": 20000, "ckpt_every": 1000, "k_steps": 3}
+_GUARD = {"var_weight": 1.0, "cov_weight": 0.005}  # VICReg collapse guard
 _GPU_MODEL = {"encoder_name": "vit_small_patch16_224", "img_size": 224, "pred_dim": 384,
               "pred_heads": 6, "num_actions": 18}
 
@@ -31,33 +34,30 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {**_TINY_MODEL, "variant": "custom", "pred_depth": 3},
         "train": {"phase": 3, "batch_size": 32, "lr": 5e-4, "warmup_steps": 100,
                   "steps": 2400, "ckpt_every": 200, "log_every": 20, "k_steps": 2},
-        "objective": {"var_weight": 1.0, "cov_weight": 0.005, "change_weight": 2.0},
+        "objective": {**_GUARD, "change_weight": 2.0},
     },
     "cpu-tiny": {
         "model": _TINY_MODEL,
         "train": {"batch_size": 32, "lr": 5e-4, "warmup_steps": 50, "steps": 600,
                   "ckpt_every": 100, "k_steps": 2},
-        "objective": {"var_weight": 1.0, "cov_weight": 0.005},
+        "objective": _GUARD,
     },
     "gpu-core": {
         "model": {**_GPU_MODEL, "variant": "core", "pred_depth": 8},
-        "train": {"device": "cuda", "batch_size": 256, "lr": 1e-3, "warmup_steps": 500,
-                  "steps": 20000, "ckpt_every": 1000, "k_steps": 3},
-        "objective": {"var_weight": 1.0, "cov_weight": 0.005},
+        "train": _GPU_TRAIN,
+        "objective": _GUARD,
     },
     "gpu-equivariant": {
         "model": {**_GPU_MODEL, "variant": "equivariant", "pred_depth": 16},
-        "train": {"device": "cuda", "batch_size": 256, "lr": 1e-3, "warmup_steps": 500,
-                  "steps": 20000, "ckpt_every": 1000, "k_steps": 3},
+        "train": _GPU_TRAIN,
         "aug": {"gray_p": 0.2, "blur_p": 0.5, "solarize_p": 0.2},
-        "objective": {"var_weight": 1.0, "cov_weight": 0.005},
+        "objective": _GUARD,
     },
     "gpu-invariant": {
         "model": {**_GPU_MODEL, "variant": "invariant", "pred_depth": 4},
-        "train": {"device": "cuda", "batch_size": 256, "lr": 1e-3, "warmup_steps": 500,
-                  "steps": 20000, "ckpt_every": 1000, "k_steps": 3},
+        "train": _GPU_TRAIN,
         "aug": {"gray_p": 0.0, "blur_p": 0.0, "solarize_p": 0.0},
-        "objective": {"var_weight": 1.0, "cov_weight": 0.005},
+        "objective": _GUARD,
     },
 }
 

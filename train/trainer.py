@@ -27,7 +27,6 @@ from torch import Tensor, nn
 
 from iwm_bus.errors import CheckpointError
 from iwm_bus.model import IWM, create_iwm_model, load_checkpoint, load_iwm, save_checkpoint
-from iwm_bus.model.config import IMAGENET_MEAN, IMAGENET_STD
 from train.augment import apply_views, cond_vector, sample_params
 from train.config import RunConfig, TrainConfig
 from train.data import DataError, FrameStore, batch_indices, find_images, find_sessions
@@ -127,9 +126,6 @@ class Trainer:
         self.total = self.tc.steps or self.tc.epochs * (self.num_samples // self.tc.batch_size)
         self.ema = self.model.make_ema(self.total)
         self.step = 0  # steps completed
-        mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
-        self._mean, self._std = mean.view(1, 3, 1, 1).to(self.device), std.view(1, 3, 1, 1).to(
-            self.device)
 
     # -- data
 
@@ -165,9 +161,6 @@ class Trainer:
     def num_samples(self) -> int:
         return len(self.starts) if self.tc.phase == 3 else len(self.store)
 
-    def _norm(self, x01: Tensor) -> Tensor:
-        return (x01.to(self.device) - self._mean) / self._std
-
     def make_batch(self, step: int) -> dict[str, Tensor]:
         """This rank's slice of the global batch of ``step``."""
         tc, mc = self.tc, self.run_cfg.model
@@ -180,7 +173,7 @@ class Trainer:
             params = sample_params(gen, tc.batch_size, self.run_cfg.aug)
             ctx, tgt = sample_masks(gen, tc.batch_size, mc.grid, self.run_cfg.masks)
             src, tgt_img = apply_views(self.store.frames[idx[sl]], params.slice(sl))
-            return {"src": self._norm(src), "tgt": self._norm(tgt_img),
+            return {"src": self.model.normalise_unit(src), "tgt": self.model.normalise_unit(tgt_img),
                     "cond": cond_vector(params, mc.cond_dim)[sl].to(self.device),
                     "ctx_idx": ctx[sl].to(self.device), "tgt_idx": tgt[sl].to(self.device),
                     "boot": boot[:, sl].to(self.device)}
@@ -188,7 +181,7 @@ class Trainer:
         k = tc.k_steps
         fi = start[:, None] + torch.arange(k + 1)  # (b, K+1)
         frames = self.store.frames[fi].permute(0, 1, 4, 2, 3).float() / 255.0  # (b, K+1, 3, S, S)
-        frames = self._norm(frames.flatten(0, 1)).unflatten(0, (b, k + 1))
+        frames = self.model.normalise_unit(frames.flatten(0, 1)).unflatten(0, (b, k + 1))
         ai = fi[:, 1:]  # the action that produced frame j+1
         batch = {"frames": frames, "cond": self.store.vector[ai].to(self.device),
                  "boot": boot[:, sl].to(self.device)}

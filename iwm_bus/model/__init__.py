@@ -16,6 +16,7 @@ from iwm_bus.model.checkpoint import (
     CHECKPOINT_VERSION,
     load_checkpoint,
     load_iwm,
+    read_header,
     save_checkpoint,
 )
 from iwm_bus.model.config import (
@@ -37,5 +38,5 @@ __all__ = [
     "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "EMA", "IMAGENET_MEAN", "IMAGENET_STD", "IWM",
     "VARIANTS", "VARIANT_DEPTHS", "IWMConfig", "IWMPredictor", "Objective", "Prediction",
     "Rollout", "create_iwm_model", "effective_rank", "ema_momentum", "ensemble_spread",
-    "load_checkpoint", "load_iwm", "pad_cond", "save_checkpoint", "variant_for_depth",
+    "load_checkpoint", "load_iwm", "pad_cond", "read_header", "save_checkpoint", "variant_for_depth",
 ]

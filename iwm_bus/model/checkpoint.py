@@ -20,7 +20,7 @@ from iwm_bus.errors import CheckpointError
 from iwm_bus.model.config import IWMConfig
 from iwm_bus.model.iwm import IWM
 
-__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "load_checkpoint", "load_iwm",
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "load_checkpoint", "load_iwm", "read_header",
            "save_checkpoint"]
 
 CHECKPOINT_FORMAT = "iwm-bus/checkpoint"
@@ -100,6 +100,32 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return payload
 
 
+def read_header(path: str | os.PathLike, variant: str | None = None
+                ) -> tuple[IWMConfig, dict[str, Any]]:
+    """A checkpoint's validated config and its ``extra["info"]`` (``{}`` when absent),
+    without building a model; ``variant`` if given must match. Raises
+    :class:`CheckpointError` naming the file and the problem."""
+    path = Path(path)
+    payload = load_checkpoint(path)
+    return _config_of(path, payload, variant), _info_of(payload)
+
+
+def _config_of(path: Path, payload: dict[str, Any], variant: str | None) -> IWMConfig:
+    try:
+        cfg = IWMConfig.from_dict(payload["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid config in checkpoint: {e}") from e
+    if variant is not None and cfg.variant != variant:
+        raise CheckpointError(f"{path}: checkpoint is variant {cfg.variant!r}, "
+                              f"expected {variant!r}")
+    return cfg
+
+
+def _info_of(payload: dict[str, Any]) -> dict[str, Any]:
+    info = payload["extra"].get("info")
+    return info if isinstance(info, dict) else {}
+
+
 def _split_target(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     main = {k: v for k, v in state.items() if not k.startswith("target_encoder.")}
     target = {k[len("target_encoder."):]: v for k, v in state.items()
@@ -133,13 +159,7 @@ def load_iwm(path: str | os.PathLike, device: str | torch.device = "cpu", *,
     """
     path = Path(path)
     payload = load_checkpoint(path)
-    try:
-        cfg = IWMConfig.from_dict(payload["config"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: invalid config in checkpoint: {e}") from e
-    if variant is not None and cfg.variant != variant:
-        raise CheckpointError(f"{path}: checkpoint is variant {cfg.variant!r}, "
-                              f"expected {variant!r}")
+    cfg = _config_of(path, payload, variant)
     main, target = _split_target(payload["state_dict"])
     model = IWM(cfg, compile=compile, amp=amp, cuda_graphs=cuda_graphs)
     problems = list(_mismatch(model, main))
@@ -159,8 +179,7 @@ def load_iwm(path: str | os.PathLike, device: str | torch.device = "cpu", *,
         model.encoder.load_state_dict(target, strict=True)
     # where the weights came from, for health replies: path + the checkpoint's "info" extra
     # (training data, eval summary, action vocabulary), when it has one
-    info = payload["extra"].get("info")
-    model.provenance = {"path": str(path), **(info if isinstance(info, dict) else {})}
+    model.provenance = {"path": str(path), **_info_of(payload)}
     if with_target:  # a copy of the loaded encoder, then the saved target if there is one
         model.init_target_encoder().load_state_dict(target or model.encoder.state_dict())
     return model.to(device).eval()

@@ -176,14 +176,10 @@ class IWM(nn.Module):
         """
         return self._normalise(check_frames(frames).to(self.device, non_blocking=True))
 
-    def resize_u8(self, frames: Tensor) -> Tensor:
-        """uint8 (B, H, W, 3) -> uint8 (B, S, S, 3) with the same resize as :meth:`preprocess`."""
-        s = self.config.img_size
-        x = frames.permute(0, 3, 1, 2).float()  # (B, 3, H, W)
-        if x.shape[-2:] != (s, s):
-            x = F.interpolate(x, size=(s, s), mode="bilinear", antialias=True,
-                              align_corners=False)  # (B, 3, S, S)
-        return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    def normalise_unit(self, x: Tensor) -> Tensor:
+        """Float images in [0, 1] (B, 3, S, S) (augmented views) -> the encoder's input,
+        on the model's device: the same mean/std as :meth:`preprocess`."""
+        return x.to(self.device) * (self.pix_scale * 255.0) + self.pix_shift
 
     def _normalise(self, frames: Tensor) -> Tensor:
         """uint8 (B, H, W, 3) on device -> resized, normalised float32 (B, 3, S, S)."""

@@ -188,9 +188,10 @@ def dynamics_loss(model: Any, batch: dict[str, Tensor], obj: Objective) -> dict[
     out: dict[str, Tensor] = {}
     total = frames.new_zeros(())
     tf = frames.new_zeros(())
+    # patch weights of each transition j -> j+1 (None: unweighted), shared by all three losses
+    ws = [_change_weights(target[:, j], target[:, j + 1], obj.change_weight) for j in range(k)]
     for j in range(k):
-        w = _change_weights(target[:, j], target[:, j + 1], obj.change_weight)
-        tf = tf + _head_loss(heads[:, :, j], target[:, j + 1], boot, obj.loss, w) / k
+        tf = tf + _head_loss(heads[:, :, j], target[:, j + 1], boot, obj.loss, ws[j]) / k
     out["pred"] = tf.detach()
     total = total + tf
     if k > 1 and obj.rollout_weight:
@@ -198,8 +199,7 @@ def dynamics_loss(model: Any, batch: dict[str, Tensor], obj: Objective) -> dict[
         for j in range(1, k):
             act = actions[:, j] if actions is not None else None
             h = model.predictor(z, idx1, idx1, cond[:, j], act, prior=z)  # (E, B, N, D)
-            w = _change_weights(target[:, j], target[:, j + 1], obj.change_weight)
-            roll = roll + _head_loss(h, target[:, j + 1], boot, obj.loss, w) / (k - 1)
+            roll = roll + _head_loss(h, target[:, j + 1], boot, obj.loss, ws[j]) / (k - 1)
             z = h.mean(0)
         out["rollout"] = roll.detach()
         total = total + obj.rollout_weight * roll
@@ -208,8 +208,7 @@ def dynamics_loss(model: Any, batch: dict[str, Tensor], obj: Objective) -> dict[
         gidx = torch.full((b, 1), -1, dtype=torch.long, device=frames.device)
         act = actions[:, 0] if actions is not None else None
         h = model.predictor(g, gidx, idx[:b], cond[:, 0], act)  # (E, B, N, D)
-        w = _change_weights(target[:, 0], target[:, 1], obj.change_weight)
-        glob = _head_loss(h, target[:, 1], boot, obj.loss, w)
+        glob = _head_loss(h, target[:, 1], boot, obj.loss, ws[0])
         out["global"] = glob.detach()
         total = total + obj.global_weight * glob
     out["loss"] = total + _reg(obj, ctx, out)
