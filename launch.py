@@ -41,6 +41,11 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 DEFAULT_SOURCE = "gym:ALE/Breakout-v5"
 #: seconds between restarts of a dying worker: doubles up to this cap
 MAX_BACKOFF_S = 10.0
+#: seconds after the start (or a takeover) before a warm standby worker is started: not
+#: while the serving worker starts, on a small machine they would share its cores
+STANDBY_DELAY_S = 5.0
+#: seconds before another standby when one exited by itself
+STANDBY_RETRY_S = 30.0
 #: worker exit codes that a restart cannot fix (workers/encoder.py run_worker)
 PERMANENT_EXIT_CODES = {2: "its model could not be loaded", 3: "its sockets could not be bound"}
 
@@ -90,6 +95,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--agent", choices=["demo", "none"],
                      help="also start the demo agent (default: demo without --source, else none)")
     run.add_argument("--quiet", action="store_true", help="no status line")
+    run.add_argument("--no-standby", action="store_true",
+                     help="no warm standby worker (saves its memory: one more model loaded; "
+                          "a dead worker is then restarted from scratch, seconds not ms)")
+    run.add_argument("--cleanup", action="store_true",
+                     help="remove what killed sidecars left (rings in /dev/shm, the run "
+                          "dir's sockets and manifest), then exit")
     run.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -108,11 +119,12 @@ class Child:
     restart_at: float | None = None  # when a scheduled restart is due
     backoff: float = 0.5
     extra: dict = field(default_factory=dict)
+    kwargs: dict = field(default_factory=dict)
 
     def start(self, ctx: Any) -> None:
         from workers.entry import exit_with
 
-        kwargs = {"restarts": self.restarts} if self.restart else {}
+        kwargs = {**self.kwargs, **({"restarts": self.restarts} if self.restart else {})}
         self.proc = ctx.Process(target=exit_with, args=(self.target, *self.args), kwargs=kwargs,
                                 name=f"iwm-{self.name}", daemon=False)
         self.proc.start()
@@ -141,6 +153,9 @@ class Launcher:
         self.endpoints: Endpoints = self.bus.endpoints()
         self.children: list[Child] = []
         self.stopping = False
+        # the warm standby worker (--no-standby: none) and when the next one is due
+        self.standby: Child | None = None
+        self.standby_due: float | None = None
 
     # ------------------------------------------------------------ pre-flight
 
@@ -154,7 +169,8 @@ class Launcher:
         path = self.worker_cfg.checkpoint()
         if path is not None and not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} does not exist (--model / IWM_MODEL_PATH)")
-        self.checkpoint_info = checkpoint_header(path, self.worker_cfg.variant) \
+        self.checkpoint_info = checkpoint_header(
+            path, self.worker_cfg.variant, encoder=a.encoder, img_size=a.img_size) \
             if path is not None else None
         if a.record is not None and not a.record.parent.is_dir():
             raise FileNotFoundError(f"--record: folder {a.record.parent} does not exist")
@@ -194,9 +210,9 @@ class Launcher:
             logger.warning("no checkpoint (--untrained, or none shipped in this install): "
                            "latents come from an UNTRAINED model; surprise and MRR are not "
                            "meaningful yet")
-        self.children.append(Child("worker", run_worker,
-                                   (self.worker_cfg, self.endpoints, self.ring_name),
-                                   restart=True))
+        self.worker = Child("worker", run_worker,
+                            (self.worker_cfg, self.endpoints, self.ring_name), restart=True)
+        self.children.append(self.worker)
         if self.args.record is not None:
             from workers.recorder import RecorderConfig, run_recorder
 
@@ -216,7 +232,39 @@ class Launcher:
         self.ctx = ctx
         for child in self.children:
             child.start(ctx)
+        if not self.args.no_standby:
+            self.standby_due = time.monotonic() + STANDBY_DELAY_S
         self.write_manifest()
+
+    def _keep_standby(self) -> None:
+        """Start the warm standby worker when one is due; notice when it died."""
+        from workers.encoder import run_worker
+
+        now = time.monotonic()
+        if self.standby is not None and not self.standby.proc.is_alive():
+            logger.warning("standby worker exited ({}); another in {:.0f}s",
+                           _describe_exit(self.standby.proc.exitcode), STANDBY_RETRY_S)
+            self.standby, self.standby_due = None, now + STANDBY_RETRY_S
+        if self.standby is None and self.standby_due is not None and now >= self.standby_due:
+            self.standby_due = None
+            self.standby = Child("standby", run_worker,
+                                 (self.worker_cfg, self.endpoints, self.ring_name),
+                                 kwargs={"takeover": self.ctx.Value("i", -1)})
+            self.standby.start(self.ctx)
+            self.write_manifest()
+
+    def _take_over(self, child: Child) -> bool:
+        """The dead worker's standby serves in its place; False when there is none."""
+        if child is not self.worker or self.standby is None or not self.standby.proc.is_alive():
+            return False
+        child.restarts += 1
+        self.standby.kwargs["takeover"].value = child.restarts
+        logger.warning("worker died ({}); the standby took over (restart #{})",
+                       _describe_exit(child.proc.exitcode), child.restarts)
+        child.proc, child.started_at = self.standby.proc, time.monotonic()
+        self.standby, self.standby_due = None, time.monotonic() + STANDBY_DELAY_S
+        self.write_manifest()
+        return True
 
     def write_manifest(self) -> None:
         """sidecar.json: what an agent (or an operator) needs to find every part."""
@@ -226,6 +274,7 @@ class Launcher:
             "source": self.args.source, "mode": self.args.mode,
             "action_space": self.action_space,
             "pids": {c.name: c.proc.pid for c in self.children if c.proc is not None},
+            "standby_pid": self.standby.proc.pid if self.standby is not None else None,
             "restarts": {c.name: c.restarts for c in self.children if c.restart}})
 
     def supervise(self) -> int:
@@ -242,6 +291,7 @@ class Launcher:
                 for child in self.children:
                     if child is not self.capture and not self._check_child(child):
                         return EXIT_FAILED
+                self._keep_standby()
                 if deadline is not None and time.monotonic() > deadline:
                     logger.warning("capture did not stop by itself at --duration; stopping it")
                     return EXIT_OK
@@ -271,6 +321,8 @@ class Launcher:
             logger.error("{} died (exit code {})", child.name, child.proc.exitcode)
             return False
         now = time.monotonic()
+        if child.restart_at is None and self._take_over(child):
+            return True
         if child.restart_at is None:  # just noticed: schedule the restart after the backoff
             child.restarts += 1
             child.restart_at = now + child.backoff
@@ -289,11 +341,12 @@ class Launcher:
 
     def shutdown(self) -> None:
         """Stop every child (SIGTERM, then SIGKILL), remove the ring and socket files."""
-        for child in reversed(self.children):
+        children = [*self.children, *([self.standby] if self.standby is not None else [])]
+        for child in reversed(children):
             if child.proc is not None and child.proc.is_alive():
                 child.proc.terminate()
         deadline = time.monotonic() + 10
-        for child in reversed(self.children):
+        for child in reversed(children):
             if child.proc is None:
                 continue
             child.proc.join(max(0.1, deadline - time.monotonic()))
@@ -350,15 +403,24 @@ class StatusLine:
         self.sub.close()
 
 
-def checkpoint_header(path: Path, variant: str | None = None) -> dict[str, Any]:
+def checkpoint_header(path: Path, variant: str | None = None, *, encoder: str | None = None,
+                      img_size: int | None = None) -> dict[str, Any]:
     """A checkpoint's config and ``info`` extra, validated before anything starts.
 
     Raises :class:`~iwm_bus.errors.CheckpointError` (a ValueError: exit 2) for a corrupt,
-    foreign or truncated file, an invalid config, or another variant than ``variant``.
+    foreign or truncated file, an invalid config, or another variant, encoder or image size
+    than the ones asked for (None: whatever the checkpoint has).
     """
+    from iwm_bus.errors import CheckpointError
     from iwm_bus.model import read_header
 
     cfg, info = read_header(path, variant)
+    for flag, asked, has in (("--encoder", encoder, cfg.encoder_name),
+                             ("--img-size", img_size, cfg.img_size)):
+        if asked is not None and asked != has:
+            raise CheckpointError(f"{path} holds a {cfg.encoder_name} model at {cfg.img_size} "
+                                  f"px but {flag} asks for {asked}; drop {flag} to use the "
+                                  "checkpoint's, or give --untrained for random weights")
     return {"config": cfg, "info": info}
 
 
@@ -414,14 +476,49 @@ def _unlink_ring(name: str) -> None:
         path.unlink(missing_ok=True)
 
 
+def reclaim_rings() -> None:
+    """Unlink the rings of sidecars that were killed (they cannot unlink their own)."""
+    from iwm_bus.ring import reclaim_dead
+
+    gone = reclaim_dead()
+    if gone:
+        logger.warning("reclaimed {} ring(s) left in /dev/shm by killed sidecars, {:.1f} MB: "
+                       "{}", len(gone), sum(size for *_, size in gone) / 1e6,
+                       ", ".join(f"{name} (pid {pid})" for name, pid, _ in gone))
+
+
+def cleanup(run_dir: Path) -> int:
+    """``--cleanup``: reclaim dead rings and ``run_dir`` when no sidecar holds it."""
+    reclaim_rings()
+    rd = RunDir(run_dir)
+    if not rd.path.exists():
+        logger.info("run dir {} does not exist: nothing to clean there", rd.path)
+        return 0
+    try:
+        rd.acquire()
+    except RunDirBusyError as e:
+        logger.info("{}: left alone", e)
+        return 0
+    rd.cleanup()
+    logger.info("cleaned run dir {} (sockets, manifest, lock)", rd.path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ["IWM_LOG_LEVEL"] = args.log_level  # read by the children (workers/entry.py)
-    logger.remove()
-    logger.add(sys.stderr, level=args.log_level.upper(),
-               format="<green>{time:HH:mm:ss.SSS}</green> {level: <7} {message}")
+    from workers.entry import setup_logging
+
+    try:
+        setup_logging(args.log_level, "launcher")
+    except ValueError:
+        print(f"iwm-launch: error: --log-level {args.log_level!r} is not a level (DEBUG, "
+              "INFO, WARNING, ERROR)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     from workers.sources import SourceError
 
+    if args.cleanup:
+        return cleanup(BusConfig.from_env(run_dir=args.run_dir).run_dir)
     try:
         launcher = Launcher(args)
         launcher.preflight()
@@ -435,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    reclaim_rings()
     try:
         launcher.run_dir.acquire()
     except RunDirBusyError as e:

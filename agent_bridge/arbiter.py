@@ -19,12 +19,16 @@ scale depends on the encoder. Here surprise is :func:`iwm_bus.metrics.surprise`,
 difference of layer-normalised latents, ``sqrt(2 * (1 - r))`` with r the Pearson correlation of
 prediction and observation: 0 = perfect, 1.0 = r 0.5, ~1.41 = unrelated, 2 = opposite. The
 defaults are calibrated on that scale for the shipped model (docs/agent.md): **slow down
-above 0.72**, **coherence penalty above 0.84**, **escalate above 0.98** (the 95th, 99th and
-99.9th percentiles of its surprise in ordinary held-out play), keeping the seed's ordering
-and its 0.1 penalty. The MRR threshold keeps the seed's 0.5 (MRR is already in (0, 1];
-with K bank candidates chance is about H(K+1)/(K+1), 0.13 for K=32). For a trained model,
-calibrate on a recorded session instead: ``ArbiterConfig.calibrated(surprises)`` puts the
-thresholds at percentiles of the observed surprise.
+above 0.72**, **coherence penalty above 0.84** (the 95th and 99th percentiles of its surprise
+in ordinary held-out play), keeping the seed's ordering and its 0.1 penalty. A single
+frame **escalates** when its *standardised* surprise (``surprise_z``,
+:class:`iwm_bus.metrics.SurpriseZ`: the error of each patch against that patch's recent
+errors in this stream) passes the 99.9th percentile of ordinary play: raw surprise has a
+different scale in every game, so one raw threshold either misses cuts in calm games or
+escalates all the time in busy ones. The running MRR escalates below 0.2 (with K bank
+candidates chance is about H(K+1)/(K+1)). For another model or game, calibrate on a
+recorded session: ``ArbiterConfig.calibrated(surprises, surprises_z=...)`` puts the
+thresholds at percentiles of the observed values.
 """
 
 from __future__ import annotations
@@ -41,7 +45,12 @@ from loguru import logger
 from agent_bridge.state import BeingState
 from iwm_bus.errors import StaleDataError
 
-__all__ = ["ArbiterConfig", "ArbiterDecision", "ArbiterHooks", "TemporalCoherence"]
+__all__ = ["ESCALATE_Z", "ArbiterConfig", "ArbiterDecision", "ArbiterHooks", "TemporalCoherence"]
+
+#: default ``escalate_surprise_z``: about the 99.9th percentile of surprise_z in ordinary
+#: held-out play of the game mix under iwm-default-v1; the demo agent then escalates 0.57
+#: times a minute of held-out play (bench/escalation.py, docs/agent.md)
+ESCALATE_Z = 7.0
 
 
 def _bad(name: str, value: Any, why: str) -> None:
@@ -57,11 +66,14 @@ class ArbiterConfig:
     # iwm-default-v1 the running MRR (bank 32) of ordinary Breakout play sits at 0.35-0.48,
     # so the seed's 0.5 escalated every cooldown (docs/agent.md)
     escalate_mrr: float = 0.2
-    # a frame's surprise above which the arbiter escalates at once (a scene cut, a novel
-    # situation); None = only the running MRR escalates. ``calibrated`` sets it at a high
-    # percentile of ordinary play. Default: the 99.9th percentile of ordinary held-out play
-    # under iwm-default-v1 (docs/agent.md)
-    escalate_surprise: float | None = 0.98
+    # a frame's standardised surprise (``surprise_z``: in units of the stream's own recent
+    # errors, so one threshold serves every game) above which the arbiter escalates at once
+    # (a scene cut, a novel situation); None = off. Default: the 99.9th percentile of
+    # ordinary held-out play of the game mix under iwm-default-v1 (docs/agent.md)
+    escalate_surprise_z: float | None = ESCALATE_Z
+    # the same on raw surprise (None = off, the default: raw surprise has a different scale
+    # in every game); ``calibrated`` sets it for one game from its recorded play
+    escalate_surprise: float | None = None
     # surprise above which temporal coherence drops (seed: 3.0 on raw L2); default: the
     # 99th percentile of ordinary held-out play under iwm-default-v1
     coherence_surprise: float = 0.84
@@ -96,6 +108,10 @@ class ArbiterConfig:
                 not isinstance(self.escalate_surprise, (int, float))
                 or not 0 < self.escalate_surprise <= 2.0):
             _bad("escalate_surprise", self.escalate_surprise, "must be None or in (0, 2]")
+        if self.escalate_surprise_z is not None and (
+                not isinstance(self.escalate_surprise_z, (int, float))
+                or not self.escalate_surprise_z > 0):
+            _bad("escalate_surprise_z", self.escalate_surprise_z, "must be None or > 0")
         for name in ("coherence_penalty", "coherence_recovery"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0 <= v <= 1:
@@ -117,12 +133,14 @@ class ArbiterConfig:
     @classmethod
     def calibrated(cls, surprises: Sequence[float] | np.ndarray, *, slow_down_pct: float = 95.0,
                    coherence_pct: float = 99.0, escalate_pct: float | None = None,
+                   surprises_z: Sequence[float] | np.ndarray | None = None,
                    **overrides: Any) -> ArbiterConfig:
         """Thresholds at percentiles of surprise observed in normal play (e.g. a session).
 
         With the defaults, 5% of ordinary frames slow the agent down and 1% cost coherence;
         ``escalate_pct`` (e.g. 99.9: about one ordinary frame in a thousand) also sets
-        ``escalate_surprise``.
+        ``escalate_surprise_z`` from ``surprises_z`` when given, else ``escalate_surprise``
+        from ``surprises`` (turning the standardised one off).
         """
         vals = np.asarray([s for s in surprises if s is not None], dtype=np.float64)
         vals = vals[np.isfinite(vals)]
@@ -139,7 +157,16 @@ class ArbiterConfig:
             if not coherence_pct <= escalate_pct < 100:
                 raise ValueError(f"need coherence_pct ({coherence_pct}) <= escalate_pct "
                                  f"({escalate_pct}) < 100")
-            extra["escalate_surprise"] = clip(np.percentile(vals, escalate_pct))
+            if surprises_z is None:
+                extra["escalate_surprise"] = clip(np.percentile(vals, escalate_pct))
+                extra["escalate_surprise_z"] = None
+            else:
+                zs = np.asarray([s for s in surprises_z if s is not None], dtype=np.float64)
+                zs = zs[np.isfinite(zs)]
+                if zs.size < 20:
+                    raise ValueError(f"need at least 20 finite surprise_z values to "
+                                     f"calibrate, got {zs.size}")
+                extra["escalate_surprise_z"] = float(max(np.percentile(zs, escalate_pct), 1e-3))
         return cls(**{"slow_down_surprise": clip(lo), "coherence_surprise": clip(hi), **extra,
                       **overrides})
 
@@ -155,6 +182,7 @@ class ArbiterDecision:
     temporal_coherence: float = 1.0
     stale: bool = False
     surprise: float | None = None
+    surprise_z: float | None = None
     mrr: float | None = None
     frame_seq: int | None = None
     reasons: tuple[str, ...] = field(default_factory=tuple)
@@ -213,6 +241,9 @@ class ArbiterHooks:
     def surprise(self, state: BeingState) -> float | None:
         return self._metric(state, state.vision_prediction_surprise, state.surprise_seq)
 
+    def surprise_z(self, state: BeingState) -> float | None:
+        return self._metric(state, state.vision_surprise_z, state.surprise_seq)
+
     def slow_down(self, state: BeingState) -> bool:
         """High surprise = uncertain state: slow down for observation (seed)."""
         s = self.surprise(state)
@@ -227,11 +258,17 @@ class ArbiterHooks:
         frac = min(1.0, (s - cfg.slow_down_surprise) / max(2.0 - cfg.slow_down_surprise, 1e-6))
         return cfg.min_delay_s + frac * (cfg.max_delay_s - cfg.min_delay_s)
 
-    def surprising(self, state: BeingState) -> bool:
-        """This frame's surprise is past ``escalate_surprise``: something the model did not
+    def surprising(self, state: BeingState) -> list[str]:
+        """Why this frame's surprise escalates at once (empty: it does not): past
+        ``escalate_surprise_z`` and/or ``escalate_surprise``, something the model did not
         expect happened (a cut, a new room): escalate now, not when the running MRR drops."""
-        s, t = self.surprise(state), self.config.escalate_surprise
-        return s is not None and t is not None and s > t
+        cfg, why = self.config, []
+        z, s = self.surprise_z(state), self.surprise(state)
+        if z is not None and cfg.escalate_surprise_z is not None and z > cfg.escalate_surprise_z:
+            why.append(f"surprise_z {z:.1f} > escalate {cfg.escalate_surprise_z:g}")
+        if s is not None and cfg.escalate_surprise is not None and s > cfg.escalate_surprise:
+            why.append(f"surprise {s:.2f} > escalate {cfg.escalate_surprise:g}")
+        return why
 
     def low_confidence(self, state: BeingState) -> bool:
         """Running MRR below the threshold: the world model is not reliable here (seed)."""
@@ -253,12 +290,14 @@ class ArbiterHooks:
         low = self.low_confidence(state)
         if low:
             reasons.append(f"mrr {state.vision_mrr:.2f} < {cfg.escalate_mrr:g}")
-        if self.surprising(state):
+        spike = self.surprising(state)
+        if spike:
             low = True
-            reasons.append(f"surprise {s:.2f} > escalate {cfg.escalate_surprise:g}")
+            reasons.extend(spike)
         decision = ArbiterDecision(
             slow_down=slow, delay_s=self.delay_s(state), prefer_wait=slow and cfg.prefer_wait,
-            escalate=low, temporal_coherence=coherence, surprise=s, mrr=state.vision_mrr,
+            escalate=low, temporal_coherence=coherence, surprise=s,
+            surprise_z=self.surprise_z(state), mrr=state.vision_mrr,
             frame_seq=state.frame_seq, reasons=tuple(reasons))
         if low:
             self._escalate(decision)

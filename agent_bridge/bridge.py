@@ -244,11 +244,13 @@ class _Tracker:
         return [h for h in self.hooks.values() if h.kind == "latent"]
 
     def _surprise(self, msg: dict[str, Any], t_ns: int) -> list[_Hook]:
-        value = msg["surprise"]
-        if value is not None and not np.isfinite(value):
-            raise ValueError(f"surprise is {value}")
+        value, z = msg["surprise"], msg.get("surprise_z")
+        for name, v in (("surprise", value), ("surprise_z", z)):
+            if v is not None and not np.isfinite(v):
+                raise ValueError(f"{name} is {v}")
         st = self.state
         st.vision_prediction_surprise = value
+        st.vision_surprise_z = z
         st.surprise_seq = msg["seq"]
         st.t_surprise_received_ns = t_ns
         if value is None:

@@ -52,6 +52,9 @@ class BeingState:
     vision_core_timestamp: float | None = None
     # surprise of the newest frame that had a prediction (None: none yet / after a gap)
     vision_prediction_surprise: float | None = None
+    # the same frame's surprise standardised against the stream's recent errors, per patch
+    # (iwm_bus.metrics.SurpriseZ; None while the worker warms up, or from an older worker)
+    vision_surprise_z: float | None = None
     # running mean reciprocal rank of the worker's predictions (None: none yet)
     vision_mrr: float | None = None
     # latent of the invariant (semantic, for the LLM) stream, Phase 2
@@ -166,7 +169,8 @@ class BeingState:
         """Plain-data view (no arrays) for logs."""
         z = self.vision_core_latent
         return {"frame_seq": self.frame_seq, "dim": None if z is None else int(z.shape[0]),
-                "surprise": self.vision_prediction_surprise, "mrr": self.vision_mrr,
+                "surprise": self.vision_prediction_surprise,
+                "surprise_z": self.vision_surprise_z, "mrr": self.vision_mrr,
                 "rr": self.vision_rr, "age_ms": self.age_ms(), "variant": self.variant,
                 "updates": self.updates}
 

@@ -15,6 +15,19 @@ p and o: 0 = perfect prediction, ~1.41 = unrelated, 2 = anti-correlated. (The se
 raw ``||p - o||``, whose scale depends on D and the encoder; thresholds such as its
 ``> 2.0`` must be re-chosen on this scale.)
 
+**Standardised surprise** (``surprise_z``, :class:`SurpriseZ`): a frame's surprise against
+what this stream's model usually gets wrong *at each patch*. With ``e_i`` the per-patch
+surprise (:func:`patch_errors`) and ``mu_i``, ``sd_i`` an exponential moving mean / standard
+deviation of ``e_i`` over the stream's recent frames (rate ``alpha``)::
+
+    surprise_z = RMS_i( max(0, (e_i - mu_i) / (sd_i + floor)) )
+
+Raw surprise has a different scale in every game (a scrolling shooter's ordinary error is a
+still puzzle's scene cut), so one threshold on it cannot separate the two; surprise_z is in
+units of the stream's own spread. The moving statistics learn from clipped errors (at most
+``clip`` spreads above the mean), so one cut does not blind them for the next frames. It is
+NaN for the first ``warmup`` frames of a stream.
+
 **Reciprocal rank** of the observed latent among ``[observed] + candidates`` ranked by
 cosine similarity to the prediction: ``1 / rank`` with rank 1 the most similar. Ties count
 against the observed latent (pessimistic), so a candidate identical to it costs a rank:
@@ -33,6 +46,7 @@ import numpy as np
 
 __all__ = [
     "RunningMean",
+    "SurpriseZ",
     "auroc",
     "patch_surprise",
     "patch_surprise_torch",
@@ -40,6 +54,7 @@ __all__ = [
     "layer_norm",
     "mrr",
     "mrr_torch",
+    "patch_errors",
     "reciprocal_rank",
     "reciprocal_ranks",
     "reciprocal_ranks_torch",
@@ -77,19 +92,22 @@ def surprise(pred: Any, observed: Any) -> float | np.ndarray:
     return float(dist) if p.ndim == 1 else dist
 
 
+def patch_errors(pred: Any, observed: Any) -> np.ndarray:
+    """:func:`surprise` of each patch: (N, D) -> (N,), (B, N, D) -> (B, N), float64."""
+    p, o = _as_float(pred, "pred"), _as_float(observed, "observed")
+    if p.shape != o.shape or p.ndim not in (2, 3):
+        raise ValueError(f"pred and observed must both be (N, D) or (B, N, D), got {p.shape} "
+                         f"and {o.shape}")
+    return np.linalg.norm(layer_norm(p) - layer_norm(o), axis=-1) / math.sqrt(p.shape[-1])
+
+
 def patch_surprise(pred: Any, observed: Any) -> float | np.ndarray:
     """Surprise of a frame's patch latents: the RMS over patches of :func:`surprise`.
 
     (N, D) -> float, (B, N, D) -> (B,). With N = 1 it is :func:`surprise` of that token.
     """
-    p, o = _as_float(pred, "pred"), _as_float(observed, "observed")
-    if p.shape != o.shape or p.ndim not in (2, 3):
-        raise ValueError(f"pred and observed must both be (N, D) or (B, N, D), got {p.shape} "
-                         f"and {o.shape}")
-    d = p.shape[-1]
-    per = np.linalg.norm(layer_norm(p) - layer_norm(o), axis=-1) / math.sqrt(d)  # (..., N)
-    out = np.sqrt(np.mean(per ** 2, axis=-1))
-    return float(out) if p.ndim == 2 else out
+    out = np.sqrt(np.mean(patch_errors(pred, observed) ** 2, axis=-1))
+    return float(out) if out.ndim == 0 else out
 
 
 def auroc(negatives: Any, positives: Any) -> float:
@@ -211,6 +229,59 @@ class RunningMean:
 
     def __repr__(self) -> str:
         return f"RunningMean(window={self.window}, count={self.count}, value={self.value:.4f})"
+
+
+class SurpriseZ:
+    """Standardised surprise of a frame stream (module docstring), one state per stream.
+
+    ``errors`` are per-patch surprises, (N,) for one stream or (B, N) for B independent
+    streams (evaluation scores many at once). ``score`` standardises against the statistics
+    so far; ``update`` then folds the frame in. The defaults were chosen on held-out play
+    of the game mix (docs/agent.md).
+    """
+
+    def __init__(self, alpha: float = 0.1, floor: float = 0.03, clip: float = 3.0,
+                 warmup: int = 10) -> None:
+        if not 0 < alpha <= 1 or floor <= 0 or clip <= 0 or warmup < 1:
+            raise ValueError(f"SurpriseZ needs 0 < alpha <= 1, floor > 0, clip > 0, "
+                             f"warmup >= 1; got {alpha}, {floor}, {clip}, {warmup}")
+        self.alpha, self.floor, self.clip, self.warmup = alpha, floor, clip, warmup
+        self.reset()
+
+    def reset(self) -> None:
+        self.count = 0
+        self._mu: np.ndarray | float = 0.0
+        self._var: np.ndarray | float = 0.0
+
+    def _spread(self) -> np.ndarray | float:
+        return np.sqrt(self._var) + self.floor
+
+    def score(self, errors: Any) -> float | np.ndarray:
+        """surprise_z of ``errors`` (NaN while warming up); the state is not changed."""
+        e = _as_float(errors, "errors")
+        if self.count < self.warmup:
+            out = np.full(e.shape[:-1], math.nan)
+        else:
+            z = np.maximum((e - self._mu) / self._spread(), 0.0)
+            out = np.sqrt(np.mean(z ** 2, axis=-1))
+        return float(out) if out.ndim == 0 else out
+
+    def update(self, errors: Any) -> None:
+        """Fold one frame's ``errors`` into the moving mean and variance."""
+        e = _as_float(errors, "errors")
+        if self.count >= self.warmup:
+            e = np.minimum(e, self._mu + self.clip * self._spread())
+        a = max(self.alpha, 1.0 / (self.count + 1))  # a plain mean until 1/alpha frames
+        d = e - self._mu
+        self._mu = self._mu + a * d
+        self._var = (1 - a) * (self._var + a * d * d)
+        self.count += 1
+
+    def __call__(self, errors: Any) -> float | np.ndarray:
+        """``score`` then ``update``: the online use, one frame at a time."""
+        out = self.score(errors)
+        self.update(errors)
+        return out
 
 
 # ----------------------------------------------------------------------------- torch versions

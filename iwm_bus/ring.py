@@ -65,7 +65,7 @@ import numpy as np
 
 from iwm_bus.errors import RingError, StaleRingError
 
-__all__ = ["FrameMeta", "FrameRing", "RingStats", "clock_ns", "MAX_RING_BYTES"]
+__all__ = ["FrameMeta", "FrameRing", "RingStats", "clock_ns", "MAX_RING_BYTES", "reclaim_dead"]
 
 #: The clock behind the default ``t_capture_ns``: the wall clock (``time.time_ns``), the same
 #: clock every ``t_*_ns`` field on the bus uses, so latencies can be subtracted across processes.
@@ -270,6 +270,41 @@ def _describe_existing(name: str) -> str:
     pid = words[_R_CREATOR_PID]
     state = "still running" if _pid_alive(pid) else "no longer running"
     return f" (a FrameRing v{words[_R_VERSION]} created by pid {pid}, which is {state})"
+
+
+def reclaim_dead(prefix: str = "iwm_", shm_dir: str = "/dev/shm") -> list[tuple[str, int, int]]:
+    """Unlink the FrameRings named ``prefix...`` whose creator is dead; returns
+    ``(name, creator pid, bytes)`` of each one removed.
+
+    A sidecar killed with SIGKILL cannot unlink its ring, and /dev/shm keeps it (RAM) until
+    reboot. A segment counts as dead only when it is a FrameRing whose creator pid is gone
+    and, for the launcher's names ``<prefix><pid>_<hex>``, that pid is gone too (its
+    capture may outlive a killed launcher for a moment). Anything else is left alone.
+    """
+    out = []
+    try:
+        names = sorted(n for n in os.listdir(shm_dir) if n.startswith(prefix))
+    except FileNotFoundError:
+        return out
+    for name in names:
+        path = os.path.join(shm_dir, name)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(_RING_HEADER_BYTES)
+            size = os.path.getsize(path)
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        if len(head) < _RING_HEADER_BYTES:
+            continue
+        words = struct.unpack_from(f"={_RING_WORDS}q", head, 0)
+        if words[_R_MAGIC] != MAGIC or _pid_alive(words[_R_CREATOR_PID]):
+            continue
+        owner = name[len(prefix):].split("_", 1)[0]
+        if owner.isdigit() and _pid_alive(int(owner)):
+            continue
+        if FrameRing.unlink_stale(name):
+            out.append((name, int(words[_R_CREATOR_PID]), size))
+    return out
 
 
 def _stale_message(name: str) -> str:

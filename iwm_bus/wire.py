@@ -54,10 +54,12 @@ SCHEMA: dict[str, dict[str, str]] = {
     "latent": {"seq": "int", "t_capture_ns": "int", "t_publish_ns": "int", "z_cls": "array",
                "patches": "array?", "variant": "str"},
     # surprise of frame `seq` against the prediction made at frame `pred_seq` with `action`;
-    # nil surprise when there was no prediction (first frame, or after a gap)
+    # nil surprise when there was no prediction (first frame, or after a gap); `surprise_z`
+    # the same error standardised per patch against the stream's recent errors
+    # (iwm_bus.metrics.SurpriseZ), nil while it warms up (absent from older publishers)
     "surprise": {"seq": "int", "t_capture_ns": "int", "t_publish_ns": "int",
-                 "surprise": "number?", "pred_seq": "int?", "action": "action?",
-                 "variant": "str"},
+                 "surprise": "number?", "surprise_z": "number?", "pred_seq": "int?",
+                 "action": "action?", "variant": "str"},
     # reciprocal rank `rr` of frame `seq` among itself and `k` other bank latents, and the
     # running mean `mrr`; nil when there was no prediction
     "mrr": {"seq": "int", "t_capture_ns": "int", "t_publish_ns": "int", "rr": "number?",

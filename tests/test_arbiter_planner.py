@@ -7,6 +7,7 @@ where the answer is known (local rollout_fn, no worker needed).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -21,14 +22,17 @@ from agent_bridge.planner import (
     RandomShootingPlanner,
     latent_cost,
 )
+from iwm_bus import metrics
 from iwm_bus.errors import StaleDataError
 
 
 def _state(seq: int = 10, surprise: float | None = None, mrr: float | None = None,
-           surprise_seq: int | None = None, mrr_seq: int | None = None) -> BeingState:
+           surprise_seq: int | None = None, mrr_seq: int | None = None,
+           surprise_z: float | None = None) -> BeingState:
     st = BeingState()
     st.update_latent(np.ones(4, np.float32), seq=seq)
     st.vision_prediction_surprise = surprise
+    st.vision_surprise_z = surprise_z
     st.surprise_seq = seq if surprise_seq is None else surprise_seq
     st.vision_mrr = mrr
     st.mrr_seq = seq if mrr_seq is None else mrr_seq
@@ -166,6 +170,45 @@ def test_a_surprise_spike_escalates_at_once_and_ordinary_play_does_not() -> None
     assert not ArbiterHooks(off).assess(_state(surprise=1.9, mrr=0.9)).escalate
     with pytest.raises(ValueError, match="escalate_surprise"):
         ArbiterConfig(escalate_surprise=2.5)
+
+
+def test_standardised_surprise_escalates_in_every_game_with_one_threshold() -> None:
+    """Two games, a calm one (raw surprise ~0.1) and a busy one (~0.8): a cut in the calm
+    game has a lower raw surprise than the busy game's ordinary frames. With the default
+    config (escalation on surprise_z) both cuts escalate and no ordinary frame does; an
+    arbiter escalating on raw surprise calibrated on the pooled play cannot do both."""
+    rng = np.random.default_rng(2)
+    sz = {g: metrics.SurpriseZ() for g in ("calm", "busy")}
+    level = {"calm": rng.uniform(0.05, 0.15, 16), "busy": rng.uniform(0.6, 1.0, 16)}
+    raw, zs, cut_raw, cut_z = [], [], {}, {}
+    for g, z in sz.items():
+        for _ in range(300):
+            e = np.abs(level[g] + rng.normal(0, 0.02, 16))
+            zv = z(e)
+            if not np.isnan(zv):
+                raw.append(float(np.sqrt(np.mean(e ** 2))))
+                zs.append(zv)
+        cut = level[g].copy()
+        cut[:8] += 0.8  # half the screen changed unpredictably
+        cut_raw[g], cut_z[g] = float(np.sqrt(np.mean(cut ** 2))), z.score(cut)
+    assert cut_raw["calm"] < np.percentile(raw, 75)  # raw: the calm cut looks ordinary
+    hooks = ArbiterHooks(ArbiterConfig(escalate_cooldown_s=0.0), clock=FakeClock())
+    ordinary = [hooks.assess(_state(seq=i, surprise=r, surprise_z=float(z), mrr=0.9)).escalate
+                for i, (r, z) in enumerate(zip(raw, zs))]
+    assert sum(ordinary) == 0
+    for g in sz:
+        d = hooks.assess(_state(seq=1000, surprise=cut_raw[g], surprise_z=cut_z[g], mrr=0.9))
+        assert d.escalate and d.surprise_z == cut_z[g], (g, d)
+        assert any(r.startswith("surprise_z") for r in d.reasons)
+    pooled = ArbiterConfig.calibrated(raw, escalate_pct=99.9)
+    assert pooled.escalate_surprise_z is None and pooled.escalate_surprise is not None
+    raw_hooks = ArbiterHooks(replace(pooled, escalate_cooldown_s=0.0), clock=FakeClock())
+    assert not raw_hooks.assess(_state(surprise=cut_raw["calm"], mrr=0.9)).escalate
+    cal = ArbiterConfig.calibrated(raw, escalate_pct=99.0, surprises_z=zs)
+    assert cal.escalate_surprise_z == pytest.approx(np.percentile(zs, 99.0))
+    assert cal.escalate_surprise is None
+    with pytest.raises(ValueError, match="escalate_surprise_z"):
+        ArbiterConfig(escalate_surprise_z=0)
 
 
 # ----------------------------------------------------------------------------- toy worlds

@@ -50,10 +50,11 @@ def _latent(seq: int, z: np.ndarray, variant: str = "core") -> dict[str, Any]:
             "patches": None, "variant": variant}
 
 
-def _surprise(seq: int, value: float | None) -> dict[str, Any]:
+def _surprise(seq: int, value: float | None, z: float | None = None) -> dict[str, Any]:
     t = clock_ns()
     return {"seq": seq, "t_capture_ns": t, "t_publish_ns": t, "surprise": value,
-            "pred_seq": None if value is None else seq - 1, "action": None, "variant": "core"}
+            "surprise_z": z, "pred_seq": None if value is None else seq - 1, "action": None,
+            "variant": "core"}
 
 
 def _mrr(seq: int, rr: float | None, mean: float | None) -> dict[str, Any]:
@@ -125,7 +126,8 @@ def test_bridge_follows_stream_counts_gaps_and_bad_messages(worker_pub: Any) -> 
         for seq in (0, 1, 2, 5):  # 3 and 4 are missing
             z = np.full(D, seq, np.float32)
             pub.send(topics.LATENT, _latent(seq, z))
-            pub.send(topics.SURPRISE, _surprise(seq, None if seq == 0 else 0.1 * seq))
+            pub.send(topics.SURPRISE, _surprise(seq, None if seq == 0 else 0.1 * seq,
+                                                None if seq < 2 else 1.5 * seq))
             pub.send(topics.MRR, _mrr(seq, None if seq == 0 else 0.5, None if seq == 0 else
                                       0.9 - 0.1 * seq))
         pub.send_frames([b"iwm.latent", b"\x93not msgpack"])  # malformed
@@ -135,6 +137,7 @@ def test_bridge_follows_stream_counts_gaps_and_bad_messages(worker_pub: Any) -> 
     assert st.frame_seq == 5 and st.vision_core_latent[0] == 5.0
     assert st.vision_core_latent_prev[0] == 2.0
     assert st.vision_prediction_surprise == pytest.approx(0.5) and st.surprise_seq == 5
+    assert st.vision_surprise_z == pytest.approx(7.5)
     assert st.vision_mrr == pytest.approx(0.4) and st.vision_rr == 0.5 and st.mrr_k == 4
     s = bridge.stats
     assert (s.gaps, s.decode_errors, s.unexpected) == (2, 1, 1)

@@ -37,6 +37,7 @@ from iwm_bus.model import IWM, create_iwm_model, pad_cond, save_checkpoint
 from iwm_bus.ring import FrameRing, clock_ns
 from iwm_bus.transport import Endpoints, Publisher, Subscriber
 from workers.encoder import MAX_GAP, EncoderWorker, load_model, run_worker
+from workers.stream import HORIZON, HORIZON_EVERY, frame_key
 
 ENCODER, IMG = "vit_tiny_patch16_224", 32
 H, W, SLOTS = 40, 48, 8
@@ -282,12 +283,33 @@ def test_lossless_publishes_every_seq_once_and_matches_local_model(rig: Rig) -> 
         assert math.isfinite(sur[s]["surprise"]) and abs(sur[s]["surprise"] - want) < 1e-4
         assert 0 < mrr[s]["rr"] <= 1 and mrr[s]["k"] == min(s, 6)
         rrs.append(mrr[s]["rr"])
-    if first == 0:
-        assert abs(mrr[seqs[-1]]["mrr"] - np.mean(rrs)) < 1e-9
     stats = rig.col.fresh_stats(lambda v: v["frames"] >= first + n, "stats after the stream")
+    if first == 0:  # a fresh stream: replay the worker's running state here
+        assert abs(mrr[seqs[-1]]["mrr"] - np.mean(rrs)) < 1e-9
+        # surprise_z: each frame's per-patch errors standardised against the frames before
+        sz = metrics.SurpriseZ()
+        for s in seqs[1:]:
+            pred = rig.model.predict(p[s - 1].mean(0)[None], p[s - 1][None],
+                                     action_id=np.array([-1])).patches[0].numpy()
+            want = sz(metrics.patch_errors(pred, p[s]))
+            got = sur[s]["surprise_z"]
+            assert (got is None) if math.isnan(want) else abs(got - want) < 1e-3, (s, got, want)
+        assert sum(sur[s]["surprise_z"] is not None for s in seqs) == n - 1 - sz.warmup
+        # horizon h > 1: one chain started at the HORIZON_EVERY-th predicted frame and was
+        # ranked h - 1 frames later among the bank of 6 frames before that one
+        start = HORIZON_EVERY - 1  # the chain rolls out from this frame's observed latent
+        ids = np.full((1, HORIZON), -1)
+        roll = rig.model.rollout(p[start].mean(0)[None], p[start][None], action_seq=ids)
+        for h in range(2, HORIZON + 1):
+            t = start + h
+            bank = np.stack([frame_key(p[b]) for b in range(max(0, t - 6), t)])
+            want = metrics.reciprocal_rank(frame_key(roll.patches_seq[0, h - 1].numpy()),
+                                           frame_key(p[t]), bank, ties="truth")
+            assert abs(stats["mrr_horizon"][h - 1] - want) < 1e-6, (h, stats["mrr_horizon"])
+        assert abs(stats["mrr_horizon"][0] - stats["mrr"]) < 1e-6  # horizon 1 = per frame
     assert stats["ready"] == 1 and stats["restarts"] == 3 and stats["mode"] == "lossless"
     assert stats["dropped_overwritten"] == stats["torn"] == stats["skipped"] == 0
-    # 16 frames: the horizon MRR was measured (at frames 8 and 16) for all 5 horizons
+    # 16 frames: the horizon MRR was measured for all 5 horizons
     roll = rig.client.result("rollout", z_cls=z[seqs[-1]], k=7)
     assert roll["mrr_seq"].shape == (7,)
     assert all(0 < v <= 1 for v in roll["mrr_seq"][:5]) and np.isnan(roll["mrr_seq"][5:]).all()
@@ -535,3 +557,24 @@ def test_gpu_pinned_path_matches_cpu(model: IWM) -> None:
         col.close()
         prod.close()
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_latent_bank_ranks_as_the_metric_with_ties_for_the_truth() -> None:
+    """The worker's one-pass ranking equals metrics.reciprocal_rank(ties="truth"), also
+    when the bank holds copies of the observed frame (a static scene) and after wrapping."""
+    from workers.stream import LatentBank
+
+    rng = np.random.default_rng(0)
+    bank = LatentBank(5, 12)
+    keys: list[np.ndarray] = []
+    for t in range(12):
+        key = rng.normal(size=12) if t % 3 else (keys[-1] if keys else rng.normal(size=12))
+        pred = key + rng.normal(0, 0.8, 12)
+        if keys:
+            want = metrics.reciprocal_rank(pred, key, np.stack(keys[-5:]), ties="truth")
+            assert bank.rank(pred, key) == pytest.approx(want), t
+        bank.add(key)
+        keys.append(key)
+    assert len(bank) == 5
+    same = keys[-1]
+    assert bank.rank(same, same) == 1.0  # a perfect prediction ranks first, copies or not

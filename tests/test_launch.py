@@ -17,6 +17,7 @@ import pytest
 import zmq
 
 from iwm_bus import topics, wire
+from iwm_bus.default_model import default_checkpoint
 from iwm_bus.rundir import RunDir
 from iwm_bus.transport import Endpoints, Subscriber
 
@@ -154,6 +155,37 @@ def test_worker_sigkill_is_restarted_and_capture_keeps_going():
         _assert_clean(sc)
 
 
+def test_a_warm_standby_takes_over_from_a_killed_worker():
+    """issue 13: the launcher keeps a standby worker with the model loaded; when the worker
+    is SIGKILLed the standby (not a new process) serves the stream, and a new standby is
+    started after it."""
+    with Sidecar("--source", "synthetic:64x64", "--fps", "20", "--duration", "180",
+                 "--log-level", "DEBUG", *TINY) as sc:
+        sc.collect(lambda m: len(m) >= 6, timeout=120)
+        deadline = time.monotonic() + 120
+        while "standby worker ready" not in sc.output():
+            assert time.monotonic() < deadline, sc.output()[-3000:]
+            time.sleep(0.2)
+        info = sc.manifest()
+        worker_pid, standby_pid = info["pids"]["worker"], info["standby_pid"]
+        assert standby_pid not in (None, worker_pid)
+        os.kill(worker_pid, signal.SIGKILL)
+        t_kill = time.time_ns()
+        resumed = sc.collect(lambda m: any(x["kind"] == "surprise" and x["surprise"] is not None
+                                           and x["t_publish_ns"] > t_kill for x in m), 60)
+        assert resumed
+        info = sc.manifest()
+        assert info["pids"]["worker"] == standby_pid and info["restarts"]["worker"] == 1
+        assert "the standby took over (restart #1)" in sc.output()
+        deadline = time.monotonic() + 120
+        while sc.manifest().get("standby_pid") in (None, standby_pid):
+            assert time.monotonic() < deadline, "no new standby after the takeover"
+            time.sleep(0.2)
+        sc.proc.send_signal(signal.SIGTERM)
+        assert sc.wait(30) == 0
+        _assert_clean(sc)
+
+
 def test_garbage_on_action_and_rpc_does_not_stop_the_worker():
     with Sidecar("--source", "synthetic:64x64", "--fps", "20", "--duration", "180",
                  *TINY) as sc:
@@ -199,8 +231,18 @@ def test_garbage_on_action_and_rpc_does_not_stop_the_worker():
     (["--source", "synthetic", "--model", "/nonexistent/ckpt.pt"], "/nonexistent/ckpt.pt"),
     (["--source", "synthetic:64x64", "--max-frame", "32x32"], "larger than the ring"),
     (["--source", "synthetic", "--frames", "0"], "--frames"),
+    # issue 13: a foreign file, a truncated checkpoint, another encoder / size than asked
+    (["--source", "synthetic", "--model", "{tmp}/passwd"], "not a torch checkpoint"),
+    (["--source", "synthetic", "--model", "{tmp}/cut.pt"], "truncated or corrupt"),
+    (["--source", "synthetic", "--encoder", "vit_small_patch16_224"], "--encoder asks for"),
+    (["--source", "synthetic", "--img-size", "96"], "--img-size asks for"),
 ])
 def test_bad_input_exits_2_before_starting(args, needle, tmp_path):
+    (tmp_path / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n" * 20)
+    shipped = default_checkpoint()  # the cases without --model check against it, too
+    assert shipped is not None, "the package ships iwm_bus/weights/default.pt"
+    (tmp_path / "cut.pt").write_bytes(shipped.read_bytes()[:5000])
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     run_dir = tmp_path / "run"
     out = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--run-dir", str(run_dir),
                           *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -252,3 +294,72 @@ def test_lossless_resumes_after_the_worker_is_killed():
         assert latents == set(range(n)), sorted(set(range(n)) - latents)
         assert "re-sending the notice" in sc.output()
         _assert_clean(sc)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_sigkilled_sidecars_ring_is_reclaimed(tmp_path):
+    """issue 13: SIGKILL the whole sidecar (launcher, capture, worker): its ring stays in
+    /dev/shm; ``--cleanup`` removes it and the run dir's leftovers, saying so in one line,
+    and leaves a live sidecar's ring alone."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "launch.py"), "--run-dir", str(run_dir), "--quiet",
+           "--source", "synthetic:32x32", *TINY, "--duration", "300"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "sidecar.json").is_file() or not (
+                ring := json.loads((run_dir / "sidecar.json").read_text()).get("ring")) or \
+                not Path(f"/dev/shm/{ring}").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "sidecar did not start"
+            time.sleep(0.2)
+        pids = [proc.pid, *json.loads((run_dir / "sidecar.json").read_text())["pids"].values()]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    deadline = time.monotonic() + 30  # orphaned children are reaped by init, not by us
+    while any(_alive(p) for p in pids):
+        assert time.monotonic() < deadline, f"processes {pids} outlived SIGKILL"
+        time.sleep(0.1)
+    assert Path(f"/dev/shm/{ring}").exists(), "SIGKILL cannot unlink: the ring must be left"
+    out = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--run-dir", str(run_dir),
+                          "--cleanup"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert not Path(f"/dev/shm/{ring}").exists()
+    assert f"reclaimed 1 ring(s)" in out.stderr and ring in out.stderr, out.stderr
+    assert "cleaned run dir" in out.stderr
+    assert not (run_dir / "sidecar.json").exists()
+
+
+def test_one_log_format_short_tracebacks_and_no_variable_values():
+    """issue 13: every process logs ``time level process message``; an exception is one
+    line below DEBUG, a traceback at DEBUG, and never with variable values."""
+    code = r"""
+import sys
+from loguru import logger
+from workers.entry import setup_logging
+setup_logging(sys.argv[1], "worker")
+def load(secret_path):
+    return {}["x" + secret_path]
+try:
+    load("hunter2-value")
+except KeyError:
+    logger.exception("model load failed")
+logger.info("still here")
+"""
+    runs = {lvl: subprocess.run([sys.executable, "-c", code, lvl], cwd=ROOT, text=True,
+                                capture_output=True, timeout=60).stderr for lvl in ("INFO", "DEBUG")}
+    lines = runs["INFO"].strip().splitlines()
+    assert len(lines) == 2, runs["INFO"]
+    assert " ERROR   worker    model load failed [KeyError: 'xhunter2-value']" in lines[0]
+    assert " INFO    worker    still here" in lines[1]
+    assert "Traceback" in runs["DEBUG"] and "in load" in runs["DEBUG"]
+    # the exception's own message may name it; loguru's variable annotations must not
+    assert runs["DEBUG"].count("hunter2-value") == runs["INFO"].count("hunter2-value") == 1

@@ -14,8 +14,12 @@ from hypothesis.extra.numpy import arrays
 
 from iwm_bus.metrics import (
     RunningMean,
+    SurpriseZ,
+    auroc,
     mrr,
     mrr_torch,
+    patch_errors,
+    patch_surprise,
     reciprocal_rank,
     reciprocal_ranks,
     reciprocal_ranks_torch,
@@ -167,3 +171,66 @@ def test_running_mean() -> None:
 def test_package_and_metrics_import_without_torch() -> None:
     code = "import iwm_bus, iwm_bus.metrics, sys; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+
+
+def _stream(rng: np.random.Generator, n: int, scale: float, patches: int = 16) -> np.ndarray:
+    """Per-patch errors (n, patches) of ordinary play: each patch its own level and spread."""
+    level = rng.uniform(0.1, 0.5, patches) * scale
+    return np.abs(level + rng.normal(0, 0.05 * scale, (n, patches)))
+
+
+def test_surprise_z_separates_cuts_that_raw_surprise_cannot() -> None:
+    """Two games at different error scales, a cut in each raising a quarter of the patches
+    by ~2x their level: raw surprise ranks the calm game's cut below the busy game's
+    ordinary frames; surprise_z puts both cuts above every ordinary frame of both."""
+    rng = np.random.default_rng(0)
+    scores_raw, scores_z, cuts_raw, cuts_z = [], [], [], []
+    for scale in (1.0, 4.0):
+        errs = _stream(rng, 200, scale)
+        sz = SurpriseZ()
+        for e in errs[:-1]:
+            z = sz(e)
+            if not math.isnan(z):
+                scores_z.append(z)
+                scores_raw.append(float(np.sqrt(np.mean(e ** 2))))
+        cut = errs[-1].copy()
+        cut[:4] *= 3.0
+        cuts_raw.append(float(np.sqrt(np.mean(cut ** 2))))
+        cuts_z.append(sz.score(cut))
+    assert auroc(scores_raw, cuts_raw) < 0.8  # the calm game's cut hides among busy frames
+    assert min(cuts_z) > max(scores_z)
+    assert len(scores_z) == 2 * (199 - SurpriseZ().warmup)
+
+
+def test_surprise_z_state_score_update_and_batch() -> None:
+    rng = np.random.default_rng(1)
+    errs = _stream(rng, 40, 1.0)
+    a = SurpriseZ(warmup=5)
+    assert math.isnan(a.score(errs[0]))
+    for e in errs[:30]:
+        a.update(e)
+    s1 = a.score(errs[30])
+    assert a.score(errs[30]) == s1 and a.count == 30  # score does not change the state
+    # a cut folds in clipped: the next ordinary frame still scores as ordinary
+    before = a.score(errs[31])
+    a.update(errs[30] * 50)
+    assert a.score(errs[31]) < before + 1.0
+    # B streams at once equal B single streams
+    batch = SurpriseZ(warmup=5)
+    single = [SurpriseZ(warmup=5), SurpriseZ(warmup=5)]
+    two = np.stack([errs, errs[::-1]], 1)  # (40, 2, patches)
+    for t in range(40):
+        got = batch(two[t])
+        want = [single[i](two[t, i]) for i in range(2)]
+        assert np.allclose(got, want, equal_nan=True)
+    with pytest.raises(ValueError, match="alpha"):
+        SurpriseZ(alpha=0)
+
+
+def test_patch_errors_are_what_patch_surprise_averages() -> None:
+    rng = np.random.default_rng(2)
+    p, o = rng.normal(size=(2, 3, 9, 8))
+    e = patch_errors(p, o)
+    assert e.shape == (3, 9)
+    assert np.allclose(np.sqrt((e ** 2).mean(-1)), patch_surprise(p, o))
+    assert np.allclose(e[1, 4], surprise(p[1, 4], o[1, 4]))

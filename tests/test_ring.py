@@ -574,3 +574,12 @@ def test_spawned_readers_sharing_the_tracker_are_quiet(name: str, tmp_path: Path
     _assert_quiet(proc)
     assert "ok" in proc.stdout
     assert not (SHM / name).exists()
+
+
+def test_reclaim_dead_leaves_a_live_creators_ring() -> None:
+    from iwm_bus.ring import reclaim_dead
+
+    name = f"iwmlive_{os.getpid()}_{os.urandom(3).hex()}"
+    with FrameRing.create(name, slots=2, max_height=4, max_width=4):
+        assert reclaim_dead(prefix="iwmlive_") == []
+        assert os.path.exists(f"/dev/shm/{name}")

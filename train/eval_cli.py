@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_transitions", type=int, default=1024)
     p.add_argument("--aug_images", type=int, default=8)
     p.add_argument("--cut_gap", type=int, default=75, help="frames between a cut's two frames")
+    p.add_argument("--z_history", type=int, default=30,
+                   help="transitions surprise_z has seen before the one it scores")
     p.add_argument("--max_frames", type=int, default=0, help="frames loaded per source (0 = all)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=1000, help="seed of samples and emulator states")
@@ -58,6 +60,10 @@ def format_table(s: dict[str, Any]) -> str:
     add("next-latent MRR", "next_latent_mrr", ["copy_last", "shuffled", "chance"])
     add("action discrimination MRR", "action_discrimination", ["copy_last", "chance"])
     add("surprise AUROC (cuts)", "surprise_auroc", ["copy_last"])
+    if "z" in s.get("surprise_auroc", {}):
+        d = s["surprise_auroc"]["z"]
+        rows.append(("surprise_z AUROC (cuts)", _fmt(d.get("model")),
+                     f"raw surprise={_fmt(s['surprise_auroc'].get('model'))}"))
     if "uncertainty" in s:
         rows.append(("uncertainty~surprise corr", _fmt(s["uncertainty"]["corr_with_surprise"]),
                      ">0.3 wanted"))
@@ -117,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = EvalConfig(bank=args.bank, max_transitions=args.max_transitions,
-                         aug_images=args.aug_images, cut_gap=args.cut_gap, seed=args.seed)
+                         aug_images=args.aug_images, cut_gap=args.cut_gap,
+                         z_history=args.z_history, seed=args.seed)
         has_target = any(k.startswith("target_encoder.")
                          for k in load_checkpoint(args.model)["state_dict"])
         # a training checkpoint is evaluated as it would ship: with its EMA target encoder

@@ -17,7 +17,10 @@ of the truth (a candidate identical to the true latent does not cost a rank).
   chance (the mean of 1/rank for a uniformly random rank).
 - **Surprise AUROC**: surprise (:func:`iwm_bus.metrics.patch_surprise`) on normal
   transitions vs transitions whose next frame was replaced by a frame ``cut_gap`` or more
-  frames away in the same episode; copy-last's distance as the baseline detector.
+  frames away in the same episode; copy-last's distance as the baseline detector. Also for
+  the standardised surprise the worker publishes (:class:`iwm_bus.metrics.SurpriseZ`), each
+  scored after the ``z_history`` transitions before it, as a worker that had been running
+  that long would; pooled over all games, as one threshold would be.
 - **Uncertainty vs error**: Pearson correlation of the ensemble spread and the surprise on
   held-out transitions. **Collapse**: per-dimension std and effective rank of the latents.
 """
@@ -55,13 +58,15 @@ class EvalConfig:
     aug_images: int = 8
     # a cut's frame is at least this many frames away (5 s at 15 fps)
     cut_gap: int = 75
+    # ordinary transitions a standardised surprise has seen before the one it scores
+    z_history: int = 30
     # encoder/predictor batch
     batch: int = 64
     # seed of every sample drawn
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for f in ("bank", "max_transitions", "aug_images", "cut_gap", "batch"):
+        for f in ("bank", "max_transitions", "aug_images", "cut_gap", "z_history", "batch"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"EvalConfig.{f} must be an int >= 1, got {v!r}")
@@ -233,9 +238,40 @@ def surprise_auroc(model: IWM, store: FrameStore, cfg: EvalConfig,
     copy_n = metrics.patch_surprise_torch(lat[ts], lat[ts + 1]).numpy()
     copy_c = metrics.patch_surprise_torch(lat[ts], lat[tc]).numpy()
     pct = np.percentile(normal, [50, 95, 99, 99.9])
-    return {"model": metrics.auroc(normal, cuts), "copy_last": metrics.auroc(copy_n, copy_c),
-            "n_cuts": len(src), "normal_pct": {"p50": float(pct[0]), "p95": float(pct[1]),
-                                               "p99": float(pct[2]), "p99.9": float(pct[3])},
+    out = {"model": metrics.auroc(normal, cuts), "copy_last": metrics.auroc(copy_n, copy_c),
+           "n_cuts": len(src), "normal_pct": {"p50": float(pct[0]), "p95": float(pct[1]),
+                                              "p99": float(pct[2]), "p99.9": float(pct[3])},
+           "cuts_above_p99.9": float(np.mean(cuts > pct[3])),
+           "_normal": normal, "_cuts": cuts}
+    out["z"] = _surprise_z_auroc(model, store, cfg, lat, ts, tc, pred)
+    return out
+
+
+def _surprise_z_auroc(model: IWM, store: FrameStore, cfg: EvalConfig, lat: Tensor,
+                      ts: Tensor, tc: Tensor, pred: Tensor) -> dict[str, Any]:
+    """The AUROC of :class:`~iwm_bus.metrics.SurpriseZ` on the same cuts, each stream state
+    built from the ``z_history`` linked transitions before the scored one."""
+    h = cfg.z_history
+    back = torch.arange(-h, 0)  # the history's transitions t - h .. t - 1
+    starts = ts[:, None] + back  # (B, h)
+    ok = (starts >= 0).all(1)
+    ok &= store.linked[(starts + 1).clamp(min=0)].all(1)
+    if not ok.any():
+        return {"model": float("nan"), "n_cuts": 0}
+    starts, ts, tc, pred = starts[ok], ts[ok], tc[ok], pred[ok]
+    flat_s = starts.flatten()
+    hp, _ = predict_all(model, lat[flat_s], store.action_id[flat_s + 1],
+                        store.vector[flat_s + 1], cfg.batch)
+    hist = metrics.surprise_torch(hp, lat[flat_s + 1]).numpy().reshape(len(ts), h, -1)
+    sz = metrics.SurpriseZ(warmup=min(h, metrics.SurpriseZ().warmup))
+    for k in range(h):
+        sz.update(hist[:, k])
+    normal = sz.score(metrics.surprise_torch(pred, lat[ts + 1]).numpy())
+    cuts = sz.score(metrics.surprise_torch(pred, lat[tc]).numpy())
+    pct = np.percentile(normal, [50, 95, 99, 99.9])
+    return {"model": metrics.auroc(normal, cuts), "n_cuts": len(ts),
+            "normal_pct": {"p50": float(pct[0]), "p95": float(pct[1]), "p99": float(pct[2]),
+                           "p99.9": float(pct[3])},
             "cuts_above_p99.9": float(np.mean(cuts > pct[3])),
             "_normal": normal, "_cuts": cuts}
 

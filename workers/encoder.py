@@ -137,6 +137,7 @@ class EncoderWorker:
         self.bank = LatentBank(cfg.mrr_bank, self.model.num_patches * self.model.embed_dim)
         self.horizon = HorizonMRR()
         self.mrr = metrics.RunningMean(MRR_WINDOW)
+        self.surprise_z = metrics.SurpriseZ()
         self.stats = StreamStats()
         self.reader = FrameReader(ring_name, self.model.device)
         self.surprise_last: float | None = None
@@ -281,6 +282,7 @@ class EncoderWorker:
         self._cursor = self._prev = None
         self.bank.clear()
         self.horizon.clear()
+        self.surprise_z.reset()
 
     # -- frame processing
 
@@ -353,45 +355,53 @@ class EncoderWorker:
         z = z_t[0].cpu().numpy()  # (D,)
         p = patches_t[0].cpu().numpy()  # (N, D)
         key = frame_key(p)  # (N*D,): what MRR ranks
-        bank = self.bank.array()  # (k, N*D): the k most recent other frames
-        surprise = rr = pred_seq = None
+        surprise = surprise_z = rr = pred_seq = None
         if self._prev is not None and seq - self._prev[0] <= MAX_GAP:
             pred_seq, p_prev = self._prev
-            pred = self._predict(p_prev, action, seq - pred_seq)  # (N, D)
-            surprise = float(metrics.patch_surprise(pred, p))
-            rr = metrics.reciprocal_rank(frame_key(pred), key, bank, ties="truth")
+            chains = self.horizon.chains()  # advanced in the same predictor call
+            preds = self._predict(np.stack([p_prev, *chains]), action, seq - pred_seq)
+            pred = preds[0]  # (N, D)
+            errors = metrics.patch_errors(pred, p)  # (N,)
+            surprise = float(np.sqrt(np.mean(errors ** 2)))
+            surprise_z = _finite(self.surprise_z(errors))
+            rr = self.bank.rank(frame_key(pred), key)  # among the k most recent frames
             self.mrr.update(rr)
+            self.horizon.observe(seq - pred_seq, pred, rr, list(preds[1:]), key, self.bank)
             self.surprise_last = surprise
+        else:
+            self.horizon.clear()
         patches = p.astype(np.float16) if self.cfg.publish_patches else None
-        self._publish(seq, t_capture, z, patches, surprise, pred_seq, action, rr, len(bank))
-        self.horizon.observe(self.model, p, key, action, bank)
+        self._publish(seq, t_capture, z, patches, surprise, surprise_z, pred_seq, action, rr,
+                      len(self.bank))
         self.bank.add(key)
         self._prev = (seq, p)
 
-    def _predict(self, p_prev: np.ndarray, action: Action, steps: int) -> np.ndarray:
-        """The patch latents ``steps`` frames after ``p_prev`` (N, D) (skipped frames in
-        realtime mode are predicted through, with the current action held)."""
-        ids = np.array([action.action_id]) if self.model.config.num_actions else None
-        z_prev = p_prev.mean(0)[None]  # (1, D)
+    def _predict(self, starts: np.ndarray, action: Action, steps: int) -> np.ndarray:
+        """The patch latents ``steps`` frames after each of ``starts`` (B, N, D), under the
+        same action (skipped frames in realtime mode are predicted through, held)."""
+        b = len(starts)
+        ids = np.full(b, action.action_id) if self.model.config.num_actions else None
+        cond = np.repeat(action.cond[None], b, axis=0)  # (B, C)
+        z_prev = starts.mean(1)  # (B, D)
         if steps == 1:
-            pred = self.model.predict(z_prev, p_prev[None], cond=action.cond[None], action_id=ids)
-            return pred.patches[0].cpu().numpy()
-        roll = self.model.rollout(z_prev, p_prev[None],
-                                  cond_seq=np.repeat(action.cond[None, None], steps, axis=1),
-                                  action_seq=None if ids is None else np.repeat(ids[None],
+            pred = self.model.predict(z_prev, starts, cond=cond, action_id=ids)
+            return pred.patches.cpu().numpy()
+        roll = self.model.rollout(z_prev, starts,
+                                  cond_seq=np.repeat(cond[:, None], steps, axis=1),
+                                  action_seq=None if ids is None else np.repeat(ids[:, None],
                                                                                steps, axis=1))
-        return roll.patches_seq[0, -1].cpu().numpy()
+        return roll.patches_seq[:, -1].cpu().numpy()
 
     def _publish(self, seq: int, t_capture: int, z: np.ndarray, patches: np.ndarray | None,
-                 surprise: float | None, pred_seq: int | None, action: Action,
-                 rr: float | None, k: int) -> None:
+                 surprise: float | None, surprise_z: float | None, pred_seq: int | None,
+                 action: Action, rr: float | None, k: int) -> None:
         assert self._pub is not None
         t_pub = clock_ns()
         base = {"seq": seq, "t_capture_ns": t_capture, "t_publish_ns": t_pub,
                 "variant": self.model.config.variant}
         self._pub.send(topics.LATENT, {**base, "z_cls": z, "patches": patches})
-        self._pub.send(topics.SURPRISE, {**base, "surprise": surprise, "pred_seq": pred_seq,
-                                         "action": action.wire})
+        self._pub.send(topics.SURPRISE, {**base, "surprise": surprise, "surprise_z": surprise_z,
+                                         "pred_seq": pred_seq, "action": action.wire})
         mrr = _finite(self.mrr.value) if rr is not None else None
         self._pub.send(topics.MRR, {**base, "rr": rr, "mrr": mrr, "k": k})
         self.stats.frame(t_pub - t_capture)
@@ -476,19 +486,34 @@ def _num_threads(device: str, requested: int = 0) -> int:
 
 
 def run_worker(cfg: WorkerConfig, endpoints: Endpoints, ring_name: str, *,
-               restarts: int = 0) -> int:
+               restarts: int = 0, takeover: Any = None) -> int:
     """Process entry (spawn-safe): serve until SIGTERM / SIGINT; returns the exit code.
+
+    ``takeover`` (a shared integer, e.g. ``multiprocessing.Value("i", -1)``) makes this a
+    warm **standby**: it loads and warms up the model, then waits, binding nothing, until
+    the launcher stores the restart count there (the serving worker died) and serves from
+    then on: a worker takes over in milliseconds instead of a process start, torch import
+    and model load.
 
     0 clean stop; 1 crashed (logged); 2 model could not be loaded (nothing was bound);
     3 a socket could not be bound.
     """
     stop = StopFlag()  # set by the signal handler without taking a lock
     with stop_on_signals(stop, "encoder worker"):
-        return _run_worker(cfg, endpoints, ring_name, restarts, stop)
+        return _run_worker(cfg, endpoints, ring_name, restarts, stop, takeover)
+
+
+def _warm_up(model: IWM) -> None:
+    """One encode and predict, so that a standby's first frame costs what later ones do."""
+    s = model.config.img_size
+    _, patches = model.encode(np.zeros((s, s, 3), np.uint8))
+    p = patches[:1].cpu().numpy()
+    model.predict(p.mean(1), p, action_id=np.zeros(1, np.int64)
+                  if model.config.num_actions else None)
 
 
 def _run_worker(cfg: WorkerConfig, endpoints: Endpoints, ring_name: str, restarts: int,
-                stop: StopFlag) -> int:
+                stop: StopFlag, takeover: Any = None) -> int:
     try:
         try:
             model = load_model(cfg)
@@ -497,6 +522,15 @@ def _run_worker(cfg: WorkerConfig, endpoints: Endpoints, ring_name: str, restart
             return 2
         torch.manual_seed(SEED)
         torch.set_num_threads(_num_threads(cfg.device, cfg.threads))
+        if takeover is not None:
+            _warm_up(model)
+            logger.debug("standby worker ready")
+            while takeover.value < 0:
+                if stop.wait(0.02):
+                    return 0
+            restarts = takeover.value
+            logger.configure(extra={"proc": "worker"})  # its log lines are the worker's now
+            logger.info("standby worker taking over (restart #{})", restarts)
         try:
             worker = EncoderWorker(cfg, endpoints, ring_name, model=model, restarts=restarts)
         except OSError as e:

@@ -18,12 +18,39 @@ from loguru import logger
 LOG_LEVEL_ENV = "IWM_LOG_LEVEL"
 
 
+def setup_logging(level: str, process: str) -> None:
+    """The one log format of every sidecar process: time, level, process, message.
+
+    Below DEBUG an exception is logged as one ``[Type: message]`` suffix; at DEBUG with its
+    full traceback. Variable values are never printed (loguru's ``diagnose``): they can
+    hold frames, keys or paths.
+    """
+    level = level.upper()
+    debug = logger.level(level).no <= logger.level("DEBUG").no
+
+    def fmt(record: dict[str, Any]) -> str:
+        line = "<green>{time:HH:mm:ss.SSS}</green> {level: <7} {extra[proc]: <9} {message}"
+        exc = record["exception"]
+        if exc is None:
+            return line + "\n"
+        if debug:
+            return line + "\n{exception}\n"
+        record["extra"]["exc"] = f" [{getattr(exc.type, '__name__', exc.type)}: {exc.value}]"
+        return line + "{extra[exc]}\n"
+
+    logger.remove()
+    logger.configure(extra={"proc": process})
+    logger.add(sys.stderr, level=level, format=fmt, backtrace=debug, diagnose=False)
+
+
 def exit_with(target: Callable[..., int], *args: Any, **kwargs: Any) -> NoReturn:
-    """Spawn target for the launcher: ``sys.exit(target(*args, **kwargs))``."""
+    """Spawn target for the launcher: ``sys.exit(target(*args, **kwargs))``, logging in the
+    launcher's format at its level (``IWM_LOG_LEVEL``) under the process's name."""
+    import multiprocess as mp
+
     level = os.environ.get(LOG_LEVEL_ENV)
     if level:
-        logger.remove()
-        logger.add(sys.stderr, level=level.upper())
+        setup_logging(level, mp.current_process().name.removeprefix("iwm-"))
     sys.exit(target(*args, **kwargs))
 
 

@@ -78,6 +78,10 @@ def _torch_load(path: Path) -> Any:
     except (EOFError, RuntimeError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({e}); "
                               "re-copy or re-save it") from e
+    except Exception as e:  # noqa: BLE001 - torch's legacy reader fails in many ways on
+        # files that are not checkpoints at all (IndexError on a text file, ...)
+        raise CheckpointError(f"{path}: not a torch checkpoint ({type(e).__name__}: {e}); "
+                              "give a file written by save_checkpoint or iwm-train") from e
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
