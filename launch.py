@@ -153,6 +153,7 @@ class Launcher:
         self.endpoints: Endpoints = self.bus.endpoints()
         self.children: list[Child] = []
         self.stopping = False
+        self.recording_lost = False  # the recorder died: the run goes on, the exit code says it
         # the warm standby worker (--no-standby: none) and when the next one is due
         self.standby: Child | None = None
         self.standby_due: float | None = None
@@ -242,9 +243,13 @@ class Launcher:
 
         now = time.monotonic()
         if self.standby is not None and not self.standby.proc.is_alive():
-            logger.warning("standby worker exited ({}); another in {:.0f}s",
-                           _describe_exit(self.standby.proc.exitcode), STANDBY_RETRY_S)
-            self.standby, self.standby_due = None, now + STANDBY_RETRY_S
+            code = self.standby.proc.exitcode
+            permanent = code in PERMANENT_EXIT_CODES
+            logger.warning("standby worker exited ({}){}", _describe_exit(code),
+                           "; no more standbys" if permanent
+                           else f"; another in {STANDBY_RETRY_S:.0f}s")
+            self.standby = None
+            self.standby_due = None if permanent else now + STANDBY_RETRY_S
         if self.standby is None and self.standby_due is not None and now >= self.standby_due:
             self.standby_due = None
             self.standby = Child("standby", run_worker,
@@ -317,6 +322,13 @@ class Launcher:
             if child.name == "agent":
                 logger.warning("demo agent exited (code {})", child.proc.exitcode)
                 self.children.remove(child)
+                return True
+            if child.name == "recorder":  # the sidecar serves the agent without it
+                logger.error("recorder died ({}); going on without recording: {} holds the "
+                             "session so far (opening it recovers a killed recording)",
+                             _describe_exit(child.proc.exitcode), self.args.record)
+                self.children.remove(child)
+                self.recording_lost = True
                 return True
             logger.error("{} died (exit code {})", child.name, child.proc.exitcode)
             return False
@@ -480,7 +492,11 @@ def reclaim_rings() -> None:
     """Unlink the rings of sidecars that were killed (they cannot unlink their own)."""
     from iwm_bus.ring import reclaim_dead
 
-    gone = reclaim_dead()
+    try:
+        gone = reclaim_dead()
+    except OSError as e:  # a read-only or foreign /dev/shm must not stop the launch
+        logger.warning("could not reclaim rings left in /dev/shm: {}", e)
+        return
     if gone:
         logger.warning("reclaimed {} ring(s) left in /dev/shm by killed sidecars, {:.1f} MB: "
                        "{}", len(gone), sum(size for *_, size in gone) / 1e6,
@@ -542,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         launcher.start()
         code = launcher.supervise()
+        if code == EXIT_OK and launcher.recording_lost:
+            code = EXIT_FAILED  # the recording asked for is incomplete
     finally:
         launcher.shutdown()
     logger.info("stopped (exit code {})", code)

@@ -109,7 +109,8 @@ class ArbiterConfig:
                 or not 0 < self.escalate_surprise <= 2.0):
             _bad("escalate_surprise", self.escalate_surprise, "must be None or in (0, 2]")
         if self.escalate_surprise_z is not None and (
-                not isinstance(self.escalate_surprise_z, (int, float))
+                isinstance(self.escalate_surprise_z, bool)
+                or not isinstance(self.escalate_surprise_z, (int, float))
                 or not self.escalate_surprise_z > 0):
             _bad("escalate_surprise_z", self.escalate_surprise_z, "must be None or > 0")
         for name in ("coherence_penalty", "coherence_recovery"):
@@ -150,6 +151,8 @@ class ArbiterConfig:
         if not 0 < slow_down_pct <= coherence_pct < 100:
             raise ValueError(f"need 0 < slow_down_pct ({slow_down_pct}) <= coherence_pct "
                              f"({coherence_pct}) < 100")
+        if surprises_z is not None and escalate_pct is None:
+            raise ValueError("surprises_z calibrates escalate_surprise_z: give escalate_pct too")
         lo, hi = np.percentile(vals, [slow_down_pct, coherence_pct])
         clip = lambda x: float(min(max(x, 1e-3), 2.0))  # noqa: E731
         extra = {}

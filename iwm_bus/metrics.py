@@ -267,8 +267,11 @@ class SurpriseZ:
         return float(out) if out.ndim == 0 else out
 
     def update(self, errors: Any) -> None:
-        """Fold one frame's ``errors`` into the moving mean and variance."""
+        """Fold one frame's ``errors`` into the moving mean and variance (a frame with a
+        non-finite error is skipped: it would poison the statistics for good)."""
         e = _as_float(errors, "errors")
+        if not np.isfinite(e).all():
+            return
         if self.count >= self.warmup:
             e = np.minimum(e, self._mu + self.clip * self._spread())
         a = max(self.alpha, 1.0 / (self.count + 1))  # a plain mean until 1/alpha frames

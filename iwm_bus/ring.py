@@ -272,14 +272,17 @@ def _describe_existing(name: str) -> str:
     return f" (a FrameRing v{words[_R_VERSION]} created by pid {pid}, which is {state})"
 
 
-def reclaim_dead(prefix: str = "iwm_", shm_dir: str = "/dev/shm") -> list[tuple[str, int, int]]:
+def reclaim_dead(prefix: str = "iwm_", shm_dir: str = "/dev/shm",
+                 idle_s: float = 0.2) -> list[tuple[str, int, int]]:
     """Unlink the FrameRings named ``prefix...`` whose creator is dead; returns
     ``(name, creator pid, bytes)`` of each one removed.
 
     A sidecar killed with SIGKILL cannot unlink its ring, and /dev/shm keeps it (RAM) until
-    reboot. A segment counts as dead only when it is a FrameRing whose creator pid is gone
-    and, for the launcher's names ``<prefix><pid>_<hex>``, that pid is gone too (its
-    capture may outlive a killed launcher for a moment). Anything else is left alone.
+    reboot. A segment counts as dead only when it is a FrameRing whose creator pid is gone,
+    for the launcher's names ``<prefix><pid>_<hex>`` that pid is gone too (its capture may
+    outlive a killed launcher for a moment), and no frame is written to it for ``idle_s``
+    (a container sharing /dev/shm sees the ring but not its writer's pid). Anything else is
+    left alone.
     """
     out = []
     try:
@@ -302,6 +305,14 @@ def reclaim_dead(prefix: str = "iwm_", shm_dir: str = "/dev/shm") -> list[tuple[
         owner = name[len(prefix):].split("_", 1)[0]
         if owner.isdigit() and _pid_alive(int(owner)):
             continue
+        time.sleep(idle_s)
+        try:
+            with open(path, "rb") as f:
+                again = struct.unpack_from(f"={_RING_WORDS}q", f.read(_RING_HEADER_BYTES), 0)
+        except (OSError, struct.error):
+            continue
+        if again[_R_LATEST] != words[_R_LATEST]:
+            continue  # frames are still being written: a writer we cannot see
         if FrameRing.unlink_stale(name):
             out.append((name, int(words[_R_CREATOR_PID]), size))
     return out

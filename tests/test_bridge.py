@@ -24,7 +24,10 @@ from typing import Any
 import numpy as np
 import pytest
 import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from fuzz import mutated
 from agent_bridge import AsyncVisionBridge, BeingState, IWMClient, VisionBridge
 from agent_bridge.bridge import resolve_endpoints
 from agent_bridge.demo_agent import DemoAgent, DemoConfig, resolve_action_space
@@ -437,3 +440,41 @@ def test_read_latest_raises_when_worker_stops(live: Sidecar) -> None:
             with pytest.raises(ServiceTimeout, match="health"):
                 client.health()
             assert time.monotonic() - t0 < 3.0
+
+
+def test_fuzzed_messages_never_stop_the_bridge(worker_pub) -> None:
+    """issue 13: damaged latent / surprise / MRR messages between good ones: the bridge
+    thread stays up, counts what it cannot decode, and every good frame still lands."""
+    eps, pub = worker_pub
+    with VisionBridge(eps) as bridge:
+        _sync(pub, lambda: bridge.stats.received)
+        seq = [0]
+
+        @settings(max_examples=60, deadline=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(st.data())
+        def batch(data: st.DataObject) -> None:
+            seq[0] += 1
+            s = seq[0]
+            good = [wire.pack(topics.LATENT, _latent(s, np.full(D, s, np.float32))),
+                    wire.pack(topics.SURPRISE, _surprise(s, 0.3, 1.5)),
+                    wire.pack(topics.MRR, _mrr(s, 0.5, 0.4))]
+            for frames in good:
+                for _ in range(data.draw(st.integers(1, 3))):
+                    pub.send_frames(mutated(data, frames))
+            for frames in good:
+                pub.send_frames(frames)
+
+            def landed() -> bool:
+                try:
+                    st_ = bridge.read_latest(max_age_ms=WAIT_S * 1000)
+                except StaleDataError:  # nothing good has landed yet
+                    return False
+                return st_.frame_seq == s and st_.surprise_seq == s and st_.mrr_seq == s
+
+            _wait(landed, f"good messages of frame {s}")
+            got = bridge.read_latest(max_age_ms=WAIT_S * 1000)
+            assert got.vision_core_latent[0] == s and got.vision_surprise_z == 1.5
+
+        batch()
+        assert bridge.stats.decode_errors > 0 and seq[0] >= 60

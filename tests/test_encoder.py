@@ -28,9 +28,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
 import zmq
+from hypothesis import strategies as st
 from loguru import logger
 
+from fuzz import mutated
 from iwm_bus import metrics, topics, wire
 from iwm_bus.config import WorkerConfig
 from iwm_bus.model import IWM, create_iwm_model, pad_cond, save_checkpoint
@@ -436,6 +439,55 @@ def test_garbage_is_answered_counted_and_worker_keeps_publishing(rig: Rig) -> No
     v = rig.col.fresh_stats(lambda v: v["frames"] >= first + 3, "stats after garbage")
     assert v["rpc_errors"] >= before["rpc_errors"] + 7
     assert v["rpc_requests"] >= before["rpc_requests"] + 8
+
+
+def test_fuzzed_messages_never_stop_the_worker(rig: Rig) -> None:
+    """issue 13: random and mutated frame notices, agent actions and RPC requests; after
+    each batch a good RPC request interleaved with them is answered, and after all of them
+    the worker still publishes every new frame and has counted what it could not decode."""
+    before = rig.col.fresh_stats(lambda v: True, "stats")
+    seq = max(rig.prod.ring.latest_seq, 0)
+    good = {
+        "frame": wire.pack(topics.FRAME, {"seq": seq, "slot": rig.prod.ring.slot_of(seq),
+                                          "t_capture_ns": clock_ns(), "height": H, "width": W,
+                                          "channels": 3, "action": wire.make_action([0.5], 1),
+                                          "source": "test"}),
+        "action": wire.pack(topics.ACTION, {"seq": 1, "t_ns": clock_ns(), "action_id": 2,
+                                            "vector": np.float32([0.1, 0.2])}),
+        "rpc": wire.pack(topics.RPC, {"kind": "rpc_request", "id": 5, "method": "predict",
+                                      "params": {"z_cls": np.zeros(rig.model.embed_dim,
+                                                                   np.float32)}}),
+    }
+    sent = {"n": 0}
+
+    @settings(max_examples=60, deadline=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(st.data())
+    def batch(data: st.DataObject) -> None:
+        for _ in range(data.draw(st.integers(1, 4))):
+            rig.prod.pub.send_frames(mutated(data, good["frame"]))
+            rig.agent.send_frames(mutated(data, good["action"]))
+            rig.client.send_raw(mutated(data, good["rpc"]))
+            sent["n"] += 1
+        want = rig.client.next_id = rig.client.next_id + 1000
+        rig.client.send_raw(wire.pack(topics.RPC, {"kind": "rpc_request", "id": want,
+                                                   "method": "health", "params": {}}))
+        deadline = time.monotonic() + 20
+        while True:  # replies to the damaged requests that still carried an id come first
+            reply = rig.client.recv(max(0.1, deadline - time.monotonic()))
+            if reply["id"] == want:
+                assert reply["ok"] and reply["result"]["ready"], reply
+                break
+
+    batch()
+    assert rig.proc.is_alive()
+    first = rig.prod.ring.latest_seq + 1
+    seqs = write_paced(rig.prod, rig.col, [frame_for(900 + i) for i in range(4)])
+    assert seqs == list(range(first, first + 4))
+    after = rig.col.fresh_stats(lambda v: v["frames"] >= before["frames"] + 4, "stats")
+    assert after["decode_errors"] > before["decode_errors"]
+    assert after["rpc_errors"] > before["rpc_errors"]
+    assert sent["n"] >= 60
 
 
 def test_sigterm_exits_0_and_leaves_no_socket_files(rig: Rig) -> None:

@@ -363,3 +363,42 @@ logger.info("still here")
     assert "Traceback" in runs["DEBUG"] and "in load" in runs["DEBUG"]
     # the exception's own message may name it; loguru's variable annotations must not
     assert runs["DEBUG"].count("hunter2-value") == runs["INFO"].count("hunter2-value") == 1
+
+
+@pytest.mark.games
+def test_killing_each_process_in_turn_during_a_recorded_lossless_replay(tmp_path):
+    """issue 13: SIGKILL the demo agent, the recorder and the worker in turn while a real
+    game is played lossless with --record: the rest keeps working (every frame is still
+    published once the worker is back), the launcher reports each death and exits 1 (the
+    recording is incomplete), the partial recording opens, nothing is left behind. Then
+    SIGKILL the capture of another run: the launcher stops everything and cleans up. (The
+    demo agent cannot drive a replay, whose actions are recorded: a game it is.)"""
+    pytest.importorskip("ale_py")
+    from iwm_bus.session import SessionReader
+
+    rec = tmp_path / "rec.mcap"
+    with Sidecar("--source", "gym:ALE/Pong-v5", "--mode", "lossless", "--frames", "240",
+                 "--fps", "20", "--agent", "demo", "--record", str(rec), *TINY) as sc:
+        msgs = sc.collect(lambda m: sum(x["kind"] == "latent" for x in m) >= 10, 120)
+        for name in ("agent", "recorder", "worker"):
+            os.kill(sc.manifest()["pids"][name], signal.SIGKILL)
+            # 40 more frames (2 s) between kills: the recording has complete chunks by then
+            msgs += sc.collect(lambda m: sum(x["kind"] == "latent" for x in m) >= 40, 120)
+        msgs += sc.collect(lambda m: any(x["kind"] == "latent" and x["seq"] == 239
+                                         for x in m), 180)
+        assert sc.wait(120) == 1, sc.output()[-3000:]
+        out = sc.output()
+        assert "demo agent exited" in out and "recorder died" in out and "restart #1" in out
+        latents = {m["seq"] for m in msgs if m["kind"] == "latent"}
+        assert latents == set(range(240)), sorted(set(range(240)) - latents)
+        _assert_clean(sc)
+    got = SessionReader(rec)
+    assert 10 <= sum(1 for _ in got.frame_records()) < 240
+
+    with Sidecar("--source", "synthetic:64x64", "--fps", "20", "--duration", "180",
+                 *TINY) as sc:
+        sc.collect(lambda m: len(m) >= 3, 120)
+        os.kill(sc.manifest()["pids"]["capture"], signal.SIGKILL)
+        assert sc.wait(60) == 1
+        assert "capture ended" in sc.output()
+        _assert_clean(sc)

@@ -145,6 +145,10 @@ class EncoderWorker:
         self._checkpoint_name = prov.get("name", Path(prov["path"]).name) if prov else None
         self._notices: dict[int, tuple[int, dict[str, Any] | None]] = {}
         self._cursor: int | None = None  # next seq not yet processed, skipped or dropped
+        # lossless, restarted: go back from the first notice to the oldest frame the dead
+        # worker may not have published (the capture's credit window: ring slots - 1)
+        self._rewind = False
+        self._no_notice_below = 0  # the rewound frames' notices went to the dead worker
         self._last_notice: int | None = None
         self._last_notice_t = 0  # its t_capture_ns
         self._prev: tuple[int, np.ndarray] | None = None  # (seq, patches) last processed
@@ -267,6 +271,7 @@ class EncoderWorker:
             # re-sends, the oldest frame its predecessor did not publish
             first = self.cfg.mode == "lossless" and not self.restarts
             self._cursor = 0 if first else seq
+            self._rewind = self.cfg.mode == "lossless" and not first
         if seq >= self._cursor:
             self._notices[seq] = (msg["t_capture_ns"], msg.get("action"))
             while len(self._notices) > NOTICE_KEEP:
@@ -321,6 +326,10 @@ class EncoderWorker:
             seq = latest
             self.stats.skipped += seq - self._cursor
         else:
+            if self._rewind:  # at least once: a frame published twice beats one lost
+                self._rewind = False
+                self._no_notice_below = self._cursor
+                self._cursor = max(0, self._cursor - (ring.slots - 1))
             oldest = latest - ring.slots + 1  # older seqs are overwritten already
             if self._cursor < oldest:
                 self.stats.dropped_overwritten += oldest - self._cursor
@@ -329,7 +338,8 @@ class EncoderWorker:
             # the frame can be in the ring before its notice (and the action that produced it)
             # arrives: wait for it, bounded, so a loaded machine gives the same results
             deadline = time.monotonic() + LOSSLESS_NOTICE_WAIT_MS / 1000
-            while seq not in self._notices and time.monotonic() < deadline:
+            while (seq not in self._notices and seq >= self._no_notice_below
+                   and time.monotonic() < deadline):
                 self._poll_notices(NOTICE_WAIT_MS)
                 if self._cursor is None or self.reader.ring is not ring:
                     return None  # that notice restarted the stream
@@ -363,7 +373,8 @@ class EncoderWorker:
             pred = preds[0]  # (N, D)
             errors = metrics.patch_errors(pred, p)  # (N,)
             surprise = float(np.sqrt(np.mean(errors ** 2)))
-            surprise_z = _finite(self.surprise_z(errors))
+            if seq - pred_seq == 1:  # a prediction through skipped frames errs more by
+                surprise_z = _finite(self.surprise_z(errors))  # construction: not comparable
             rr = self.bank.rank(frame_key(pred), key)  # among the k most recent frames
             self.mrr.update(rr)
             self.horizon.observe(seq - pred_seq, pred, rr, list(preds[1:]), key, self.bank)
@@ -525,8 +536,12 @@ def _run_worker(cfg: WorkerConfig, endpoints: Endpoints, ring_name: str, restart
         if takeover is not None:
             _warm_up(model)
             logger.debug("standby worker ready")
+            parent = os.getppid()
             while takeover.value < 0:
                 if stop.wait(0.02):
+                    return 0
+                if os.getppid() != parent:  # the launcher died (SIGKILL): nothing to stand by
+                    logger.warning("standby worker: the launcher is gone; exiting")
                     return 0
             restarts = takeover.value
             logger.configure(extra={"proc": "worker"})  # its log lines are the worker's now
