@@ -204,29 +204,25 @@ class Launcher:
     # ------------------------------------------------------------ start / supervise
 
     def start(self) -> None:
-        from workers.capture import run_capture
-        from workers.encoder import run_worker
-
         if self.checkpoint_info is None:
             logger.warning("no checkpoint (--untrained, or none shipped in this install): "
                            "latents come from an UNTRAINED model; surprise and MRR are not "
                            "meaningful yet")
-        self.worker = Child("worker", run_worker,
+        self.worker = Child("worker", "workers.encoder:run_worker",
                             (self.worker_cfg, self.endpoints, self.ring_name), restart=True)
         self.children.append(self.worker)
         if self.args.record is not None:
-            from workers.recorder import RecorderConfig, run_recorder
+            from workers.recorder import RecorderConfig
 
             rec = RecorderConfig(path=self.args.record, metadata={
                 "source": {"spec": self.args.source, "action_space": self.action_space}, "worker": to_dict(self.worker_cfg),
                 "capture": {"fps": self.args.fps, "mode": self.args.mode}})
-            self.children.append(Child("recorder", run_recorder,
+            self.children.append(Child("recorder", "workers.recorder:run_recorder",
                                        (rec, self.endpoints, self.ring_name)))
         if self.args.agent == "demo":
-            from agent_bridge.demo_agent import run_demo_agent
-
-            self.children.append(Child("agent", run_demo_agent, (str(self.bus.run_dir),)))
-        self.capture = Child("capture", run_capture,
+            self.children.append(Child("agent", "agent_bridge.demo_agent:run_demo_agent",
+                                       (str(self.bus.run_dir),)))
+        self.capture = Child("capture", "workers.capture:run_capture",
                              (self.capture_cfg, self.endpoints, self.ring_name))
         self.children.append(self.capture)
         ctx = mp.get_context("spawn")
@@ -239,8 +235,6 @@ class Launcher:
 
     def _keep_standby(self) -> None:
         """Start the warm standby worker when one is due; notice when it died."""
-        from workers.encoder import run_worker
-
         now = time.monotonic()
         if self.standby is not None and not self.standby.proc.is_alive():
             code = self.standby.proc.exitcode
@@ -252,7 +246,7 @@ class Launcher:
             self.standby_due = None if permanent else now + STANDBY_RETRY_S
         if self.standby is None and self.standby_due is not None and now >= self.standby_due:
             self.standby_due = None
-            self.standby = Child("standby", run_worker,
+            self.standby = Child("standby", "workers.encoder:run_worker",
                                  (self.worker_cfg, self.endpoints, self.ring_name),
                                  kwargs={"takeover": self.ctx.Value("i", -1)})
             self.standby.start(self.ctx)
@@ -423,17 +417,33 @@ def checkpoint_header(path: Path, variant: str | None = None, *, encoder: str | 
     foreign or truncated file, an invalid config, or another variant, encoder or image size
     than the ones asked for (None: whatever the checkpoint has).
     """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     from iwm_bus.errors import CheckpointError
+
+    # read (and fully validate) it in a short-lived process: torch + timm cost the launcher
+    # ~0.7 GB of RSS for its whole life otherwise, and it needs neither
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        cfg, info = pool.submit(_read_header, str(path), variant).result()
+    for flag, asked, has in (("--encoder", encoder, cfg["encoder_name"]),
+                             ("--img-size", img_size, cfg["img_size"])):
+        if asked is not None and asked != has:
+            raise CheckpointError(f"{path} holds a {cfg['encoder_name']} model at "
+                                  f"{cfg['img_size']} px but {flag} asks for {asked}; drop "
+                                  f"{flag} to use the checkpoint's, or give --untrained for "
+                                  "random weights")
+    return {"config": cfg, "info": info}
+
+
+def _read_header(path: str, variant: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """checkpoint_header's child: the validated config as a plain dict, and the info."""
+    import dataclasses
+
     from iwm_bus.model import read_header
 
     cfg, info = read_header(path, variant)
-    for flag, asked, has in (("--encoder", encoder, cfg.encoder_name),
-                             ("--img-size", img_size, cfg.img_size)):
-        if asked is not None and asked != has:
-            raise CheckpointError(f"{path} holds a {cfg.encoder_name} model at {cfg.img_size} "
-                                  f"px but {flag} asks for {asked}; drop {flag} to use the "
-                                  "checkpoint's, or give --untrained for random weights")
-    return {"config": cfg, "info": info}
+    return dataclasses.asdict(cfg), info
 
 
 def check_action_vocab(path: Path, header: dict[str, Any], spec: str,
@@ -447,7 +457,7 @@ def check_action_vocab(path: Path, header: dict[str, Any], spec: str,
     from iwm_bus.errors import CheckpointError
 
     vocab = header["info"].get("action_vocab")
-    n_model = header["config"].num_actions
+    n_model = header["config"]["num_actions"]
     if vocab is None or "discrete" not in str(space.get("type", "")):
         return
     src_vocab, n_src = space.get("vocab"), int(space.get("n", 0))

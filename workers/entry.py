@@ -43,14 +43,21 @@ def setup_logging(level: str, process: str) -> None:
     logger.add(sys.stderr, level=level, format=fmt, backtrace=debug, diagnose=False)
 
 
-def exit_with(target: Callable[..., int], *args: Any, **kwargs: Any) -> NoReturn:
+def exit_with(target: Callable[..., int] | str, *args: Any, **kwargs: Any) -> NoReturn:
     """Spawn target for the launcher: ``sys.exit(target(*args, **kwargs))``, logging in the
-    launcher's format at its level (``IWM_LOG_LEVEL``) under the process's name."""
+    launcher's format at its level (``IWM_LOG_LEVEL``) under the process's name. ``target``
+    may be named as ``"module:function"``, imported here, in the child: the launcher then
+    never imports what its children need (torch, for the worker)."""
+    import importlib
+
     import multiprocess as mp
 
     level = os.environ.get(LOG_LEVEL_ENV)
     if level:
         setup_logging(level, mp.current_process().name.removeprefix("iwm-"))
+    if isinstance(target, str):
+        module, _, name = target.partition(":")
+        target = getattr(importlib.import_module(module), name)
     sys.exit(target(*args, **kwargs))
 
 
