@@ -5,6 +5,7 @@
     iwm-session recover run.mcap              # rewrite an unclosed file as a valid one (in place)
     iwm-session recover run.mcap --out ok.mcap
     iwm-session export run.mcap frames/       # frame_<seq>.png + actions.csv (= folder:frames/)
+    iwm-session export run.mcap --video run.mp4   # H.264 with a surprise strip (--no-overlay)
     iwm-session report run.mcap --out report.png   # surprise + MRR over time, peak thumbnails
 
 Exit status: 0 done, 1 the session file is bad (the message names the file and the
@@ -74,7 +75,17 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """PNG per frame + actions.csv in the layout ``folder:DIR`` sources read back."""
+    """PNG per frame + actions.csv in the layout ``folder:DIR`` sources read back, and/or
+    an MP4 (``--video``)."""
+    if args.dir is None and args.video is None:
+        raise SessionError("export needs a folder for PNG files and/or --video OUT.mp4")
+    if args.video is not None:
+        from iwm_bus.session_video import export_video
+
+        n = export_video(args.path, args.video, overlay=args.overlay)
+        print(f"{args.video}: {n} frames")
+    if args.dir is None:
+        return 0
     from PIL import Image
 
     reader = SessionReader(args.path)
@@ -233,9 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path")
     s.add_argument("--out", help="write here instead of replacing PATH")
     s.set_defaults(func=cmd_recover)
-    s = sub.add_parser("export", help=f"{FRAMES_TOPIC} as PNG files + actions.csv")
+    s = sub.add_parser("export", help=f"{FRAMES_TOPIC} as PNG files + actions.csv, or MP4")
     s.add_argument("path")
-    s.add_argument("dir")
+    s.add_argument("dir", nargs="?", help="folder for frame PNGs + frames.csv + actions.csv")
+    s.add_argument("--video", help="write an MP4 (H.264) here")
+    s.add_argument("--overlay", action=argparse.BooleanOptionalAction, default=True,
+                   help="a surprise strip under each video frame")
     s.set_defaults(func=cmd_export)
     s = sub.add_parser("report", help="plot surprise and MRR with peak thumbnails")
     s.add_argument("path")

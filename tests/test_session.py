@@ -410,3 +410,29 @@ def test_cli_report(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli(["report", str(plain), "--out", str(tmp_path / "r2.png")]) == 1
     assert "no iwm.surprise values" in capsys.readouterr().err
     assert not (tmp_path / "r2.png").exists()
+
+
+def test_cli_export_video_with_a_surprise_strip(tmp_path: Path) -> None:
+    av = pytest.importorskip("av")
+    from iwm_bus.session_video import STRIP_HEIGHT
+
+    path = write_session(tmp_path / "s.mcap", n=30)
+    out = tmp_path / "s.mp4"
+    assert cli(["export", str(path), "--video", str(out)]) == 0
+    with av.open(str(out)) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+        rate = c.streams.video[0].average_rate
+    assert len(frames) == 30 and frames[0].shape == (48 + STRIP_HEIGHT, 64, 3)
+    assert round(float(rate)) == 50
+    # the picture is the recorded frame (H.264 is lossy: close, not equal)
+    assert np.abs(frames[7][:48].astype(int) - frame_at(7).astype(int)).mean() < 12
+    # frame 20's surprise (sin(20/3) + 1.5 = 1.87) is past the alert line: a red bar at right
+    bar = frames[20][48 + 4:, -3:].reshape(-1, 3).astype(int).mean(0)
+    assert bar[0] > bar[1] + 60, bar
+    # frame 0 has no surprise (nothing predicted it): no bar
+    assert frames[0][48:, -3:].astype(int).mean() < 60
+    plain = tmp_path / "plain.mp4"
+    assert cli(["export", str(path), "--video", str(plain), "--no-overlay"]) == 0
+    with av.open(str(plain)) as c:
+        assert next(c.decode(video=0)).to_ndarray(format="rgb24").shape == (48, 64, 3)
+    assert cli(["export", str(path)]) == 1  # neither a folder nor --video
