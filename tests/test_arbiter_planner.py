@@ -194,7 +194,7 @@ def test_standardised_surprise_escalates_in_every_game_with_one_threshold() -> N
     assert cut_raw["calm"] < np.percentile(raw, 75)  # raw: the calm cut looks ordinary
     hooks = ArbiterHooks(ArbiterConfig(escalate_cooldown_s=0.0), clock=FakeClock())
     ordinary = [hooks.assess(_state(seq=i, surprise=r, surprise_z=float(z), mrr=0.9)).escalate
-                for i, (r, z) in enumerate(zip(raw, zs))]
+                for i, (r, z) in enumerate(zip(raw, zs, strict=True))]
     assert sum(ordinary) == 0
     for g in sz:
         d = hooks.assess(_state(seq=1000, surprise=cut_raw[g], surprise_z=cut_z[g], mrr=0.9))

@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 import pytest
 import zmq
+from fuzz import mutated
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fuzz import mutated
 from agent_bridge import AsyncVisionBridge, BeingState, IWMClient, VisionBridge
 from agent_bridge.bridge import resolve_endpoints
 from agent_bridge.demo_agent import DemoAgent, DemoConfig, resolve_action_space

@@ -28,12 +28,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
 import zmq
+from fuzz import mutated
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from loguru import logger
 
-from fuzz import mutated
 from iwm_bus import metrics, topics, wire
 from iwm_bus.config import WorkerConfig
 from iwm_bus.model import IWM, create_iwm_model, pad_cond, save_checkpoint

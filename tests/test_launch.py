@@ -333,7 +333,7 @@ def test_a_sigkilled_sidecars_ring_is_reclaimed(tmp_path):
                           "--cleanup"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert not Path(f"/dev/shm/{ring}").exists()
-    assert f"reclaimed 1 ring(s)" in out.stderr and ring in out.stderr, out.stderr
+    assert "reclaimed 1 ring(s)" in out.stderr and ring in out.stderr, out.stderr
     assert "cleaned run dir" in out.stderr
     assert not (run_dir / "sidecar.json").exists()
 

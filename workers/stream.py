@@ -20,7 +20,7 @@ from loguru import logger
 
 from iwm_bus import metrics, topics
 from iwm_bus.errors import RingError
-from iwm_bus.model import IWM, pad_cond
+from iwm_bus.model import pad_cond
 from iwm_bus.ring import FrameRing
 from iwm_bus.wire import make_action
 from workers.rpc_server import Throttle
