@@ -48,7 +48,7 @@ class BeingState:
     vision_core_latent: np.ndarray | None = None
     # z_cls (D,) of the frame before it (the one the current surprise was predicted from)
     vision_core_latent_prev: np.ndarray | None = None
-    # capture time of vision_core_latent, seconds on the monotonic clock
+    # capture time of vision_core_latent, seconds on the wall clock (comparable with time.time())
     vision_core_timestamp: float | None = None
     # surprise of the newest frame that had a prediction (None: none yet / after a gap)
     vision_prediction_surprise: float | None = None
