@@ -126,6 +126,7 @@ def main() -> int:
                    help="escalate_surprise_z values for the operating curve")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per session")
+    p.add_argument("--save", type=Path, help="also pickle the sessions' messages here")
     args = p.parse_args()
     missing = [s for s in args.sessions if not s.is_file()]
     if not args.sessions or missing:
@@ -144,6 +145,10 @@ def main() -> int:
             n = sum(1 for _ in SessionReader(cut_file).frame_records())
             msgs = replay(cut_file, n, args.timeout)
         runs.append((path.stem, msgs, cuts, fps, len(msgs) / fps / 60))
+    if args.save is not None:
+        import pickle
+
+        args.save.write_bytes(pickle.dumps(runs))
     configs = dict(CONFIGS)
     configs["running MRR only"] = ArbiterConfig(escalate_surprise_z=None)
     for z in args.sweep:
