@@ -287,7 +287,7 @@ class Launcher:
                     code = self.capture.proc.exitcode
                     logger.info("capture ended (exit code {})", code)
                     return EXIT_OK if code == 0 else EXIT_FAILED
-                for child in self.children:
+                for child in list(self.children):  # _check_child may remove one
                     if child is not self.capture and not self._check_child(child):
                         return EXIT_FAILED
                 self._keep_standby()
@@ -420,12 +420,18 @@ def checkpoint_header(path: Path, variant: str | None = None, *, encoder: str | 
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from iwm_bus.errors import CheckpointError
-
     # read (and fully validate) it in a short-lived process: torch + timm cost the launcher
     # ~0.7 GB of RSS for its whole life otherwise, and it needs neither
+    from concurrent.futures.process import BrokenProcessPool
+
+    from iwm_bus.errors import CheckpointError
+
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        cfg, info = pool.submit(_read_header, str(path), variant).result()
+        try:
+            cfg, info = pool.submit(_read_header, str(path), variant).result()
+        except BrokenProcessPool as e:  # killed (out of memory?) or crashed while reading
+            raise CheckpointError(f"{path}: the process reading the checkpoint died ({e}); "
+                                  "is the file a checkpoint, and is there memory?") from e
     for flag, asked, has in (("--encoder", encoder, cfg["encoder_name"]),
                              ("--img-size", img_size, cfg["img_size"])):
         if asked is not None and asked != has:

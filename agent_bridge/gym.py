@@ -18,8 +18,8 @@ produced it, announces it on ``iwm.frame`` and waits for that frame's ``iwm.surp
 The worker runs the shipped model (or ``model=PATH``) in its own process, so this process
 imports no torch. Discrete actions travel as ``action_id`` (an ALE game's minimal action set
 is mapped to its full 18-action ids, the vocabulary the shipped model was trained on, see
-docs/actions.md), Box actions as the action ``vector`` (flattened). Surprise is nil for the first frame of an episode (nothing predicted
-it); the intrinsic reward is then 0. Curiosity as prediction error: ICM (Pathak et al.
+docs/actions.md), Box actions as the action ``vector`` (flattened). Surprise is nil for the first frame of an episode (its prediction
+came from the last episode's end); the intrinsic reward is then 0. Curiosity as prediction error: ICM (Pathak et al.
 2017), RND (Burda et al. 2018).
 
 Vector envs: wrap each sub-env (``gym.vector.SyncVectorEnv([lambda: IWMWrapper(...)] *
@@ -72,7 +72,10 @@ class IWMWrapper(gymnasium.Wrapper):
 
     def reset(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
         obs, info = self.env.reset(**kwargs)
-        info["iwm"] = self._run(None)
+        iwm = self._run(None)
+        # the worker predicted this frame from the last episode's end: no evidence
+        iwm["surprise"] = iwm["surprise_z"] = iwm["rr"] = None
+        info["iwm"] = iwm
         return obs, info
 
     def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
@@ -98,6 +101,9 @@ class IWMWrapper(gymnasium.Wrapper):
                              f"{type(frame).__name__} {getattr(frame, 'shape', '')}")
         if self._sidecar is None:
             self._sidecar = _Sidecar(self._worker_cfg, frame.shape)
+        elif frame.shape[:2] != self._sidecar.shape:
+            raise ValueError(f"env.render() changed its frame size from {self._sidecar.shape} "
+                             f"to {frame.shape[:2]}; one size per wrapped env")
         return self._sidecar.process(np.ascontiguousarray(frame, np.uint8),
                                      self._action(action), self._timeout)
 
@@ -124,14 +130,23 @@ class _Sidecar:
         eps = Endpoints.ipc(self._dir)
         name = f"iwm_{os.getpid()}_{secrets.token_hex(4)}"
         h, w, _ = shape
-        self._ring = FrameRing.create(name, slots=8, max_height=h, max_width=w)
-        self._pub = Publisher(eps.capture)
-        self._sub = Subscriber([eps.worker], [topics.SURPRISE, topics.MRR, topics.STATS])
-        self._proc = mp.get_context("spawn").Process(
-            target=_worker_entry, args=(cfg, eps, name), name="iwm-worker", daemon=True)
-        self._proc.start()
+        self.shape = (h, w)
+        self._ring: FrameRing | None = None
+        self._pub: Publisher | None = None
+        self._sub: Subscriber | None = None
+        self._proc: Any = None
         self._pending: dict[int, dict[str, Any]] = {}
-        self._wait(lambda: self._ready, START_TIMEOUT_S, "the worker to start")
+        try:
+            self._ring = FrameRing.create(name, slots=8, max_height=h, max_width=w)
+            self._pub = Publisher(eps.capture)
+            self._sub = Subscriber([eps.worker], [topics.SURPRISE, topics.MRR, topics.STATS])
+            self._proc = mp.get_context("spawn").Process(
+                target=_worker_entry, args=(cfg, eps, name), name="iwm-worker", daemon=True)
+            self._proc.start()
+            self._wait(lambda: self._ready, START_TIMEOUT_S, "the worker to start")
+        except BaseException:
+            self.close()  # nothing left in /dev/shm or /tmp when the worker cannot start
+            raise
 
     _ready = False
 
@@ -172,16 +187,19 @@ class _Sidecar:
                 self._pending.setdefault(msg["seq"], {})[msg["kind"]] = msg
 
     def close(self) -> None:
-        if self._proc.is_alive():
+        if self._proc is not None and self._proc.is_alive():
             self._proc.terminate()
             self._proc.join(10)
             if self._proc.is_alive():
                 self._proc.kill()
                 self._proc.join(5)
-        self._sub.close()
-        self._pub.close()
-        self._ring.unlink()
-        self._ring.close()
+        for part in (self._sub, self._pub):
+            if part is not None:
+                part.close()
+        if self._ring is not None:
+            self._ring.unlink()
+            self._ring.close()
+        self._sub = self._pub = self._ring = self._proc = None
         shutil.rmtree(self._dir, ignore_errors=True)
 
 

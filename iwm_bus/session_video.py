@@ -9,6 +9,7 @@ escalation scale). Needs the ``video`` extra (``pip install iwm-bus[video]``).
 
 from __future__ import annotations
 
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,8 @@ def surprise_strip(history: list[float | None], width: int, alert: float = 0.98
     """(STRIP_HEIGHT, width, 3) uint8: the last ``width`` surprises as a trace, the newest a
     bar at the right (nil values leave a gap)."""
     strip = np.full((STRIP_HEIGHT, width, 3), 24, np.uint8)
+    if width < 8:
+        return strip
     vals = history[-(width - 4):]
     scale = (STRIP_HEIGHT - 1) / 2.0  # surprise is in [0, 2]
     for x, v in enumerate(vals):
@@ -54,7 +57,7 @@ def export_video(path: str | Path, out: str | Path, *, overlay: bool = True,
     info = reader.info()
     if not info["frames"]:
         raise SessionError(f"{reader.path}: no frames to export")
-    rate = fps or info["fps"] or 30.0
+    rate = Fraction(fps or info["fps"] or 30.0).limit_denominator(1001)
     surprise = {m["seq"]: m.get("surprise") for m in reader.events(SURPRISE)} if overlay else {}
     history: list[float | None] = []
     n = 0
@@ -72,7 +75,7 @@ def export_video(path: str | Path, out: str | Path, *, overlay: bool = True,
             if px.shape[:2] != (h, w):
                 px = np.pad(px, ((0, h - px.shape[0]), (0, w - px.shape[1]), (0, 0)))
             if stream is None:
-                stream = container.add_stream("libx264", rate=round(rate))
+                stream = container.add_stream("libx264", rate=rate)
                 stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
             if (h, w) != (stream.height, stream.width):
                 raise SessionError(f"{reader.path}: frame {rec.seq} is {h}x{w}, the video "
@@ -81,8 +84,13 @@ def export_video(path: str | Path, out: str | Path, *, overlay: bool = True,
             for packet in stream.encode(frame):
                 container.mux(packet)
             n += 1
+        if stream is None:
+            raise SessionError(f"{reader.path}: no frame could be read")
         for packet in stream.encode():
             container.mux(packet)
-    finally:
+    except BaseException:
         container.close()
+        Path(out).unlink(missing_ok=True)  # no half-written video left behind
+        raise
+    container.close()
     return n

@@ -470,7 +470,10 @@ def test_fuzzed_messages_never_stop_the_bridge(worker_pub) -> None:
                     st_ = bridge.read_latest(max_age_ms=WAIT_S * 1000)
                 except StaleDataError:  # nothing good has landed yet
                     return False
-                return st_.frame_seq == s and st_.surprise_seq == s and st_.mrr_seq == s
+                # the good messages' values, not only their seq (a damaged one may decode)
+                return (st_.frame_seq == s and st_.surprise_seq == s and st_.mrr_seq == s
+                        and st_.vision_core_latent[0] == s and st_.vision_surprise_z == 1.5
+                        and st_.vision_mrr == 0.4)
 
             _wait(landed, f"good messages of frame {s}")
             got = bridge.read_latest(max_age_ms=WAIT_S * 1000)

@@ -366,6 +366,7 @@ logger.info("still here")
 
 
 @pytest.mark.games
+@pytest.mark.timeout(400)
 def test_killing_each_process_in_turn_during_a_recorded_lossless_replay(tmp_path):
     """issue 13: SIGKILL the demo agent, the recorder and the worker in turn while a real
     game is played lossless with --record: the rest keeps working (every frame is still

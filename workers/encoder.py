@@ -285,6 +285,7 @@ class EncoderWorker:
         self.reader.close()
         self._notices.clear()
         self._cursor = self._prev = None
+        self._rewind, self._no_notice_below = False, 0
         self.bank.clear()
         self.horizon.clear()
         self.surprise_z.reset()
@@ -326,11 +327,13 @@ class EncoderWorker:
             seq = latest
             self.stats.skipped += seq - self._cursor
         else:
+            oldest = latest - ring.slots + 1  # older seqs are overwritten already
             if self._rewind:  # at least once: a frame published twice beats one lost
                 self._rewind = False
-                self._no_notice_below = self._cursor
-                self._cursor = max(0, self._cursor - (ring.slots - 1))
-            oldest = latest - ring.slots + 1  # older seqs are overwritten already
+                # the notices of the frames before the newest went to the dead worker (or
+                # are here already): do not wait for them
+                self._no_notice_below = latest
+                self._cursor = max(0, oldest, self._cursor - (ring.slots - 1))
             if self._cursor < oldest:
                 self.stats.dropped_overwritten += oldest - self._cursor
                 self._cursor = oldest
