@@ -41,7 +41,7 @@ import numpy as np
 
 from iwm_bus import topics
 from iwm_bus.config import WorkerConfig
-from iwm_bus.ring import FrameRing, clock_ns
+from iwm_bus.ring import FrameRing
 from iwm_bus.transport import Endpoints, Publisher, Subscriber
 from iwm_bus.wire import make_action
 
@@ -152,12 +152,9 @@ class _Sidecar:
 
     def process(self, frame: np.ndarray, action: dict[str, Any] | None,
                 timeout: float) -> dict[str, Any]:
-        t = clock_ns()
-        seq = self._ring.write(frame, t)
-        h, w, c = frame.shape
-        self._pub.send(topics.FRAME, {"seq": seq, "slot": self._ring.slot_of(seq),
-                                      "t_capture_ns": t, "height": h, "width": w,
-                                      "channels": c, "action": action, "source": "gym"})
+        from workers.capture import write_frame
+
+        seq = write_frame(self._ring, self._pub, frame, action, "gym")["seq"]
         self._wait(lambda: {"surprise", "mrr"} <= self._pending.get(seq, {}).keys(), timeout,
                    f"the worker's result for frame {seq}")
         got = self._pending.pop(seq)

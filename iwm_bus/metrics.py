@@ -54,6 +54,7 @@ __all__ = [
     "layer_norm",
     "mrr",
     "mrr_torch",
+    "errors_surprise",
     "patch_errors",
     "reciprocal_rank",
     "reciprocal_ranks",
@@ -106,7 +107,13 @@ def patch_surprise(pred: Any, observed: Any) -> float | np.ndarray:
 
     (N, D) -> float, (B, N, D) -> (B,). With N = 1 it is :func:`surprise` of that token.
     """
-    out = np.sqrt(np.mean(patch_errors(pred, observed) ** 2, axis=-1))
+    return errors_surprise(patch_errors(pred, observed))
+
+
+def errors_surprise(errors: Any) -> float | np.ndarray:
+    """:func:`patch_surprise` from per-patch errors already at hand (:func:`patch_errors`):
+    their RMS over patches; (N,) -> float, (B, N) -> (B,)."""
+    out = np.sqrt(np.mean(_as_float(errors, "errors") ** 2, axis=-1))
     return float(out) if out.ndim == 0 else out
 
 

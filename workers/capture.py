@@ -69,6 +69,20 @@ SUBSCRIBER_SETTLE_S = 0.3
 FLUSH_LINGER_MS = 500
 
 
+def write_frame(ring: FrameRing, pub: Publisher, pixels: np.ndarray,
+                action: dict[str, Any] | None, source: str) -> dict[str, Any]:
+    """The capture's step for one frame: into the ring, then its ``iwm.frame`` notice on
+    ``pub``; returns the notice (``notice["seq"]`` is the frame's seq)."""
+    t_capture = clock_ns()
+    height, width, channels = pixels.shape
+    seq = ring.write(pixels, t_capture_ns=t_capture)
+    notice = {"seq": seq, "slot": ring.slot_of(seq), "t_capture_ns": t_capture,
+              "height": height, "width": width, "channels": channels, "action": action,
+              "source": source}
+    pub.send(topics.FRAME, notice)
+    return notice
+
+
 @dataclass
 class CaptureConfig:
     # source spec (workers.sources.SPEC_FORMS), e.g. synthetic:64x64, gym:ALE/Pong-v5
@@ -326,21 +340,16 @@ class _CaptureLoop:
     def _emit(self, frame: SourceFrame) -> None:
         """Write the frame into the ring, then tell the bus (replayed action first)."""
         t_action = clock_ns()
-        t_capture = clock_ns()
-        height, width, channels = frame.pixels.shape
-        seq = self.ring.write(frame.pixels, t_capture_ns=t_capture)
-        self.seq, self.frames = seq, self.frames + 1
         if getattr(self.source, "republish_actions", False) and frame.action:
-            self.replayed_actions += 1
+            self.replayed_actions += 1  # the replayed action goes out before its frame
             self.pub.send(topics.ACTION, {
                 "seq": self.replayed_actions - 1, "t_ns": t_action,
-                "frame_seq": seq - 1 if seq > 0 else None, "source": "replay",
-                "vector": frame.action.get("vector"), "action_id": frame.action.get("action_id")})
-        notice = {
-            "seq": seq, "slot": self.ring.slot_of(seq), "t_capture_ns": t_capture,
-            "height": height, "width": width, "channels": channels, "action": frame.action,
-            "source": self.cfg.source}
-        self.pub.send(topics.FRAME, notice)
+                "frame_seq": self.ring.latest_seq if self.ring.latest_seq >= 0 else None,
+                "source": "replay", "vector": frame.action.get("vector"),
+                "action_id": frame.action.get("action_id")})
+        notice = write_frame(self.ring, self.pub, frame.pixels, frame.action, self.cfg.source)
+        seq = notice["seq"]
+        self.seq, self.frames = seq, self.frames + 1
         if self.lossless:
             self._recent[seq] = notice
             self._recent.pop(seq - self.ring.slots, None)

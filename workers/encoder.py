@@ -375,7 +375,7 @@ class EncoderWorker:
             preds = self._predict(np.stack([p_prev, *chains]), action, seq - pred_seq)
             pred = preds[0]  # (N, D)
             errors = metrics.patch_errors(pred, p)  # (N,)
-            surprise = float(np.sqrt(np.mean(errors ** 2)))
+            surprise = metrics.errors_surprise(errors)
             if seq - pred_seq == 1:  # a prediction through skipped frames errs more by
                 surprise_z = _finite(self.surprise_z(errors))  # construction: not comparable
             rr = self.bank.rank(frame_key(pred), key)  # among the k most recent frames
