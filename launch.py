@@ -32,7 +32,8 @@ from loguru import logger
 
 from iwm_bus import topics
 from iwm_bus.config import MODES, VARIANTS, BusConfig, RingConfig, WorkerConfig, to_dict
-from iwm_bus.errors import RunDirBusyError
+from iwm_bus.default_model import DEFAULT_CHECKPOINT
+from iwm_bus.errors import CheckpointError, RunDirBusyError
 from iwm_bus.rundir import RunDir
 from iwm_bus.transport import Endpoints, Subscriber
 
@@ -77,6 +78,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--variant", choices=VARIANTS)
     model.add_argument("--model", type=Path,
                        help="checkpoint (default: the shipped model, trained on games)")
+    model.add_argument("--dual", action="store_true",
+                       help="two streams in one worker: the shipped equivariant (control, on "
+                            "the plain topics) + invariant (semantic, iwm.*.semantic) pair")
+    model.add_argument("--semantic-model", type=Path,
+                       help="with --dual: the semantic stream's checkpoint (--model is then "
+                            "the equivariant stream's)")
     model.add_argument("--untrained", action="store_true",
                        help="random weights of --variant/--encoder instead (plumbing tests)")
     model.add_argument("--device", help="cpu | cuda | cuda:N")
@@ -139,13 +146,19 @@ class Launcher:
         if args.source is None:  # the main job: a real game played by the demo agent
             args.source, args.agent = DEFAULT_SOURCE, args.agent or "demo"
         self.args = args
+        if args.semantic_model is not None and not args.dual:
+            raise ValueError("--semantic-model is the second stream's checkpoint: it needs --dual")
+        if args.dual and args.variant is not None:
+            raise ValueError("--variant does not apply with --dual (its streams are an "
+                             "equivariant and an invariant model)")
         self.bus = BusConfig.from_env(run_dir=args.run_dir)
         self.worker_cfg = WorkerConfig.from_env(
             variant=args.variant, model_path=args.model, device=args.device,
             encoder=args.encoder, img_size=args.img_size, mode=args.mode,
             mrr_bank=args.mrr_bank, num_actions=args.num_actions,
             publish_patches=args.patches or None,
-            compile=args.compile or None, threads=args.threads, untrained=args.untrained or None)
+            compile=args.compile or None, threads=args.threads, untrained=args.untrained or None,
+            dual=args.dual or None, semantic_model_path=args.semantic_model)
         h, w = _parse_hw(args.max_frame)
         self.ring_cfg = RingConfig(slots=args.ring_slots, max_height=h, max_width=w)
         self.ring_name = f"iwm_{os.getpid()}_{secrets.token_hex(4)}"
@@ -168,11 +181,28 @@ class Launcher:
         a = self.args
         check_spec(a.source)
         path = self.worker_cfg.checkpoint()
-        if path is not None and not path.is_file():
-            raise FileNotFoundError(f"checkpoint {path} does not exist (--model / IWM_MODEL_PATH)")
-        self.checkpoint_info = checkpoint_header(
-            path, self.worker_cfg.variant, encoder=a.encoder, img_size=a.img_size) \
-            if path is not None else None
+        paths = {"": path}
+        if self.worker_cfg.dual:
+            paths = {"equivariant stream ": path,
+                     "semantic stream ": self.worker_cfg.semantic_checkpoint()}
+        for what, p in paths.items():
+            if p is not None and not p.is_file():
+                hint = ("--semantic-model" if what.startswith("semantic") else
+                        "--model / IWM_MODEL_PATH")
+                if self.worker_cfg.dual and p.parent == DEFAULT_CHECKPOINT.parent:
+                    hint += "; the shipped pair is built by train/recipes/dual.sh"
+                raise FileNotFoundError(f"{what}checkpoint {p} does not exist ({hint})")
+        given = [p for p in paths.values() if p is not None]
+        headers = checkpoint_headers(given, self.worker_cfg.variant, encoder=a.encoder,
+                                     img_size=a.img_size)
+        self.checkpoint_info = headers[0] if headers else None
+        if len(headers) == 2:
+            (eq, sem) = (h["config"] for h in headers)
+            if (eq["encoder_name"], eq["img_size"]) != (sem["encoder_name"], sem["img_size"]):
+                raise CheckpointError(
+                    f"the dual streams must share one encoder input: {given[0]} is "
+                    f"{eq['encoder_name']} at {eq['img_size']} px, {given[1]} "
+                    f"{sem['encoder_name']} at {sem['img_size']} px")
         if a.record is not None and not a.record.parent.is_dir():
             raise FileNotFoundError(f"--record: folder {a.record.parent} does not exist")
         for name in ("frames", "duration"):
@@ -198,8 +228,8 @@ class Launcher:
                              f"{self.ring_cfg.max_height}x{self.ring_cfg.max_width} "
                              "(--max-frame)")
         self.frame_shape = (h, w, c)
-        if self.checkpoint_info is not None:
-            check_action_vocab(path, self.checkpoint_info, a.source, self.action_space)
+        for p, header in zip(given, headers, strict=True):
+            check_action_vocab(p, header, a.source, self.action_space)
 
     # ------------------------------------------------------------ start / supervise
 
@@ -417,6 +447,15 @@ def checkpoint_header(path: Path, variant: str | None = None, *, encoder: str | 
     foreign or truncated file, an invalid config, or another variant, encoder or image size
     than the ones asked for (None: whatever the checkpoint has).
     """
+    return checkpoint_headers([path], variant, encoder=encoder, img_size=img_size)[0]
+
+
+def checkpoint_headers(paths: list[Path], variant: str | None = None, *,
+                       encoder: str | None = None, img_size: int | None = None
+                       ) -> list[dict[str, Any]]:
+    """:func:`checkpoint_header` of each path, read in one helper process."""
+    if not paths:
+        return []
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -424,22 +463,24 @@ def checkpoint_header(path: Path, variant: str | None = None, *, encoder: str | 
     # ~0.7 GB of RSS for its whole life otherwise, and it needs neither
     from concurrent.futures.process import BrokenProcessPool
 
-    from iwm_bus.errors import CheckpointError
-
+    out = []
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        try:
-            cfg, info = pool.submit(_read_header, str(path), variant).result()
-        except BrokenProcessPool as e:  # killed (out of memory?) or crashed while reading
-            raise CheckpointError(f"{path}: the process reading the checkpoint died ({e}); "
-                                  "is the file a checkpoint, and is there memory?") from e
-    for flag, asked, has in (("--encoder", encoder, cfg["encoder_name"]),
-                             ("--img-size", img_size, cfg["img_size"])):
-        if asked is not None and asked != has:
-            raise CheckpointError(f"{path} holds a {cfg['encoder_name']} model at "
-                                  f"{cfg['img_size']} px but {flag} asks for {asked}; drop "
-                                  f"{flag} to use the checkpoint's, or give --untrained for "
-                                  "random weights")
-    return {"config": cfg, "info": info}
+        for path in paths:
+            try:
+                cfg, info = pool.submit(_read_header, str(path), variant).result()
+            except BrokenProcessPool as e:  # killed (out of memory?) or crashed while reading
+                raise CheckpointError(f"{path}: the process reading the checkpoint died "
+                                      f"({e}); is the file a checkpoint, and is there "
+                                      "memory?") from e
+            for flag, asked, has in (("--encoder", encoder, cfg["encoder_name"]),
+                                     ("--img-size", img_size, cfg["img_size"])):
+                if asked is not None and asked != has:
+                    raise CheckpointError(f"{path} holds a {cfg['encoder_name']} model at "
+                                          f"{cfg['img_size']} px but {flag} asks for {asked}; "
+                                          f"drop {flag} to use the checkpoint's, or give "
+                                          "--untrained for random weights")
+            out.append({"config": cfg, "info": info})
+    return out
 
 
 def _read_header(path: str, variant: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -460,8 +501,6 @@ def check_action_vocab(path: Path, header: dict[str, Any], spec: str,
     checkpoint's; one with more ids than the model has is refused; discrete ids of a source
     without a vocabulary (synthetic, other gym envs) only get a warning.
     """
-    from iwm_bus.errors import CheckpointError
-
     vocab = header["info"].get("action_vocab")
     n_model = header["config"]["num_actions"]
     if vocab is None or "discrete" not in str(space.get("type", "")):

@@ -16,6 +16,7 @@ from agent_bridge.bridge import AsyncVisionBridge, BridgeStats, VisionBridge, re
 from agent_bridge.client import (
     AsyncIWMClient,
     BatchRolloutResult,
+    DualEncodeResult,
     EncodeResult,
     IWMClient,
     PredictResult,
@@ -36,6 +37,7 @@ __all__ = [
     "BeingState",
     "BridgeStats",
     "CEMPlanner",
+    "DualEncodeResult",
     "EncodeResult",
     "IWMClient",
     "IWMError",

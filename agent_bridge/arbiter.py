@@ -19,13 +19,16 @@ scale depends on the encoder. Here surprise is :func:`iwm_bus.metrics.surprise`,
 difference of layer-normalised latents, ``sqrt(2 * (1 - r))`` with r the Pearson correlation of
 prediction and observation: 0 = perfect, 1.0 = r 0.5, ~1.41 = unrelated, 2 = opposite. The
 defaults are calibrated on that scale for the shipped model (docs/agent.md): **slow down
-above 0.72**, **coherence penalty above 0.84** (the 95th and 99th percentiles of its surprise
+above 0.69**, **coherence penalty above 0.81** (the 95th and 99th percentiles of its surprise
 in ordinary held-out play), keeping the seed's ordering and its 0.1 penalty. A single
 frame **escalates** when its *standardised* surprise (``surprise_z``,
 :class:`iwm_bus.metrics.SurpriseZ`: the error of each patch against that patch's recent
 errors in this stream) passes the 99.9th percentile of ordinary play: raw surprise has a
 different scale in every game, so one raw threshold either misses cuts in calm games or
-escalates all the time in busy ones. The running MRR escalates below 0.2 (with K bank
+escalates all the time in busy ones. With a dual worker (``iwm-launch --dual``) the two
+streams split the work as the seed says: slowing down is a reflex and reads the equivariant
+(control) stream, which fills the plain topics; escalation asks the LLM and reads the
+semantic stream's ``surprise_z`` (``BeingState.vision_semantic_surprise_z``). The running MRR escalates below 0.2 (with K bank
 candidates chance is about H(K+1)/(K+1)). For another model or game, calibrate on a
 recorded session: ``ArbiterConfig.calibrated(surprises, surprises_z=...)`` puts the
 thresholds at percentiles of the observed values.
@@ -61,7 +64,7 @@ def _bad(name: str, value: Any, why: str) -> None:
 class ArbiterConfig:
     # surprise above which the agent slows down / prefers waiting (seed: 2.0 on raw L2);
     # default: the 95th percentile of ordinary held-out play under iwm-default-v1
-    slow_down_surprise: float = 0.72
+    slow_down_surprise: float = 0.69
     # running MRR below which the arbiter escalates (seed: 0.5). Default 0.2: under
     # iwm-default-v1 the running MRR (bank 32) of ordinary Breakout play sits at 0.35-0.48,
     # so the seed's 0.5 escalated every cooldown (docs/agent.md)
@@ -76,7 +79,7 @@ class ArbiterConfig:
     escalate_surprise: float | None = None
     # surprise above which temporal coherence drops (seed: 3.0 on raw L2); default: the
     # 99th percentile of ordinary held-out play under iwm-default-v1
-    coherence_surprise: float = 0.84
+    coherence_surprise: float = 0.81
     # how much coherence drops per surprising frame (seed: 0.1)
     coherence_penalty: float = 0.1
     # how much coherence recovers per unsurprising frame (0 = never recovers)
@@ -247,6 +250,15 @@ class ArbiterHooks:
     def surprise_z(self, state: BeingState) -> float | None:
         return self._metric(state, state.vision_surprise_z, state.surprise_seq)
 
+    def escalation_surprise_z(self, state: BeingState) -> float | None:
+        """The standardised surprise escalation reads: with a dual worker, the semantic
+        stream's (seed: the LLM orchestrator reads ``vision_semantic``: escalating is asking
+        it), else the core stream's. Slowing down (a reflex) always reads the core stream,
+        which a dual worker fills from its equivariant model."""
+        if state.semantic_seq is not None:
+            return self._metric(state, state.vision_semantic_surprise_z, state.semantic_seq)
+        return self.surprise_z(state)
+
     def slow_down(self, state: BeingState) -> bool:
         """High surprise = uncertain state: slow down for observation (seed)."""
         s = self.surprise(state)
@@ -266,9 +278,10 @@ class ArbiterHooks:
         ``escalate_surprise_z`` and/or ``escalate_surprise``, something the model did not
         expect happened (a cut, a new room): escalate now, not when the running MRR drops."""
         cfg, why = self.config, []
-        z, s = self.surprise_z(state), self.surprise(state)
+        z, s = self.escalation_surprise_z(state), self.surprise(state)
         if z is not None and cfg.escalate_surprise_z is not None and z > cfg.escalate_surprise_z:
-            why.append(f"surprise_z {z:.1f} > escalate {cfg.escalate_surprise_z:g}")
+            stream = "semantic " if state.semantic_seq is not None else ""
+            why.append(f"{stream}surprise_z {z:.1f} > escalate {cfg.escalate_surprise_z:g}")
         if s is not None and cfg.escalate_surprise is not None and s > cfg.escalate_surprise:
             why.append(f"surprise {s:.2f} > escalate {cfg.escalate_surprise:g}")
         return why

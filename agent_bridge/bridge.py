@@ -18,7 +18,10 @@ says how old is too old; hooks fire on the bridge thread as messages arrive::
 Which message feeds which field: the plain topics (``iwm.latent``, ``iwm.surprise``,
 ``iwm.mrr``) feed the ``vision_core_*`` fields, surprise and MRR; a latent on
 ``iwm.latent.invariant`` / ``.semantic`` (or a plain latent whose variant is ``invariant``)
-also feeds ``vision_semantic``, and ``.equivariant`` feeds ``vision_equivariant``.
+also feeds ``vision_semantic``, and ``.equivariant`` (or a plain latent whose variant is
+``equivariant``, as a dual worker publishes its control stream) feeds
+``vision_equivariant``; ``iwm.surprise.semantic`` / ``iwm.mrr.semantic`` feed
+``vision_semantic_surprise`` (``_z``) and ``vision_semantic_mrr``.
 Malformed or unexpected messages are counted (``decode_errors``, ``unexpected``) and
 skipped; missing latent seqs are counted in ``gaps`` (frames the worker skipped in realtime
 mode, or messages the bus dropped); a hook that raises is logged and counted
@@ -198,7 +201,9 @@ class _Tracker:
         try:
             if base == topics.LATENT:
                 return self._latent(msg, suffix, t_ns)
-            if suffix:  # per-variant surprise/mrr streams: not the core state
+            if suffix in _SEMANTIC_SUFFIXES and base in (topics.SURPRISE, topics.MRR):
+                return self._semantic(base, msg)
+            if suffix:  # other per-variant surprise/mrr streams: not the core state
                 return []
             if base == topics.SURPRISE:
                 return self._surprise(msg, t_ns)
@@ -256,6 +261,22 @@ class _Tracker:
         if value is None:
             return []
         return [h for h in self.hooks.values() if h.kind == "surprise" and value > h.threshold]
+
+    def _semantic(self, base: str, msg: dict[str, Any]) -> list[_Hook]:
+        """A dual worker's semantic stream: its surprise (for escalation) and MRR."""
+        st = self.state
+        if base == topics.SURPRISE:
+            value, z = msg["surprise"], msg.get("surprise_z")
+            for name, v in (("surprise", value), ("surprise_z", z)):
+                if v is not None and not np.isfinite(v):
+                    raise ValueError(f"{name} is {v}")
+            st.vision_semantic_surprise, st.vision_semantic_surprise_z = value, z
+            st.semantic_seq = msg["seq"]
+        elif msg["mrr"] is not None:
+            if not 0.0 <= msg["mrr"] <= 1.0:
+                raise ValueError(f"mrr must be in [0, 1], got {msg['mrr']}")
+            st.vision_semantic_mrr = msg["mrr"]
+        return []
 
     def _mrr(self, msg: dict[str, Any], t_ns: int) -> list[_Hook]:
         rr, mean = msg["rr"], msg["mrr"]

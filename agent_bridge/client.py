@@ -47,7 +47,7 @@ from iwm_bus import rpc, topics, wire
 from iwm_bus.errors import ServiceError, ServiceTimeout, WireError
 from iwm_bus.transport import Endpoints
 
-__all__ = ["AsyncIWMClient", "BatchRolloutResult", "EncodeResult", "IWMClient",
+__all__ = ["AsyncIWMClient", "BatchRolloutResult", "DualEncodeResult", "EncodeResult", "IWMClient",
            "PredictResult", "RolloutResult"]
 
 # rpc parameter name -> the client argument that feeds it (for error messages)
@@ -68,6 +68,15 @@ class EncodeResult:
     def timestamp(self) -> float:
         """When the worker encoded the frame: ``t_ns`` in seconds, on the worker's clock."""
         return self.t_ns / 1e9
+
+
+@dataclass(frozen=True)
+class DualEncodeResult:
+    """``encode_dual``: both streams of a dual worker for the same frame(s): ``semantic``
+    (invariant, for the LLM) and ``equivariant`` (for control), each an EncodeResult."""
+
+    semantic: EncodeResult
+    equivariant: EncodeResult
 
 
 @dataclass(frozen=True)
@@ -201,6 +210,13 @@ class _Core:
             z, p = z[0], (None if p is None else np.asarray(p)[0])
         mrr = res.get("mrr")
         return EncodeResult(z, p, int(res.get("t_ns") or 0), None if mrr is None else float(mrr))
+
+    def encode_dual_result(self, res: dict[str, Any], single: bool) -> DualEncodeResult:
+        def one(name: str) -> EncodeResult:
+            return self.encode_result({"z_cls": res[f"z_cls_{name}"],
+                                       "patches": res.get(f"patches_{name}"),
+                                       "t_ns": res.get("t_ns")}, single)
+        return DualEncodeResult(one("semantic"), one("equivariant"))
 
     def predict_params(self, z_cls: Any, aug_params: Any, action: Any,
                        patches: Any) -> tuple[dict[str, Any], bool]:
@@ -354,6 +370,15 @@ class IWMClient:
         params, single = self._core.encode_params(frame, patches)
         return self._core.encode_result(self.call("encode", params, timeout_s), single)
 
+    def encode_dual(self, frame: Any, patches: bool = False,
+                    timeout_s: float | None = None) -> DualEncodeResult:
+        """Both streams of a dual worker (``iwm-launch --dual``) for the same frame(s), one
+        preprocessing; ``ServiceError`` from a single-stream worker."""
+        self._ensure_info()
+        params, single = self._core.encode_params(frame, patches)
+        return self._core.encode_dual_result(self.call("encode_dual", params, timeout_s),
+                                             single)
+
     def predict_next(self, z_cls: Any, aug_params: Any = None, action: int | Any = None,
                      patches: Any = None, timeout_s: float | None = None) -> PredictResult:
         """Next latent from z_cls (D,) or (B, D) with a continuous ``aug_params`` vector
@@ -485,6 +510,13 @@ class AsyncIWMClient:
         await self._ensure_info()
         params, single = self._core.encode_params(frame, patches)
         return self._core.encode_result(await self.call("encode", params, timeout_s), single)
+
+    async def encode_dual(self, frame: Any, patches: bool = False,
+                          timeout_s: float | None = None) -> DualEncodeResult:
+        await self._ensure_info()
+        params, single = self._core.encode_params(frame, patches)
+        return self._core.encode_dual_result(
+            await self.call("encode_dual", params, timeout_s), single)
 
     async def predict_next(self, z_cls: Any, aug_params: Any = None, action: int | Any = None,
                            patches: Any = None, timeout_s: float | None = None

@@ -57,10 +57,17 @@ class BeingState:
     vision_surprise_z: float | None = None
     # running mean reciprocal rank of the worker's predictions (None: none yet)
     vision_mrr: float | None = None
-    # latent of the invariant (semantic, for the LLM) stream, Phase 2
+    # latent of the invariant (semantic, for the LLM) stream, Phase 2 (a dual worker's
+    # iwm.latent.semantic)
     vision_semantic: np.ndarray | None = None
-    # latent of the equivariant (control) stream, Phase 2
+    # latent of the equivariant (control) stream, Phase 2 (a dual worker's plain iwm.latent)
     vision_equivariant: np.ndarray | None = None
+    # the semantic stream's surprise, standardised surprise and running MRR, and the frame
+    # seq they are of (iwm.surprise.semantic / iwm.mrr.semantic; None without a dual worker)
+    vision_semantic_surprise: float | None = None
+    vision_semantic_surprise_z: float | None = None
+    vision_semantic_mrr: float | None = None
+    semantic_seq: int | None = None
     # patch latents (N, D) of the newest frame, when the worker publishes them
     vision_patches: np.ndarray | None = None
     # reciprocal rank of the newest frame alone (None: no prediction for it)

@@ -66,7 +66,9 @@ def run_one(spec: str, device: str, size: str, mode: str, fps: float,
             if got is None:
                 continue
             now_ns = time.time_ns()
-            _, msg = got
+            topic, msg = got
+            if topic not in (topics.SURPRISE, topics.STATS):
+                continue  # a dual worker's iwm.surprise.semantic (prefix match)
             if msg["kind"] == "stats":
                 stats = msg["values"]
             elif time.monotonic() > t_first + warmup:

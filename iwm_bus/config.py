@@ -126,6 +126,11 @@ class WorkerConfig:
     compile: bool = False
     # torch CPU threads; 0 = auto (all cores but one, which is left to the capture)
     threads: int = 0
+    # two streams in one worker (issue 11): model_path is then the equivariant (control)
+    # stream's checkpoint and semantic_model_path the invariant (semantic) one's; None = the
+    # shipped pair (iwm_bus/weights/{equivariant,invariant}.pt)
+    dual: bool = False
+    semantic_model_path: Path | None = None
 
     def __post_init__(self) -> None:
         if self.variant is not None and self.variant not in VARIANTS:
@@ -135,6 +140,14 @@ class WorkerConfig:
             if self.untrained:
                 _fail("WorkerConfig", "untrained", self.untrained,
                       "contradicts model_path (a checkpoint is trained weights)")
+        if self.semantic_model_path is not None:
+            self.semantic_model_path = Path(self.semantic_model_path)
+            if not self.dual:
+                _fail("WorkerConfig", "semantic_model_path", self.semantic_model_path,
+                      "is the second stream's checkpoint: set dual too")
+        if self.dual and self.variant is not None:
+            _fail("WorkerConfig", "variant", self.variant,
+                  "does not apply to a dual worker (its streams are equivariant and invariant)")
         _need("WorkerConfig", "device", self.device, str)
         _need("WorkerConfig", "mrr_bank", self.mrr_bank, int)
         _need("WorkerConfig", "stats_interval_s", self.stats_interval_s, (int, float))
@@ -159,13 +172,24 @@ class WorkerConfig:
                   "must be in 0.05..3600")
 
     def checkpoint(self) -> Path | None:
-        """The checkpoint the worker loads: ``model_path``, else the shipped default unless
-        ``untrained`` (None = random weights)."""
+        """The checkpoint the worker loads (a dual worker's equivariant stream): ``model_path``,
+        else the shipped default (pair) unless ``untrained`` (None = random weights)."""
         if self.model_path is not None or self.untrained:
             return self.model_path
-        from iwm_bus.default_model import default_checkpoint
+        from iwm_bus.default_model import default_checkpoint, dual_checkpoints
 
-        return default_checkpoint()
+        return dual_checkpoints()[1] if self.dual else default_checkpoint()
+
+    def semantic_checkpoint(self) -> Path | None:
+        """A dual worker's semantic (invariant) stream checkpoint; None = random weights (or
+        a single-stream worker)."""
+        if not self.dual or self.untrained:
+            return None
+        if self.semantic_model_path is not None:
+            return self.semantic_model_path
+        from iwm_bus.default_model import dual_checkpoints
+
+        return dual_checkpoints()[0]
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ, **overrides: Any) -> WorkerConfig:

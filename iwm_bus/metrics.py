@@ -46,6 +46,7 @@ import numpy as np
 
 __all__ = [
     "RunningMean",
+    "abstraction_index",
     "SurpriseZ",
     "auroc",
     "patch_surprise",
@@ -115,6 +116,21 @@ def errors_surprise(errors: Any) -> float | np.ndarray:
     their RMS over patches; (N,) -> float, (B, N) -> (B,)."""
     out = np.sqrt(np.mean(_as_float(errors, "errors") ** 2, axis=-1))
     return float(out) if out.ndim == 0 else out
+
+
+def abstraction_index(aug_mrr: float, chance: float) -> float:
+    """Where a world model sits between invariant (1) and equivariant (0).
+
+    From its augmentation MRR (IWM, Garrido et al. 2024: how well the predictor, told the
+    augmentation, picks the right target view among ``bank`` views of the same image with
+    other colour jitter; ``train.evaluate.augmentation_mrr``) and that bank's chance MRR:
+    ``1 - clip((aug_mrr - chance) / (1 - chance), 0, 1)``. 1 = the prediction ignores the
+    conditioning (nothing beyond chance: abstract, invariant), 0 = it always picks the
+    right view (equivariant).
+    """
+    if not (0 < chance < 1) or not math.isfinite(aug_mrr):
+        raise ValueError(f"need a finite aug_mrr and 0 < chance < 1, got {aug_mrr}, {chance}")
+    return 1.0 - min(1.0, max(0.0, (aug_mrr - chance) / (1.0 - chance)))
 
 
 def auroc(negatives: Any, positives: Any) -> float:

@@ -9,8 +9,9 @@ Methods (arrays are wire arrays; B = batch, D = latent size, K = steps, C <= con
 
 | method  | params | result |
 |---|---|---|
-| health  | {} | variant, encoder, device, embed_dim, num_patches, cond_dim, num_actions, trained, model_path, frames, uptime_s, mode, version |
+| health  | {} | variant, encoder, device, embed_dim, num_patches, cond_dim, num_actions, trained, model_path, frames, uptime_s, mode, version, abstraction_index (nil: not measured); a dual worker adds streams {name: variant, abstraction_index, checkpoint} |
 | encode  | frames u8 (B,H,W,3) or (H,W,3); patches: bool | z_cls f4 (B,D); patches f4 (B,N,D) when asked; t_ns; mrr (running, or nil) |
+| encode_dual | as encode | a dual worker's (``--dual``) two streams of the same frames: z_cls_semantic, z_cls_equivariant (B,D); patches_semantic, patches_equivariant (B,N,D) when asked; t_ns; an error from a single-stream worker |
 | predict | z_cls f4 (B,D); patches f4 (B,N,D)?; cond f4 (B,C)?; action_id i8 (B,)? | z_cls_pred (B,D); patches_pred (B,N,D) when patches given; uncertainty (B,) |
 | rollout | z_cls f4 (B,D); patches?; cond_seq f4 (B,K,C)?; action_seq i8 (B,K)?; k int? | z_cls_seq (B,K,D); patches_last (B,N,D) when patches given; uncertainty_seq (B,K); mrr_seq (K,) |
 
@@ -25,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-METHODS = ("health", "encode", "predict", "rollout")
+METHODS = ("health", "encode", "encode_dual", "predict", "rollout")
 #: most candidates x steps one rollout call may ask for (keeps a request from exhausting memory)
 MAX_ROLLOUT_STEPS_TOTAL = 1_000_000
 MAX_BATCH = 4096
@@ -83,7 +84,7 @@ def check_params(method: str, params: Mapping[str, Any], *, embed_dim: int, cond
         raise ValueError(f"{method}: unknown params {sorted(unknown)}")
     if method == "health":
         return {}
-    if method == "encode":
+    if method in ("encode", "encode_dual"):
         return _check_encode(params)
     out: dict[str, Any] = {"z_cls": _float("z_cls", _required(method, params, "z_cls"), 2,
                                            embed_dim)}
@@ -174,6 +175,7 @@ def _required(method: str, params: Mapping[str, Any], name: str) -> Any:
 _ALLOWED = {
     "health": set(),
     "encode": {"frames", "patches"},
+    "encode_dual": {"frames", "patches"},
     "predict": {"z_cls", "patches", "cond", "action_id"},
     "rollout": {"z_cls", "patches", "cond_seq", "action_seq", "k"},
 }

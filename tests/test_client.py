@@ -349,3 +349,11 @@ def test_cem_planner_over_rpc_one_call_per_iteration(client: IWMClient) -> None:
     assert cem.vectors.shape == (3, 2) and np.isfinite(cem.cost)
     assert cem.cost <= rnd.cost
     assert cem.cost_history == sorted(cem.cost_history, reverse=True)
+
+
+def test_encode_dual_from_a_single_stream_worker_says_it_needs_dual(client: IWMClient) -> None:
+    from iwm_bus.errors import ServiceError
+
+    with pytest.raises(ServiceError, match="dual worker"):
+        client.encode_dual(_frames(1)[0])
+    assert client.health()["abstraction_index"] is None  # untrained: nothing measured

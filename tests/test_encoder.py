@@ -39,7 +39,8 @@ from iwm_bus.config import WorkerConfig
 from iwm_bus.model import IWM, create_iwm_model, pad_cond, save_checkpoint
 from iwm_bus.ring import FrameRing, clock_ns
 from iwm_bus.transport import Endpoints, Publisher, Subscriber
-from workers.encoder import MAX_GAP, EncoderWorker, load_model, run_worker
+from workers.encoder import EncoderWorker, load_model, run_worker
+from workers.model_stream import MAX_GAP
 from workers.stream import HORIZON, HORIZON_EVERY, frame_key
 
 ENCODER, IMG = "vit_tiny_patch16_224", 32

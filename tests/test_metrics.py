@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from iwm_bus import metrics
 from iwm_bus.metrics import (
     RunningMean,
     SurpriseZ,
@@ -234,3 +235,16 @@ def test_patch_errors_are_what_patch_surprise_averages() -> None:
     assert e.shape == (3, 9)
     assert np.allclose(np.sqrt((e ** 2).mean(-1)), patch_surprise(p, o))
     assert np.allclose(e[1, 4], surprise(p[1, 4], o[1, 4]))
+
+
+def test_abstraction_index_places_a_model_between_invariant_and_equivariant() -> None:
+    chance = 0.0239
+    assert metrics.abstraction_index(chance, chance) == 1.0  # conditioning ignored
+    assert metrics.abstraction_index(0.01, chance) == 1.0  # below chance: clipped
+    assert metrics.abstraction_index(1.0, chance) == 0.0  # always the right view
+    mid = metrics.abstraction_index(0.5, chance)
+    assert mid == pytest.approx(1 - (0.5 - chance) / (1 - chance))
+    assert metrics.abstraction_index(0.3, chance) > mid > metrics.abstraction_index(0.7, chance)
+    for bad in ((float("nan"), chance), (0.5, 0.0), (0.5, 1.0)):
+        with pytest.raises(ValueError):
+            metrics.abstraction_index(*bad)

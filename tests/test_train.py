@@ -303,3 +303,64 @@ def test_export_keeps_weights_and_records_provenance(sessions: Path, tmp_path: P
     assert not all(torch.equal(v, shipped.state_dict()[k])
                    for k, v in online.state_dict().items() if k.startswith("encoder."))
     assert (tmp_path / "ship.pt").stat().st_size < 0.6 * src.stat().st_size
+
+
+def test_dual_stream_training_starts_from_an_encoder_and_learns_views_with_actions(
+        sessions: Path, tmp_path: Path) -> None:
+    """The dual-stream presets' two features: ``init_from`` a checkpoint of the same encoder
+    and another predictor (the encoder is taken, the predictor is new), and Phase 3 batches
+    that carry augmentation views (``views_weight``) whose conditioning is the augmentation
+    (``aug.condition``) or zero (an invariant stream)."""
+    from iwm_bus.model import create_iwm_model, save_checkpoint
+    from train.config import RunConfig
+    from train.presets import preset
+    from train.trainer import Trainer
+
+    base = preset("cpu-tiny")
+    enc = {"encoder_name": "vit_tiny_patch16_224", "img_size": 32, "encoder_depth": 1,
+           "patch_size": 8}
+    src = create_iwm_model("custom", seed=7, pred_depth=1, pred_dim=64, pred_heads=2,
+                           num_actions=5, **enc)
+    src.init_target_encoder()
+    save_checkpoint(src, tmp_path / "src.pt", step=0)
+
+    def run_cfg(condition: bool) -> RunConfig:
+        d = {**base, "model": {**base["model"], **enc, "variant": "custom", "pred_depth": 2,
+                               "pred_dim": 64, "pred_heads": 2, "num_actions": 5}}
+        d["train"] = {**d["train"], "phase": 3, "sessions": [str(sessions)], "batch_size": 8,
+                      "steps": 2, "init_from": str(tmp_path / "src.pt"),
+                      "out_dir": str(tmp_path / f"o{condition}"), "progress": False}
+        d["objective"] = {**d["objective"], "views_weight": 1.0}
+        d["aug"] = {"condition": condition, "jitter_p": 1.0}
+        return RunConfig.from_dict(d)
+
+    told = Trainer(run_cfg(True))
+    for k, v in src.encoder.state_dict().items():
+        assert torch.equal(told.model.encoder.state_dict()[k], v), k
+    fresh = create_iwm_model("custom", seed=0, pred_depth=2, pred_dim=64, pred_heads=2,
+                             num_actions=5, **enc)
+    assert told.model.predictor.state_dict().keys() == fresh.predictor.state_dict().keys()
+    batch = told.make_batch(0)
+    views = batch["views"]
+    assert views["src"].shape == views["tgt"].shape == (8, 3, 32, 32)
+    assert views["cond"].abs().sum() > 0  # told the augmentation (colour jitter always on)
+    assert not torch.equal(views["src"], views["tgt"])
+    blind = Trainer(run_cfg(False)).make_batch(0)["views"]
+    assert torch.equal(blind["cond"], torch.zeros_like(blind["cond"]))
+    torch.testing.assert_close(blind["src"], views["src"])  # same views, only not told
+    out = told.model(batch, told.run_cfg.objective)
+    assert float(out["views_pred"]) > 0
+    without = told.model({k: v for k, v in batch.items() if k != "views"},
+                         told.run_cfg.objective)
+    assert float(out["loss"].detach()) > float(without["loss"].detach())  # views loss counts
+    # views_residual: the next-frame call, starting from "the target view is the source
+    # view": with identical views it is near zero at once; the masked form must inpaint
+    import dataclasses
+    same = {**batch, "views": {**views, "tgt": views["src"]}}
+    obj = told.run_cfg.objective
+    res = told.model(same, dataclasses.replace(obj, views_residual=True))["views_pred"]
+    masked = told.model(same, obj)["views_pred"]
+    assert float(res) < 0.2 * float(masked), (float(res), float(masked))
+    told.run()
+    rows = (tmp_path / "oTrue" / "metrics.csv").read_text().splitlines()
+    assert "views_pred" in rows[0].split(",")

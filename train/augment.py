@@ -13,7 +13,8 @@ to ``cond_dim``)::
     3 hue_t        - hue_s            7 source solarized (0/1)
 
 Strong + destructive augmentations with a deep predictor make an equivariant world model,
-weak ones an invariant one (IWM). Every random number comes from the generator passed to
+weak ones an invariant one (IWM); ``condition=False`` withholds the parameters, which makes
+the encoder itself invariant to them. Every random number comes from the generator passed to
 :func:`sample_params`, so a step's views are a pure function of its seed, and parameters are
 drawn for the whole (global) batch so that DDP ranks can each take their slice.
 """
@@ -55,6 +56,10 @@ class AugConfig:
     solarize_p: float = 0.2
     # blur sigma range
     blur_sigma: tuple[float, float] = (0.1, 2.0)
+    # tell the predictor the parameters (IWM). False: it gets zero conditioning, so the
+    # views loss can only fall if the encoder ignores the augmentations (an invariant model,
+    # as in I-JEPA / BYOL-style training)
+    condition: bool = True
 
     def __post_init__(self) -> None:
         for f in ("flip_p", "jitter_p", "gray_p", "blur_p", "solarize_p"):

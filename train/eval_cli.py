@@ -15,6 +15,7 @@ Writes ``OUT/eval.json`` and ``OUT/eval.png``. Bad input: one line, exit 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -57,6 +58,9 @@ def format_table(s: dict[str, Any]) -> str:
             rows.append((name, _fmt(d.get("model")),
                          "  ".join(f"{b}={_fmt(d.get(b))}" for b in base)))
     add("augmentation MRR", "augmentation_mrr", ["zero_cond", "chance"])
+    if "abstraction_index" in s.get("augmentation_mrr", {}):
+        rows.append(("abstraction index", _fmt(s["augmentation_mrr"]["abstraction_index"]),
+                     "1 = invariant, 0 = equivariant"))
     add("next-latent MRR", "next_latent_mrr", ["copy_last", "shuffled", "chance"])
     add("action discrimination MRR", "action_discrimination", ["copy_last", "chance"])
     add("surprise AUROC (cuts)", "surprise_auroc", ["copy_last"])
@@ -125,8 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = EvalConfig(bank=args.bank, max_transitions=args.max_transitions,
                          aug_images=args.aug_images, cut_gap=args.cut_gap,
                          z_history=args.z_history, seed=args.seed)
-        has_target = any(k.startswith("target_encoder.")
-                         for k in load_checkpoint(args.model)["state_dict"])
+        payload = load_checkpoint(args.model)
+        has_target = any(k.startswith("target_encoder.") for k in payload["state_dict"])
+        # a model trained on views as next-frame calls is measured through that call
+        run = payload["extra"].get("run_config") or (payload["extra"].get("info") or {}).get(
+            "run_config") or {}
+        if (run.get("objective") or {}).get("views_residual"):
+            cfg = dataclasses.replace(cfg, aug_residual=True)
         # a training checkpoint is evaluated as it would ship: with its EMA target encoder
         model = load_iwm(args.model, args.device, target_as_encoder=has_target)
         mc = model.config

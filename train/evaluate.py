@@ -60,6 +60,9 @@ class EvalConfig:
     cut_gap: int = 75
     # ordinary transitions a standardised surprise has seen before the one it scores
     z_history: int = 30
+    # augmentation MRR through the next-frame call (every token, as the change of the
+    # source's; a model trained with ``objective.views_residual``) instead of the views call
+    aug_residual: bool = False
     # encoder/predictor batch
     batch: int = 64
     # seed of every sample drawn
@@ -143,8 +146,9 @@ def augmentation_mrr(model: IWM, store: FrameStore, cfg: EvalConfig,
             for j in range(0, cfg.bank, cfg.batch):
                 cj = c[j:j + cfg.batch]
                 b = len(cj)
-                heads = model.predictor(ctx.expand(b, -1, -1), idx.expand(b, -1),
-                                        idx.expand(b, -1), cj)  # (E, b, N, D)
+                c_b = ctx.expand(b, -1, -1)
+                heads = model.predictor(c_b, idx.expand(b, -1), idx.expand(b, -1), cj, None,
+                                        c_b if cfg.aug_residual else None)  # (E, b, N, D)
                 preds.append(heads.mean(0))
             pf, tf = flat(torch.cat(preds)), flat(targets)  # (K, F)
             others = torch.stack([torch.cat([tf[:k], tf[k + 1:]]) for k in range(len(tf))])
@@ -326,7 +330,8 @@ def evaluate(model: IWM, cfg: EvalConfig, sessions: FrameStore | None = None,
     out: dict[str, Any] = {}
     aug_src = images if images is not None else sessions
     if aug_src is not None and len(aug_src):
-        out["augmentation_mrr"] = augmentation_mrr(model, aug_src, cfg)
+        aug = out["augmentation_mrr"] = augmentation_mrr(model, aug_src, cfg)
+        aug["abstraction_index"] = metrics.abstraction_index(aug["model"], aug["chance"])
     if sessions is not None and sessions.linked.any():
         lat = encode_all(model, sessions.frames, cfg.batch)
         nl = next_latent_mrr(model, sessions, cfg, lat)

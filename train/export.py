@@ -28,7 +28,8 @@ def _plain(v: Any) -> Any:
 
 
 def export(src: str | Path, out: str | Path, *, name: str, eval_summary: dict[str, Any] | None,
-           action_vocab: str | None = "iwm-18") -> dict[str, Any]:
+           action_vocab: str | None = "iwm-18",
+           recipe: str = "train/recipes/default.sh") -> dict[str, Any]:
     """Write ``out`` from training checkpoint ``src``; returns the info stored."""
     from iwm_bus.model import load_checkpoint, load_iwm, save_checkpoint
 
@@ -41,7 +42,7 @@ def export(src: str | Path, out: str | Path, *, name: str, eval_summary: dict[st
             "data": {"sessions": tr.get("sessions"), "data_dirs": tr.get("data_dirs"),
                      "phase": tr.get("phase")},
             "run_config": run, "eval": eval_summary,
-            "recipe": "train/recipes/default.sh"}
+            "recipe": recipe}
     info = _plain(info)
     save_checkpoint(model, out, info=info)
     return info
@@ -54,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--name", required=True, help="name reported by health and iwm.stats")
     ap.add_argument("--eval", help="eval.json written by iwm-eval")
     ap.add_argument("--action_vocab", default="iwm-18")
+    ap.add_argument("--recipe", default="train/recipes/default.sh",
+                    help="the script that rebuilds it (stored in its provenance)")
     args = ap.parse_args(argv)
     from iwm_bus.errors import CheckpointError
 
@@ -62,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if summary is not None:
             summary.pop("model", None)
         info = export(args.src, args.out, name=args.name, eval_summary=summary,
-                      action_vocab=args.action_vocab or None)
+                      action_vocab=args.action_vocab or None, recipe=args.recipe)
     except (CheckpointError, OSError, ValueError) as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 2

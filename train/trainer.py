@@ -67,21 +67,34 @@ def wd_at(step: int, total: int, tc: TrainConfig) -> float:
         1 + math.cos(math.pi * frac))
 
 
+ENCODER_FIELDS = ("encoder_name", "img_size", "patch_size", "encoder_depth")
+
+
 def init_model(run: RunConfig, device: torch.device) -> IWM:
-    """A fresh model of ``run.model`` (seeded), or ``init_from``'s weights (same config)."""
+    """A fresh model of ``run.model`` (seeded), or ``init_from``'s weights.
+
+    ``init_from`` of the same config continues from all its weights; one that differs only
+    in the predictor (depth, width, heads, ...) gives its encoder and target encoder to a
+    fresh predictor (how the dual-stream presets start from the shipped default).
+    """
     tc = run.train
+    model = create_iwm_model(run.model.variant, device=device, seed=tc.seed,
+                             **{k: v for k, v in run.model.to_dict().items() if k != "variant"})
+    model.init_target_encoder()
     if tc.init_from:
-        model = load_iwm(tc.init_from, device, with_target=True)
-        if model.config != run.model:
-            diff = {k: (v, getattr(run.model, k)) for k, v in model.config.to_dict().items()
+        src = load_iwm(tc.init_from, device, with_target=True)
+        if src.config == run.model:
+            model = src
+        else:
+            diff = {k: (v, getattr(run.model, k)) for k, v in src.config.to_dict().items()
                     if getattr(run.model, k) != v}
-            raise CheckpointError(f"{tc.init_from}: checkpoint config differs from the run's "
-                                  f"model config (checkpoint, run): {diff}")
-    else:
-        model = create_iwm_model(run.model.variant, device=device, seed=tc.seed,
-                                 **{k: v for k, v in run.model.to_dict().items()
-                                    if k != "variant"})
-        model.init_target_encoder()
+            if any(k in ENCODER_FIELDS for k in diff):
+                raise CheckpointError(f"{tc.init_from}: checkpoint encoder differs from the "
+                                      f"run's (checkpoint, run): {diff}")
+            model.encoder.load_state_dict(src.encoder.state_dict())
+            model.target_encoder.load_state_dict(src.target_encoder.state_dict())
+            logger.info("{}: encoder and target encoder loaded, predictor new (differs: {})",
+                        tc.init_from, sorted(diff))
     model.amp = tc.amp
     return model.train()
 
@@ -121,7 +134,8 @@ class Trainer:
         if self.tc.ddp and self.dist.world > 1:
             self.ddp_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=self.tc.phase == 1 or not run.objective.global_weight)
+                find_unused_parameters=self.tc.phase == 1 or not run.objective.global_weight
+                or bool(run.objective.views_weight))
         self.opt = init_opt(self.model, self.tc)
         self.total = self.tc.steps or self.tc.epochs * (self.num_samples // self.tc.batch_size)
         self.ema = self.model.make_ema(self.total)
@@ -170,13 +184,7 @@ class Trainer:
         sl = slice(self.dist.rank * b, (self.dist.rank + 1) * b)
         boot = torch.poisson(torch.ones(mc.ensemble, tc.batch_size), generator=gen)
         if tc.phase == 1:
-            params = sample_params(gen, tc.batch_size, self.run_cfg.aug)
-            ctx, tgt = sample_masks(gen, tc.batch_size, mc.grid, self.run_cfg.masks)
-            src, tgt_img = apply_views(self.store.frames[idx[sl]], params.slice(sl))
-            return {"src": self.model.normalise_unit(src), "tgt": self.model.normalise_unit(tgt_img),
-                    "cond": cond_vector(params, mc.cond_dim)[sl].to(self.device),
-                    "ctx_idx": ctx[sl].to(self.device), "tgt_idx": tgt[sl].to(self.device),
-                    "boot": boot[:, sl].to(self.device)}
+            return self._views(gen, self.store.frames[idx[sl]], sl, boot)
         start = self.starts[idx[sl]]  # (b,)
         k = tc.k_steps
         fi = start[:, None] + torch.arange(k + 1)  # (b, K+1)
@@ -187,7 +195,23 @@ class Trainer:
                  "boot": boot[:, sl].to(self.device)}
         if mc.num_actions:
             batch["actions"] = self.store.action_id[ai].to(self.device)
+        if self.run_cfg.objective.views_weight:
+            batch["views"] = self._views(gen, self.store.frames[start], sl, boot)
         return batch
+
+    def _views(self, gen: torch.Generator, frames: Tensor, sl: slice, boot: Tensor
+               ) -> dict[str, Tensor]:
+        """A views (Phase 1) batch of uint8 frames (b, S, S, 3): this rank's ``sl`` of the
+        global batch's random augmentations and masks."""
+        mc, n = self.run_cfg.model, self.tc.batch_size
+        params = sample_params(gen, n, self.run_cfg.aug)
+        ctx, tgt = sample_masks(gen, n, mc.grid, self.run_cfg.masks)
+        src, tgt_img = apply_views(frames, params.slice(sl))
+        return {"src": self.model.normalise_unit(src), "tgt": self.model.normalise_unit(tgt_img),
+                "cond": (cond_vector(params, mc.cond_dim) if self.run_cfg.aug.condition
+                         else torch.zeros(n, mc.cond_dim))[sl].to(self.device),
+                "ctx_idx": ctx[sl].to(self.device), "tgt_idx": tgt[sl].to(self.device),
+                "boot": boot[:, sl].to(self.device)}
 
     # -- optimisation
 

@@ -35,31 +35,20 @@ import torch
 import zmq
 from loguru import logger
 
-from iwm_bus import __version__, metrics, topics
+from iwm_bus import __version__, topics
 from iwm_bus.config import BusConfig, WorkerConfig
 from iwm_bus.errors import CheckpointError
 from iwm_bus.model import IWM, create_iwm_model, load_iwm
 from iwm_bus.ring import clock_ns
 from iwm_bus.transport import Endpoints, Publisher, Subscriber
 from workers.entry import StopFlag, stop_on_signals
+from workers.model_stream import ModelStream, StreamResult, shared_input
 from workers.rpc_server import DEFAULT_BUDGET as DEFAULT_RPC_BUDGET
 from workers.rpc_server import ModelService, RPCServer, Throttle
-from workers.stream import (
-    MRR_WINDOW,
-    Action,
-    ActionBook,
-    FrameReader,
-    HorizonMRR,
-    LatentBank,
-    StreamStats,
-    frame_key,
-)
+from workers.stream import Action, ActionBook, FrameReader, StreamStats
 
 #: torch seed of the worker process (untrained models are built with it too)
 SEED = 0
-#: realtime: a frame more than this many frames after the last processed one gets no
-#: surprise (nil); closer ones are predicted through the skipped frames
-MAX_GAP = 8
 #: frame notices remembered (by seq) until their frame is processed
 NOTICE_KEEP = 4096
 #: pause after binding before the first iwm.stats, so subscriptions have propagated
@@ -83,18 +72,20 @@ def _finite(x: float) -> float | None:
 # ----------------------------------------------------------------------------- model
 
 
-def load_model(cfg: WorkerConfig) -> IWM:
-    """The checkpoint at ``cfg.model_path``, or an untrained (seeded) model with a warning.
+def load_model(cfg: WorkerConfig, path: Path | None = None, variant: str | None = None) -> IWM:
+    """The checkpoint at ``path`` (default: ``cfg.checkpoint()``), or an untrained (seeded)
+    model with a warning.
 
     Raises FileNotFoundError / CheckpointError for a missing or bad checkpoint and
     ValueError for a bad encoder / size override.
     """
-    path = cfg.checkpoint()
+    path = path if path is not None else cfg.checkpoint()
+    variant = variant if variant is not None else cfg.variant
     if path is not None:
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} does not exist; fix --model / "
                                     "IWM_MODEL_PATH, or leave it unset for the shipped model")
-        model = load_iwm(path, cfg.device, compile=cfg.compile, variant=cfg.variant)
+        model = load_iwm(path, cfg.device, compile=cfg.compile, variant=variant)
         mc = model.config
         if cfg.encoder not in (None, mc.encoder_name) or cfg.img_size not in (None, mc.img_size):
             logger.warning("checkpoint {} is {} / {} at {} px; the configured encoder and "
@@ -105,7 +96,7 @@ def load_model(cfg: WorkerConfig) -> IWM:
         overrides["encoder_name"] = cfg.encoder
     if cfg.img_size:
         overrides["img_size"] = cfg.img_size
-    variant = cfg.variant or "core"
+    variant = variant or "core"
     model = create_iwm_model(variant, device=cfg.device, seed=SEED, compile=cfg.compile,
                              **overrides)
     logger.warning("untrained weights (--untrained, or no shipped model in this install): "
@@ -115,32 +106,51 @@ def load_model(cfg: WorkerConfig) -> IWM:
     return model
 
 
+def load_models(cfg: WorkerConfig) -> list[tuple[str, IWM]]:
+    """The worker's streams as (name, model), the one published on the plain topics first:
+    ``[("core", model)]``, or with ``cfg.dual`` ``[("equivariant", ...), ("semantic", ...)]``.
+
+    Raises as :func:`load_model`, and ValueError when a dual pair cannot share one
+    preprocessed input (another input size or pixel normalisation).
+    """
+    if not cfg.dual:
+        return [("core", load_model(cfg))]
+    eq = load_model(cfg, cfg.checkpoint(), "equivariant" if cfg.untrained else None)
+    sem = load_model(cfg, cfg.semantic_checkpoint(), "invariant" if cfg.untrained else None)
+    if not eq.same_input(sem):
+        raise ValueError(
+            f"the dual streams need one input: the equivariant model takes "
+            f"{eq.config.img_size} px on {eq.device}, the semantic one "
+            f"{sem.config.img_size} px on {sem.device} (or another pixel normalisation); "
+            "train both at one size")
+    return [("equivariant", eq), ("semantic", sem)]
+
+
 # ----------------------------------------------------------------------------- worker
 
 
 class EncoderWorker:
     """The worker's logic; binds its sockets on construction, runs in :meth:`serve`.
 
-    ``model``: a prebuilt IWM (tests), else :func:`load_model` (``cfg``). Not thread-safe:
+    ``model``: a prebuilt IWM (tests), else :func:`load_models` (``cfg``); ``models``: prebuilt
+    ``(name, IWM)`` streams instead (the first on the plain topics). Not thread-safe:
     construct, serve and close from one thread; stop it from another with the ``stop``
     event given to :meth:`serve` (or :meth:`close` after serve returned).
     """
 
     def __init__(self, cfg: WorkerConfig, endpoints: Endpoints, ring_name: str,
-                 model: IWM | None = None, *, restarts: int = 0) -> None:
+                 model: IWM | None = None, *, models: list[tuple[str, IWM]] | None = None,
+                 restarts: int = 0) -> None:
         self.cfg, self.endpoints, self.restarts = cfg, endpoints, restarts
-        self.model = model if model is not None else load_model(cfg)
-        self.model.eval()
+        if models is None:
+            models = [("core", model)] if model is not None else load_models(cfg)
+        self.streams = [ModelStream(m.eval(), name, cfg.mrr_bank) for name, m in models]
+        self.model = self.streams[0].model  # the primary stream's: RPC, health, actions
         mc = self.model.config
         self._log = Throttle()
         self.actions = ActionBook(mc.cond_dim, mc.num_actions, self._log)
-        self.bank = LatentBank(cfg.mrr_bank, self.model.num_patches * self.model.embed_dim)
-        self.horizon = HorizonMRR()
-        self.mrr = metrics.RunningMean(MRR_WINDOW)
-        self.surprise_z = metrics.SurpriseZ()
         self.stats = StreamStats()
         self.reader = FrameReader(ring_name, self.model.device)
-        self.surprise_last: float | None = None
         prov = self.model.provenance
         self._checkpoint_name = prov.get("name", Path(prov["path"]).name) if prov else None
         self._notices: dict[int, tuple[int, dict[str, Any] | None]] = {}
@@ -151,14 +161,15 @@ class EncoderWorker:
         self._no_notice_below = 0  # the rewound frames' notices went to the dead worker
         self._last_notice: int | None = None
         self._last_notice_t = 0  # its t_capture_ns
-        self._prev: tuple[int, np.ndarray] | None = None  # (seq, patches) last processed
         self._stop = threading.Event()
         self._t_start = time.monotonic()
         self._next_stats = 0.0
         self._closed = False
         self._open_sockets()
-        logger.info("encoder worker ready: {} {} on {}, mode {}, publishing on {}, rpc {}",
-                    mc.variant, mc.encoder_name, self.model.device, cfg.mode,
+        logger.info("encoder worker ready: {} on {}, mode {}, publishing on {}, rpc {}",
+                    " + ".join(f"{st.name} stream ({st.variant} {st.model.config.encoder_name})"
+                               for st in self.streams) if len(self.streams) > 1
+                    else f"{mc.variant} {mc.encoder_name}", self.model.device, cfg.mode,
                     endpoints.worker, endpoints.rpc)
 
     def _open_sockets(self) -> None:
@@ -172,8 +183,10 @@ class EncoderWorker:
         try:
             self._pub = Publisher(eps.worker, ctx=self._ctx)
             self._remember_ipc(eps.worker)
-            service = ModelService(self.model, self._health, lambda: _finite(self.mrr.value),
-                                   self.horizon.values)
+            primary = self.streams[0]
+            service = ModelService(self.model, self._health, lambda: _finite(primary.mrr.value),
+                                   primary.horizon.values,
+                                   {st.name: st.model for st in self.streams[1:]})
             self._rpc = RPCServer(self._ctx, eps.rpc, service)
             self._remember_ipc(eps.rpc)
             self._frames_sub = Subscriber([eps.capture], [topics.FRAME], ctx=self._ctx)
@@ -284,11 +297,10 @@ class EncoderWorker:
         self.stats.stream_restarts += 1
         self.reader.close()
         self._notices.clear()
-        self._cursor = self._prev = None
+        self._cursor = None
         self._rewind, self._no_notice_below = False, 0
-        self.bank.clear()
-        self.horizon.clear()
-        self.surprise_z.reset()
+        for st in self.streams:
+            st.clear()
 
     # -- frame processing
 
@@ -364,60 +376,29 @@ class EncoderWorker:
                                         notice_action.get("action_id"), topics.FRAME)
         if action is None:
             action = self.actions.at(t_capture)
-        z_t, patches_t = self.model.encode(frame)  # (1, D), (1, N, D)
-        z = z_t[0].cpu().numpy()  # (D,)
-        p = patches_t[0].cpu().numpy()  # (N, D)
-        key = frame_key(p)  # (N*D,): what MRR ranks
-        surprise = surprise_z = rr = pred_seq = None
-        if self._prev is not None and seq - self._prev[0] <= MAX_GAP:
-            pred_seq, p_prev = self._prev
-            chains = self.horizon.chains()  # advanced in the same predictor call
-            preds = self._predict(np.stack([p_prev, *chains]), action, seq - pred_seq)
-            pred = preds[0]  # (N, D)
-            errors = metrics.patch_errors(pred, p)  # (N,)
-            surprise = metrics.errors_surprise(errors)
-            if seq - pred_seq == 1:  # a prediction through skipped frames errs more by
-                surprise_z = _finite(self.surprise_z(errors))  # construction: not comparable
-            rr = self.bank.rank(frame_key(pred), key)  # among the k most recent frames
-            self.mrr.update(rr)
-            self.horizon.observe(seq - pred_seq, pred, rr, list(preds[1:]), key, self.bank)
-            self.surprise_last = surprise
-        else:
-            self.horizon.clear()
-        patches = p.astype(np.float16) if self.cfg.publish_patches else None
-        self._publish(seq, t_capture, z, patches, surprise, surprise_z, pred_seq, action, rr,
-                      len(self.bank))
-        self.bank.add(key)
-        self._prev = (seq, p)
+        x = shared_input([st.model for st in self.streams], frame) if len(self.streams) > 1 \
+            else None  # one preprocessing for all streams
+        results = [st.step(seq, frame, x, action) for st in self.streams]
+        self._publish(seq, t_capture, action, results)
 
-    def _predict(self, starts: np.ndarray, action: Action, steps: int) -> np.ndarray:
-        """The patch latents ``steps`` frames after each of ``starts`` (B, N, D), under the
-        same action (skipped frames in realtime mode are predicted through, held)."""
-        b = len(starts)
-        ids = np.full(b, action.action_id) if self.model.config.num_actions else None
-        cond = np.repeat(action.cond[None], b, axis=0)  # (B, C)
-        z_prev = starts.mean(1)  # (B, D)
-        if steps == 1:
-            pred = self.model.predict(z_prev, starts, cond=cond, action_id=ids)
-            return pred.patches.cpu().numpy()
-        roll = self.model.rollout(z_prev, starts,
-                                  cond_seq=np.repeat(cond[:, None], steps, axis=1),
-                                  action_seq=None if ids is None else np.repeat(ids[:, None],
-                                                                               steps, axis=1))
-        return roll.patches_seq[:, -1].cpu().numpy()
-
-    def _publish(self, seq: int, t_capture: int, z: np.ndarray, patches: np.ndarray | None,
-                 surprise: float | None, surprise_z: float | None, pred_seq: int | None,
-                 action: Action, rr: float | None, k: int) -> None:
+    def _publish(self, seq: int, t_capture: int, action: Action,
+                 results: list[StreamResult]) -> None:
+        """Each stream's three messages: the primary on the plain topics, the others on
+        ``<topic>.<stream name>`` and before it, so that a bridge woken by the plain latent
+        already holds the other streams' numbers of the same frame."""
         assert self._pub is not None
         t_pub = clock_ns()
-        base = {"seq": seq, "t_capture_ns": t_capture, "t_publish_ns": t_pub,
-                "variant": self.model.config.variant}
-        self._pub.send(topics.LATENT, {**base, "z_cls": z, "patches": patches})
-        self._pub.send(topics.SURPRISE, {**base, "surprise": surprise, "surprise_z": surprise_z,
-                                         "pred_seq": pred_seq, "action": action.wire})
-        mrr = _finite(self.mrr.value) if rr is not None else None
-        self._pub.send(topics.MRR, {**base, "rr": rr, "mrr": mrr, "k": k})
+        for i in reversed(range(len(self.streams))):
+            st, r = self.streams[i], results[i]
+            suffix = "" if i == 0 else "." + st.name
+            base = {"seq": seq, "t_capture_ns": t_capture, "t_publish_ns": t_pub,
+                    "variant": st.variant}
+            patches = r.patches.astype(np.float16) if self.cfg.publish_patches else None
+            self._pub.send(topics.LATENT + suffix, {**base, "z_cls": r.z_cls, "patches": patches})
+            self._pub.send(topics.SURPRISE + suffix,
+                           {**base, "surprise": r.surprise, "surprise_z": r.surprise_z,
+                            "pred_seq": r.pred_seq, "action": action.wire})
+            self._pub.send(topics.MRR + suffix, {**base, "rr": r.rr, "mrr": r.mrr, "k": r.k})
         self.stats.frame(t_pub - t_capture)
 
     # -- stats and health
@@ -440,10 +421,10 @@ class EncoderWorker:
                 "rpc_replies_dropped": self._rpc.replies_dropped,
                 "stream_restarts": s.stream_restarts,
                 "attach_failures": self.reader.attach_failures, "restarts": self.restarts,
-                "mrr": _finite(self.mrr.value), "surprise_last": self.surprise_last,
-                "mrr_horizon": [_finite(v) for v in self.horizon.values()],
-                "mode": self.cfg.mode, "variant": self.model.config.variant,
-                "checkpoint": self._checkpoint_name}
+                **self.streams[0].stats(), "mode": self.cfg.mode,
+                "checkpoint": self._checkpoint_name,
+                **({"streams": {st.name: st.stats() for st in self.streams}}
+                   if len(self.streams) > 1 else {})}
 
     def _publish_stats(self) -> None:
         assert self._pub is not None
@@ -456,9 +437,17 @@ class EncoderWorker:
 
     def _health(self) -> dict[str, Any]:
         prov = self.model.provenance  # path, training data, eval summary (None: random init)
-        return {"trained": prov is not None, "model_path": prov["path"] if prov else None,
-                "checkpoint": prov, "frames": self.stats.frames, "uptime_s": time.monotonic() - self._t_start,
-                "mode": self.cfg.mode, "version": __version__, "ready": True}
+        out = {"trained": prov is not None, "model_path": prov["path"] if prov else None,
+               "checkpoint": prov, "frames": self.stats.frames,
+               "uptime_s": time.monotonic() - self._t_start, "mode": self.cfg.mode,
+               "version": __version__, "ready": True,
+               "abstraction_index": self.streams[0].abstraction_index}
+        if len(self.streams) > 1:
+            out["streams"] = {st.name: {"variant": st.variant,
+                                        "abstraction_index": st.abstraction_index,
+                                        "checkpoint": st.model.provenance}
+                              for st in self.streams}
+        return out
 
     # -- lifetime
 
@@ -517,6 +506,11 @@ def run_worker(cfg: WorkerConfig, endpoints: Endpoints, ring_name: str, *,
         return _run_worker(cfg, endpoints, ring_name, restarts, stop, takeover)
 
 
+def _warm_up_all(models: list[tuple[str, IWM]]) -> None:
+    for _, model in models:
+        _warm_up(model)
+
+
 def _warm_up(model: IWM) -> None:
     """One encode and predict, so that a standby's first frame costs what later ones do."""
     s = model.config.img_size
@@ -530,14 +524,14 @@ def _run_worker(cfg: WorkerConfig, endpoints: Endpoints, ring_name: str, restart
                 stop: StopFlag, takeover: Any = None) -> int:
     try:
         try:
-            model = load_model(cfg)
+            models = load_models(cfg)
         except (FileNotFoundError, CheckpointError, ValueError) as e:
             logger.error("encoder worker cannot load its model: {}", e)
             return 2
         torch.manual_seed(SEED)
         torch.set_num_threads(_num_threads(cfg.device, cfg.threads))
         if takeover is not None:
-            _warm_up(model)
+            _warm_up_all(models)
             logger.debug("standby worker ready")
             parent = os.getppid()
             while takeover.value < 0:
@@ -550,7 +544,7 @@ def _run_worker(cfg: WorkerConfig, endpoints: Endpoints, ring_name: str, restart
             logger.configure(extra={"proc": "worker"})  # its log lines are the worker's now
             logger.info("standby worker taking over (restart #{})", restarts)
         try:
-            worker = EncoderWorker(cfg, endpoints, ring_name, model=model, restarts=restarts)
+            worker = EncoderWorker(cfg, endpoints, ring_name, models=models, restarts=restarts)
         except OSError as e:
             logger.error("encoder worker cannot bind its sockets: {}", e)
             return 3

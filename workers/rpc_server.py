@@ -78,16 +78,18 @@ class ModelService:
 
     def __init__(self, model: IWM, health_fn: Callable[[], dict[str, Any]],
                  mrr_fn: Callable[[], float | None],
-                 horizon_fn: Callable[[], np.ndarray]) -> None:
+                 horizon_fn: Callable[[], np.ndarray],
+                 others: dict[str, IWM] | None = None) -> None:
         self.model = model
         self.health_fn, self.mrr_fn, self.horizon_fn = health_fn, mrr_fn, horizon_fn
+        self.others = others or {}  # a dual worker's second stream: {"semantic": model}
         cfg = model.config
         self.limits = {"embed_dim": model.embed_dim, "cond_dim": cfg.cond_dim,
                        "num_actions": cfg.num_actions, "num_patches": model.num_patches}
 
     def methods(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
-        return {"health": self.health, "encode": self.encode, "predict": self.predict,
-                "rollout": self.rollout}
+        return {"health": self.health, "encode": self.encode, "encode_dual": self.encode_dual,
+                "predict": self.predict, "rollout": self.rollout}
 
     def health(self, params: dict[str, Any]) -> dict[str, Any]:
         cfg = self.model.config
@@ -100,6 +102,21 @@ class ModelService:
                                "mrr": self.mrr_fn()}
         if params["patches"]:
             out["patches"] = _np(patches)
+        return out
+
+    def encode_dual(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Both streams of a dual worker on the same frames, preprocessed once."""
+        other = self.others.get("semantic")
+        if other is None:
+            raise ValueError("encode_dual needs a dual worker (iwm-launch --dual); this one "
+                             "serves a single stream: use encode")
+        x = self.model.preprocess(params["frames"])  # the dual pair takes one input
+        out: dict[str, Any] = {"t_ns": time.time_ns()}
+        for name, model in (("semantic", other), ("equivariant", self.model)):
+            z_cls, patches = model.encode_input(x)
+            out[f"z_cls_{name}"] = _np(z_cls)
+            if params["patches"]:
+                out[f"patches_{name}"] = _np(patches)
         return out
 
     def predict(self, params: dict[str, Any]) -> dict[str, Any]:

@@ -160,7 +160,12 @@ class IWM(nn.Module):
         """
         obj = objective or Objective()
         if "frames" in batch:
-            return dynamics_loss(self, batch, obj)
+            out = dynamics_loss(self, batch, obj)
+            if "views" in batch and obj.views_weight:
+                views = views_loss(self, batch["views"], obj)
+                out["views_pred"] = views["pred"]
+                out["loss"] = out["loss"] + obj.views_weight * views["loss"]
+            return out
         if "src" in batch:
             return views_loss(self, batch, obj)
         raise ValueError(f"batch must hold 'frames' (Phase 3) or 'src'/'tgt' (Phase 1), "
@@ -216,7 +221,21 @@ class IWM(nn.Module):
 
     def _encode_device(self, u8: Tensor) -> tuple[Tensor, Tensor]:
         """Encode uint8 frames already on the device (graph-capturable)."""
-        x = self._normalise(u8)  # (B, 3, S, S)
+        return self._encode_input(self._normalise(u8))
+
+    @torch.no_grad()
+    def encode_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Preprocessed images (B, 3, S, S) (:meth:`preprocess`) -> z_cls (B, D), patches
+        (B, N, D): several models with the same input preprocess a frame once."""
+        return self._encode_input(x.to(self.device))
+
+    def same_input(self, other: IWM) -> bool:
+        """Whether ``other`` takes exactly this model's :meth:`preprocess` output."""
+        return (self.config.img_size == other.config.img_size and self.device == other.device
+                and torch.equal(self.pix_scale, other.pix_scale.to(self.device))
+                and torch.equal(self.pix_shift, other.pix_shift.to(self.device)))
+
+    def _encode_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
         with self._autocast():
             patches = self._encode_fn(x).float()  # (B, N, D)
         return global_latent(patches), patches

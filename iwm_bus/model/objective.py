@@ -18,6 +18,12 @@ Two batch kinds, told apart by their keys:
   predictor maps target-space latents to target-space latents, the space inference runs in
   (the target encoder is what :mod:`train.export` ships, as I-JEPA and V-JEPA release it).
 
+A dynamics batch may also carry ``views``: a views batch (the keys above) made from its own
+frames; its loss is added with weight ``views_weight`` (``views_pred`` in the output). Both
+tasks share the conditioning embedding without clashing: a views batch has no action
+(id -1) and a dynamics batch of discrete actions has a zero vector, which is also the
+identity augmentation.
+
 Optional, both kinds: ``boot`` (E, B) per-head bootstrap weights (each ensemble head trains
 on its own Poisson(1) resample of the batch, so the heads' spread measures uncertainty);
 VICReg variance/covariance terms on the online encoder's context tokens (a collapse guard);
@@ -62,12 +68,21 @@ class Objective:
     freeze_encoder: bool = False
     # activation checkpointing in the online encoder (seed: "OOM during training")
     grad_checkpointing: bool = False
+    # dynamics: weight of a views loss on the same step's frames (the batch's ``views``
+    # part): the dual-stream models learn actions and augmentations in one run (0 = off)
+    views_weight: float = 0.0
+    # views: predict every token of the target view from the whole source view, as the
+    # change of each position's latent (prior = the source's target-space latent): the
+    # next-frame call, with the augmentation as the "action" (False: I-JEPA block masks)
+    views_residual: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.views_residual, bool):
+            raise ValueError(f"Objective.views_residual must be a bool, got {self.views_residual!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"Objective.loss must be one of {LOSSES}, got {self.loss!r}")
         for f in ("rollout_weight", "global_weight", "change_weight", "var_weight",
-                  "cov_weight"):
+                  "cov_weight", "views_weight"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
                 raise ValueError(f"Objective.{f} must be a number >= 0, got {v!r}")
@@ -135,13 +150,22 @@ def _reg(obj: Objective, ctx: Tensor, out: dict[str, Tensor]) -> Tensor:
 
 
 def views_loss(model: Any, batch: dict[str, Tensor], obj: Objective) -> dict[str, Tensor]:
-    """Phase 1: predict the target view's masked tokens from the source view's context."""
+    """Phase 1: predict the target view's masked tokens from the source view's context
+    (``views_residual``: all its tokens, as changes of the source's)."""
     src, tgt, cond = batch["src"], batch["tgt"], batch["cond"]
-    ctx_idx, tgt_idx = batch["ctx_idx"], batch["tgt_idx"]
-    with torch.no_grad():
-        target = gather_tokens(model.encode_features(tgt, target=True), tgt_idx)  # (B, T, D)
-    ctx = model.encode_features(src, keep=ctx_idx, checkpointing=obj.grad_checkpointing)
-    heads = model.predictor(ctx, ctx_idx, tgt_idx, cond)  # (E, B, T, D)
+    if obj.views_residual:
+        idx = model.all_idx.expand(src.shape[0], -1)  # (B, N)
+        with torch.no_grad():
+            target = model.encode_features(tgt, target=True)  # (B, N, D)
+            prior = model.encode_features(src, target=True)
+        ctx = model.encode_features(src, checkpointing=obj.grad_checkpointing)
+        heads = model.predictor(ctx, idx, idx, cond, None, prior=prior)  # (E, B, N, D)
+    else:
+        ctx_idx, tgt_idx = batch["ctx_idx"], batch["tgt_idx"]
+        with torch.no_grad():
+            target = gather_tokens(model.encode_features(tgt, target=True), tgt_idx)
+        ctx = model.encode_features(src, keep=ctx_idx, checkpointing=obj.grad_checkpointing)
+        heads = model.predictor(ctx, ctx_idx, tgt_idx, cond)  # (E, B, T, D)
     out: dict[str, Tensor] = {}
     pred = _head_loss(heads, target, _boot(batch, model.config.ensemble, src.shape[0], ctx),
                       obj.loss)

@@ -73,9 +73,8 @@ fi
 # targets, VICReg variance/covariance terms, 2400 steps of batch 32 (cosine LR over 2400).
 # Resumes when RUN holds a checkpoint (a killed run loses at most 200 steps). Wall time on
 # this 2-core machine: ~1.5 s a step alone, about an hour. The shipped iwm-default-v1 is
-# step 1600 of this schedule (its session ran out of time; 52 minutes with other work on
-# the machine): TRAIN_ARGS="--steps 1600" stops at the same point, with the LR schedule of
-# a 1600-step run instead.
+# its last step, 2400 (trained over two sessions: stopped at 1600, resumed with
+# --resume auto; resume is exact, so one run gives the same weights on the same CPU).
 if want train; then
     # shellcheck disable=SC2086  # TRAIN_ARGS is a list of flags
     "$PYTHON" -m train --preset cpu-default --sessions "$DATA/train" --out_dir "$RUN" \

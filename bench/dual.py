@@ -1,0 +1,134 @@
+"""Dual-stream cost: what the second world model costs per frame and in memory (issue 11).
+
+Per-frame cost is the worker's own step, in this process, on frames of a real game (ALE
+Pong, random actions): ring-sized frame -> (one shared preprocessing) -> each stream's
+encode, prediction, surprise, MRR and rollout chains (``workers.model_stream``), the same
+code the worker runs. Rows: each stream alone (a single-stream worker) and the two
+together (``--dual``); ratio = dual / the single equivariant stream (issue 11 target <= 1.6).
+Memory is the peak RSS of a fresh process that loads the model(s) and runs the frames, next
+to a process that only imports torch.
+
+    python bench/dual.py                                   # the shipped pair, CPU
+    python bench/dual.py --frames 300 --device cuda
+    python bench/dual.py --semantic runs/invariant/last.pt --equivariant runs/equivariant/last.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def game_frames(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """n frames (n, 210, 160, 3) and the action ids that produced them, from ALE Pong."""
+    import ale_py
+    import gymnasium as gym
+
+    from iwm_bus.actions import ALE_ENV_KWARGS
+
+    gym.register_envs(ale_py)
+    env = gym.make("ALE/Pong-v5", **ALE_ENV_KWARGS)
+    rng = np.random.default_rng(seed)
+    obs, _ = env.reset(seed=seed)
+    frames, actions = [], []
+    for _ in range(n):
+        a = int(rng.integers(0, 18))
+        obs, _, term, trunc, _ = env.step(a)
+        frames.append(obs)
+        actions.append(a)
+        if term or trunc:
+            obs, _ = env.reset()
+    env.close()
+    return np.stack(frames), np.array(actions)
+
+
+def step_times(paths: dict[str, str], device: str, frames: np.ndarray, actions: np.ndarray,
+               warmup: int, threads: int) -> np.ndarray:
+    """Per-frame seconds of the worker's step with the given (name -> checkpoint) streams."""
+    import torch
+
+    from iwm_bus.model import load_iwm
+    from workers.model_stream import ModelStream, shared_input
+    from workers.stream import Action
+
+    torch.set_num_threads(threads)
+    streams = [ModelStream(load_iwm(p, device).eval(), name, 32) for name, p in paths.items()]
+    cond_dim = streams[0].model.config.cond_dim
+    times = []
+    for i, (frame, a) in enumerate(zip(frames, actions, strict=True)):
+        action = Action(np.zeros(cond_dim, np.float32), int(a))
+        t0 = time.perf_counter()
+        x = shared_input([s.model for s in streams], frame) if len(streams) > 1 else None
+        for s in streams:
+            s.step(i, frame, x, action)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return np.asarray(times)
+
+
+def peak_rss_mb(paths: dict[str, str], device: str, n: int, threads: int) -> float:
+    """Peak RSS (MB) of a fresh process running ``n`` frames through the streams (none: only
+    import torch)."""
+    code = (f"import sys, resource, json; sys.path.insert(0, {str(ROOT)!r}); "
+            "import torch; from bench.dual import game_frames, step_times; "
+            f"paths = json.loads({json.dumps(json.dumps(paths))}); "
+            f"f, a = game_frames({n}); "
+            f"paths and step_times(paths, {device!r}, f, a, 0, {threads}); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=ROOT)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    from iwm_bus.default_model import dual_checkpoints
+
+    sem, eq = dual_checkpoints()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--semantic", default=str(sem))
+    p.add_argument("--equivariant", default=str(eq))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--frames", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the worker leaves "
+                   "a core to the capture: 1 on this 2-core machine)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved passes per row")
+    args = p.parse_args()
+    frames, actions = game_frames(args.frames + args.warmup)
+    rows = {"equivariant alone": {"equivariant": args.equivariant},
+            "semantic alone": {"semantic": args.semantic},
+            "dual (--dual)": {"equivariant": args.equivariant, "semantic": args.semantic}}
+    times: dict[str, list[np.ndarray]] = {k: [] for k in rows}
+    for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits all rows
+        for name, paths in rows.items():
+            times[name].append(step_times(paths, args.device, frames, actions, args.warmup,
+                                          args.threads))
+    base = float(np.median(np.concatenate(times["equivariant alone"])))
+    print(f"# dual-stream cost per frame, {args.device}, {args.threads} thread(s), "
+          f"{args.frames} ALE Pong frames (210x160) x {args.repeats} passes; target: dual "
+          "<= 1.6x the single equivariant stream")
+    head = f"{'worker streams':<22}{'p50 ms':>8}{'p90 ms':>8}{'vs single':>11}{'peak RSS MB':>13}"
+    print(head)
+    print("-" * len(head))
+    rss_torch = peak_rss_mb({}, args.device, 1, args.threads)
+    for name, paths in rows.items():
+        t = np.concatenate(times[name]) * 1e3
+        rss = peak_rss_mb(paths, args.device, 30, args.threads)
+        print(f"{name:<22}{np.median(t):>8.2f}{np.percentile(t, 90):>8.2f}"
+              f"{np.median(t) / base / 1e3:>10.2f}x{rss:>13.0f}")
+    print(f"{'(import torch only)':<22}{'':>8}{'':>8}{'':>11}{rss_torch:>13.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""One world model's view of the frame stream: encode, predict, surprise, MRR.
+
+The encoder worker holds one :class:`ModelStream` per model it serves: one normally, two with
+``--dual`` (the equivariant stream for control, the semantic one for the LLM; issue 11).
+Each keeps what its model's numbers depend on (the previous frame's patch latents, the MRR
+bank, the rollout chains, the running MRR, the per-patch surprise statistics) and turns a
+frame plus the action that produced it into one :class:`StreamResult`. Frames are read from
+the ring and preprocessed once for all streams (:func:`shared_input`); nothing here touches a
+socket.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from iwm_bus import metrics
+from iwm_bus.model import IWM
+from workers.stream import MRR_WINDOW, Action, HorizonMRR, LatentBank, frame_key
+
+__all__ = ["MAX_GAP", "ModelStream", "StreamResult", "checkpoint_abstraction", "shared_input"]
+
+#: realtime: a frame more than this many frames after the last processed one gets no
+#: surprise (nil); closer ones are predicted through the skipped frames
+MAX_GAP = 8
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def checkpoint_abstraction(model: IWM) -> float | None:
+    """:func:`iwm_bus.metrics.abstraction_index` of a checkpoint's own held-out evaluation
+    (the eval summary ``train.export`` puts in it); None without one."""
+    prov = model.provenance or {}
+    aug = (prov.get("eval") or {}).get("augmentation_mrr") or {}
+    try:
+        return metrics.abstraction_index(float(aug["model"]), float(aug["chance"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def shared_input(models: list[IWM], frame: Any) -> torch.Tensor | None:
+    """The frame preprocessed once for all ``models`` (same device, input size and pixel
+    normalisation, checked when the worker starts), or None when each model must take the
+    raw frame itself (CUDA graphs capture the preprocessing with the encoder)."""
+    first = models[0]
+    if first._use_graphs():
+        return None
+    return first.preprocess(frame)
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    """One model's numbers for one frame (what the worker publishes for it)."""
+
+    z_cls: np.ndarray  # (D,)
+    patches: np.ndarray  # (N, D) float32
+    surprise: float | None  # nil: no prediction (first frame, or a gap over MAX_GAP)
+    surprise_z: float | None  # nil while warming up and for predictions through a gap
+    pred_seq: int | None  # the frame the prediction was made from
+    rr: float | None  # reciprocal rank among the bank
+    mrr: float | None  # running mean of rr
+    k: int  # bank size the rank was taken in
+
+
+class ModelStream:
+    """One model's per-frame state and step (see the module doc)."""
+
+    def __init__(self, model: IWM, name: str, mrr_bank: int) -> None:
+        self.model, self.name = model, name
+        self.bank = LatentBank(mrr_bank, model.num_patches * model.embed_dim)
+        self.horizon = HorizonMRR()
+        self.mrr = metrics.RunningMean(MRR_WINDOW)
+        self.surprise_z = metrics.SurpriseZ()
+        self.surprise_last: float | None = None
+        self.abstraction_index = checkpoint_abstraction(model)
+        self._prev: tuple[int, np.ndarray] | None = None  # (seq, patches) last processed
+
+    @property
+    def variant(self) -> str:
+        return self.model.config.variant
+
+    def clear(self) -> None:
+        """A new frame stream (the capture restarted): forget everything frame-related."""
+        self._prev = None
+        self.bank.clear()
+        self.horizon.clear()
+        self.surprise_z.reset()
+
+    def step(self, seq: int, frame: Any, x: torch.Tensor | None, action: Action) -> StreamResult:
+        """Encode frame ``seq`` (``x``: its shared preprocessed input, or None to take the raw
+        ``frame``), score the prediction made from the previous frame under ``action``,
+        and remember it for the next."""
+        with torch.no_grad():
+            z_t, patches_t = self.model.encode(frame) if x is None \
+                else self.model.encode_input(x)  # (1, D), (1, N, D)
+        z = z_t[0].cpu().numpy()  # (D,)
+        p = patches_t[0].cpu().numpy()  # (N, D)
+        key = frame_key(p)  # (N*D,): what MRR ranks
+        surprise = surprise_z = rr = pred_seq = None
+        if self._prev is not None and seq - self._prev[0] <= MAX_GAP:
+            pred_seq, p_prev = self._prev
+            chains = self.horizon.chains()  # advanced in the same predictor call
+            preds = self._predict(np.stack([p_prev, *chains]), action, seq - pred_seq)
+            pred = preds[0]  # (N, D)
+            errors = metrics.patch_errors(pred, p)  # (N,)
+            surprise = metrics.errors_surprise(errors)
+            if seq - pred_seq == 1:  # a prediction through skipped frames errs more by
+                surprise_z = _finite(self.surprise_z(errors))  # construction: not comparable
+            rr = self.bank.rank(frame_key(pred), key)  # among the k most recent frames
+            self.mrr.update(rr)
+            self.horizon.observe(seq - pred_seq, pred, rr, list(preds[1:]), key, self.bank)
+            self.surprise_last = surprise
+        else:
+            self.horizon.clear()
+        k = len(self.bank)
+        self.bank.add(key)
+        self._prev = (seq, p)
+        return StreamResult(z, p, surprise, surprise_z, pred_seq, rr,
+                            _finite(self.mrr.value) if rr is not None else None, k)
+
+    def _predict(self, starts: np.ndarray, action: Action, steps: int) -> np.ndarray:
+        """The patch latents ``steps`` frames after each of ``starts`` (B, N, D), under the
+        same action (skipped frames in realtime mode are predicted through, held)."""
+        b = len(starts)
+        ids = np.full(b, action.action_id) if self.model.config.num_actions else None
+        cond = np.repeat(action.cond[None], b, axis=0)  # (B, C)
+        z_prev = starts.mean(1)  # (B, D)
+        if steps == 1:
+            pred = self.model.predict(z_prev, starts, cond=cond, action_id=ids)
+            return pred.patches.cpu().numpy()
+        roll = self.model.rollout(z_prev, starts,
+                                  cond_seq=np.repeat(cond[:, None], steps, axis=1),
+                                  action_seq=None if ids is None else np.repeat(ids[:, None],
+                                                                               steps, axis=1))
+        return roll.patches_seq[:, -1].cpu().numpy()
+
+    def stats(self) -> dict[str, Any]:
+        """This stream's part of ``iwm.stats``."""
+        return {"variant": self.variant, "mrr": _finite(self.mrr.value),
+                "surprise_last": self.surprise_last,
+                "mrr_horizon": [_finite(v) for v in self.horizon.values()],
+                "abstraction_index": self.abstraction_index}
