@@ -5,8 +5,8 @@ Pong, random actions): ring-sized frame -> (one shared preprocessing) -> each st
 encode, prediction, surprise, MRR and rollout chains (``workers.model_stream``), the same
 code the worker runs. Rows: each stream alone (a single-stream worker) and the two
 together (``--dual``); ratio = dual / the single equivariant stream (issue 11 target <= 1.6).
-Memory is the peak RSS of a fresh process that loads the model(s) and runs the frames, next
-to a process that only imports torch.
+Memory is the RSS of a fresh process that loads the model(s) and runs 30 frames, and what
+the models add to the same process without them.
 
     python bench/dual.py                                   # the shipped pair, CPU
     python bench/dual.py --frames 300 --device cuda
@@ -77,15 +77,16 @@ def step_times(paths: dict[str, str], device: str, frames: np.ndarray, actions: 
     return np.asarray(times)
 
 
-def peak_rss_mb(paths: dict[str, str], device: str, n: int, threads: int) -> float:
-    """Peak RSS (MB) of a fresh process running ``n`` frames through the streams (none: only
-    import torch)."""
-    code = (f"import sys, resource, json; sys.path.insert(0, {str(ROOT)!r}); "
+def rss_mb(paths: dict[str, str], device: str, n: int, threads: int) -> float:
+    """RSS (MB) of a fresh process after running ``n`` game frames through the streams (no
+    streams: the same process without a model)."""
+    code = (f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); "
             "import torch; from bench.dual import game_frames, step_times; "
             f"paths = json.loads({json.dumps(json.dumps(paths))}); "
             f"f, a = game_frames({n}); "
             f"paths and step_times(paths, {device!r}, f, a, 0, {threads}); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+            "print([int(l.split()[1]) / 1024 for l in open('/proc/self/status') "
+            "if l.startswith('VmRSS:')][0])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=ROOT)
     return float(out.stdout.strip().splitlines()[-1])
@@ -118,16 +119,17 @@ def main() -> None:
     print(f"# dual-stream cost per frame, {args.device}, {args.threads} thread(s), "
           f"{args.frames} ALE Pong frames (210x160) x {args.repeats} passes; target: dual "
           "<= 1.6x the single equivariant stream")
-    head = f"{'worker streams':<22}{'p50 ms':>8}{'p90 ms':>8}{'vs single':>11}{'peak RSS MB':>13}"
+    head = (f"{'worker streams':<22}{'p50 ms':>8}{'p90 ms':>8}{'vs single':>11}{'RSS MB':>9}"
+            f"{'+ models':>10}")
     print(head)
     print("-" * len(head))
-    rss_torch = peak_rss_mb({}, args.device, 1, args.threads)
+    rss_none = rss_mb({}, args.device, 30, args.threads)
     for name, paths in rows.items():
         t = np.concatenate(times[name]) * 1e3
-        rss = peak_rss_mb(paths, args.device, 30, args.threads)
+        rss = rss_mb(paths, args.device, 30, args.threads)
         print(f"{name:<22}{np.median(t):>8.2f}{np.percentile(t, 90):>8.2f}"
-              f"{np.median(t) / base / 1e3:>10.2f}x{rss:>13.0f}")
-    print(f"{'(import torch only)':<22}{'':>8}{'':>8}{'':>11}{rss_torch:>13.0f}")
+              f"{np.median(t) / base / 1e3:>10.2f}x{rss:>9.0f}{rss - rss_none:>10.0f}")
+    print(f"{'(no model)':<22}{'':>8}{'':>8}{'':>11}{rss_none:>9.0f}")
 
 
 if __name__ == "__main__":

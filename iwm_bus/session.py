@@ -1,7 +1,7 @@
 """Session files: recorded frames, actions and world-model events in one MCAP file.
 
 A session is an `MCAP <https://mcap.dev>`_ file (chunked, zstd-compressed chunks, indexed when
-closed cleanly). Channels (MCAP topics), every payload a msgpack map (``message_encoding
+closed cleanly). Data channels (MCAP topics), every payload a msgpack map (``message_encoding
 "msgpack"``; each channel's schema is a small JSON Schema, ``schema encoding "jsonschema"``):
 
 ``frames``
@@ -13,6 +13,25 @@ closed cleanly). Channels (MCAP topics), every payload a msgpack map (``message_
     the wire ``action`` message payload (``iwm_bus.wire``), as published on the bus.
 ``iwm.latent``, ``iwm.surprise``, ``iwm.mrr`` (``.suffix`` too), ``iwm.stats``
     the wire payloads the worker published (optional).
+
+Format 2 adds *viewer channels* (``SessionOptions.viewer``, on by default), copies that
+standard MCAP tools decode without iwm-bus, because no viewer decodes msgpack:
+
+``/viewer/frames``
+    every frame as a ``foxglove.CompressedImage`` (``message_encoding "protobuf"``, schema the
+    FileDescriptorSet of ``foxglove-schemas-protobuf``): the frame's own PNG or JPEG bytes,
+    or, for ``zstd-raw``, its pixels as PNG (lossless).
+``/viewer/surprise``, ``/viewer/mrr``, ``/viewer/action`` (``/suffix`` for ``.suffix`` streams)
+    the numbers of each surprise, MRR and action message as a JSON object (``message_encoding
+    "json"``, ``jsonschema`` schema): ``t_ns``, ``timestamp {sec, nsec}``, ``seq`` and the
+    number fields of the wire kind (nil as null).
+
+Why copies, not a new encoding of ``frames``: ``frames`` stays the one record replay,
+``iwm-session`` and training read (any encoding, the action, exact pixels), and v1 readers'
+code paths stay as they are; the price is that PNG bytes are stored twice. Latents and stats
+stay msgpack only. The readers here skip the viewer channels (``topics`` leaves them out;
+``viewer_topics`` lists them). Format 1 files (no viewer channels) read the same; ``convert``
+adds the viewer channels to one.
 
 Every message's MCAP ``log_time`` is its capture time (``t_capture_ns``, wall clock;
 ``t_ns`` for actions), so events line up with the frames they describe; ``publish_time`` is
@@ -59,6 +78,7 @@ from mcap.writer import Writer
 from iwm_bus import __version__, wire
 from iwm_bus.session_codec import (
     ACTIONS_TOPIC,
+    CONVERT_META_NAME,
     END_META_NAME,
     FORMAT_VERSION,
     FRAME_ENCODINGS,
@@ -72,14 +92,16 @@ from iwm_bus.session_codec import (
     _wire_action,
     decode_frame,
     encode_frame,
+    is_viewer_topic,
 )
 from iwm_bus.session_scan import _bad, _build_index, _chunk_records, _ChunkRef, _read_record
 from iwm_bus.session_writer import SessionOptions, SessionWriter
+from iwm_bus.topics import TOPIC_KINDS, base_topic
 
 __all__ = [
     "FORMAT_VERSION", "FRAME_ENCODINGS", "FRAMES_TOPIC", "ACTIONS_TOPIC", "Frame",
-    "FrameRecord", "RecoverResult", "SessionOptions", "SessionReader", "SessionWriter",
-    "Transition", "decode_frame", "encode_frame", "recover",
+    "ConvertResult", "FrameRecord", "RecoverResult", "SessionOptions", "SessionReader",
+    "SessionWriter", "Transition", "convert", "decode_frame", "encode_frame", "recover",
 ]
 
 
@@ -127,9 +149,20 @@ class SessionReader:
     # ------------------------------------------------------------ counts
 
     @property
+    def format_version(self) -> int:
+        return int(self.metadata.get("format_version", 1))
+
+    @property
     def topics(self) -> dict[str, int]:
-        """Message count per topic."""
-        return {t: sum(self._index.counts[c] for c in ids) for t, ids in self._topic_ids.items()}
+        """Message count per data topic (the viewer copies are in ``viewer_topics``)."""
+        return {t: sum(self._index.counts[c] for c in ids) for t, ids in self._topic_ids.items()
+                if not is_viewer_topic(t)}
+
+    @property
+    def viewer_topics(self) -> dict[str, int]:
+        """Message count per viewer topic (``/viewer/...``, format 2)."""
+        return {t: sum(self._index.counts[c] for c in ids) for t, ids in self._topic_ids.items()
+                if is_viewer_topic(t)}
 
     @property
     def num_frames(self) -> int:
@@ -149,8 +182,13 @@ class SessionReader:
 
     def raw_messages(self, topics: Iterable[str] | None = None, start_ns: int | None = None,
                      end_ns: int | None = None) -> Iterator[tuple[str, Message]]:
-        """``(topic, mcap Message)`` in log-time order (file order for equal times)."""
+        """``(topic, mcap Message)`` in log-time order (file order for equal times).
+
+        ``topics=None``: every data topic (not the viewer copies; name those to get them).
+        """
         wanted: set[int] | None = None
+        if topics is None and self.viewer_topics:
+            topics = list(self.topics)
         if topics is not None:
             wanted = set().union(*(self._topic_ids.get(t, set()) for t in topics))
             if not wanted:
@@ -304,7 +342,8 @@ class SessionReader:
             "frame_shapes": {"x".join(map(str, k)): v for k, v in shapes.items()},
             "frame_encodings": dict(encodings),
             "bytes_per_frame": frame_bytes / len(seqs) if seqs else 0.0,
-            "topics": self.topics,
+            "topics": self.topics, "viewer_topics": self.viewer_topics,
+            "format_version": self.format_version,
             "actions": {"messages": n_actions, "action_ids": dict(sorted(ids.items())),
                         "vector_dims": dict(vec_dims)},
             "metadata": self.metadata, "end": self.end_metadata,
@@ -403,3 +442,112 @@ def _rewrite(reader: SessionReader, dest: Path, dropped: int) -> int:
                     count += 1
         writer.finish()
     return count
+
+
+# ---------------------------------------------------------------- convert (format 1 -> 2)
+
+
+class ConvertResult(NamedTuple):
+    """What ``convert`` did: ``needed`` is False when the file already had viewer channels."""
+
+    path: Path
+    needed: bool
+    from_version: int
+    messages: int
+    frames: int
+    viewer_messages: int
+    problem: str | None
+
+
+class _CopyWriter(SessionWriter):
+    """A ``SessionWriter`` whose header metadata record is given verbatim (for ``convert``)."""
+
+    def __init__(self, path: Path, header: dict[str, str], options: SessionOptions) -> None:
+        self._copied_header = header
+        super().__init__(path, overwrite=True, options=options)
+
+    def _header_metadata(self, user: Mapping[str, Any]) -> dict[str, str]:
+        return self._copied_header
+
+
+def _convert_options(reader: SessionReader) -> SessionOptions:
+    """The session's own writer options (chunking, PNG level), with the viewer channels on."""
+    saved = reader.metadata.get("options")
+    known = {f for f in SessionOptions.__dataclass_fields__}
+    opts = {k: v for k, v in saved.items() if k in known} if isinstance(saved, dict) else {}
+    try:
+        return SessionOptions(**{**opts, "viewer": True})
+    except (TypeError, ValueError):
+        return SessionOptions()
+
+
+def convert(path: str | os.PathLike[str],
+            out: str | os.PathLike[str] | None = None) -> ConvertResult:
+    """Rewrite ``path`` (format 1, or any session without viewer channels) as format 2.
+
+    Every readable data message is copied byte for byte (times and sequence numbers kept)
+    and gets its viewer copy; metadata records are kept, ``format_version`` becomes 2 and a
+    ``iwm_bus.session.converted`` record says from what. An unclosed file is read up to its
+    last complete chunk (as ``recover`` does). ``out=None`` replaces ``path`` atomically (a
+    file that already has viewer channels is then left alone); a failure leaves ``path``
+    untouched and no output behind. ``SessionError`` names the file and the problem.
+    """
+    reader = SessionReader(path)
+    src = reader.path
+    dest = Path(out) if out is not None else src
+    ready = reader.format_version >= FORMAT_VERSION and not reader.recovered and (
+        bool(reader.viewer_topics) or reader.num_frames == 0)
+    if ready and dest == src:
+        return ConvertResult(src, False, reader.format_version, sum(reader.topics.values()),
+                             reader.num_frames, sum(reader.viewer_topics.values()), None)
+    tmp = dest.with_name(f".{dest.name}.convert-{os.getpid()}.tmp")
+    try:
+        counts = _convert_into(reader, tmp)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ConvertResult(dest, True, reader.format_version, *counts, reader.problem)
+
+
+def _convert_into(reader: SessionReader, dest: Path) -> tuple[int, int, int]:
+    """Write ``reader``'s data and their viewer copies to ``dest``: (messages, frames, viewer)."""
+    header = next(dict(v) for n, v in reader._index.metadata if n == META_NAME)
+    options = _convert_options(reader)
+    header["format_version"] = json.dumps(FORMAT_VERSION)
+    if isinstance(reader.metadata.get("options"), dict):
+        header["options"] = json.dumps({**reader.metadata["options"], "viewer": True})
+    messages = frames = 0
+    with _CopyWriter(dest, header, options) as w:
+        for name, values in reader._index.metadata:
+            if name not in (META_NAME, END_META_NAME, CONVERT_META_NAME):
+                w._mcap.add_metadata(name, values)
+        w._mcap.add_metadata(CONVERT_META_NAME, {
+            "from": json.dumps(str(reader.path)),
+            "from_format_version": json.dumps(reader.format_version),
+            "problem": json.dumps(reader.problem), "software_version": json.dumps(__version__),
+            "converted_utc": json.dumps(datetime.now(timezone.utc).isoformat())})
+        for topic, msg in reader.raw_messages():
+            kind = reader._index.channels[msg.channel_id].metadata.get("kind")
+            if topic == FRAMES_TOPIC:
+                kind = "frame-record"
+            elif kind is None:
+                try:
+                    kind = TOPIC_KINDS[base_topic(topic)][0]
+                except KeyError:
+                    raise _bad(reader.path, f"topic {topic!r} is not one iwm-bus records; "
+                               "cannot convert it") from None
+            decoded = reader._decode(topic, msg)
+            w._add(topic, kind, msg.log_time, msg.data, msg.sequence, msg.publish_time)
+            messages += 1
+            if topic == FRAMES_TOPIC:
+                frames += 1
+                try:
+                    w._add_viewer_frame(decoded, msg.publish_time)
+                except ValueError as e:
+                    raise _bad(reader.path, f"frame {decoded.seq} does not decode: {e}") from e
+            else:
+                w._add_viewer_event(topic, kind, msg.log_time, decoded, msg.publish_time)
+        w.frames_written = frames
+        viewer = w.messages_written - messages
+        w.close(end_metadata=reader.end_metadata)
+    return messages, frames, viewer

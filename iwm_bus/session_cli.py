@@ -4,6 +4,7 @@
     iwm-session info run.mcap --json          # the same as JSON
     iwm-session recover run.mcap              # rewrite an unclosed file as a valid one (in place)
     iwm-session recover run.mcap --out ok.mcap
+    iwm-session convert old.mcap [new.mcap]   # format 1 -> 2 (viewer channels), in place or OUT
     iwm-session export run.mcap frames/       # frame_<seq>.png + actions.csv (= folder:frames/)
     iwm-session export run.mcap --video run.mp4   # H.264 with a surprise strip (--no-overlay)
     iwm-session report run.mcap --out report.png   # surprise + MRR over time, peak thumbnails
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from iwm_bus.errors import SessionError
-from iwm_bus.session import FRAMES_TOPIC, SessionReader, recover
+from iwm_bus.session import FRAMES_TOPIC, SessionReader, convert, recover
 from iwm_bus.topics import MRR, SURPRISE
 
 
@@ -40,12 +41,14 @@ def _fmt_info(info: dict[str, Any]) -> str:
         f"{info['seq_missing']} missing), {info['fps']:.1f} fps, "
         f"{', '.join(info['frame_shapes']) or '-'}",
         "topics     " + ", ".join(f"{t} {n}" for t, n in sorted(info["topics"].items())),
+        "viewer     " + (", ".join(f"{t} {n}" for t, n in sorted(info["viewer_topics"].items()))
+                         or "- (format 1 or viewer=False; `iwm-session convert` adds them)"),
         f"actions    {acts['messages']} agent.action messages; action ids (frames + "
         f"messages) {acts['action_ids'] or '-'}; vector dims {acts['vector_dims'] or '-'}",
     ]
     meta = info["metadata"]
     lines.append(f"recorded   {meta.get('created_utc', '?')} by iwm-bus "
-                 f"{meta.get('software_version', '?')}")
+                 f"{meta.get('software_version', '?')}, session format {info['format_version']}")
     if "source" in meta:
         lines.append(f"source     {json.dumps(meta['source'], default=str)}")
     if info["end"]:
@@ -71,6 +74,17 @@ def cmd_recover(args: argparse.Namespace) -> int:
         print(f"{res.path}: {res.messages} messages ({res.frames} frames) written; "
               f"{res.bytes_dropped} bytes after the last complete chunk dropped"
               + (f" ({res.problem})" if res.problem else ""))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    res = convert(args.path, args.out)
+    if not res.needed:
+        print(f"{res.path}: already session format 2 with viewer channels; nothing to do")
+    else:
+        print(f"{res.path}: format {res.from_version} -> 2: {res.messages} messages "
+              f"({res.frames} frames) copied, {res.viewer_messages} viewer messages added"
+              + (f"; read up to the last complete chunk ({res.problem})" if res.problem else ""))
     return 0
 
 
@@ -244,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path")
     s.add_argument("--out", help="write here instead of replacing PATH")
     s.set_defaults(func=cmd_recover)
+    s = sub.add_parser("convert", help="upgrade a format 1 session to format 2 (viewer "
+                       "channels for Foxglove and other MCAP tools)")
+    s.add_argument("path")
+    s.add_argument("out", nargs="?", help="write here instead of replacing PATH")
+    s.set_defaults(func=cmd_convert)
     s = sub.add_parser("export", help=f"{FRAMES_TOPIC} as PNG files + actions.csv, or MP4")
     s.add_argument("path")
     s.add_argument("dir", nargs="?", help="folder for frame PNGs + frames.csv + actions.csv")

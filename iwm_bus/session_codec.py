@@ -1,13 +1,18 @@
-"""Session frame records: the format constants, frame encodings and payload (de)serialisation.
+"""Session records: the format constants, frame encodings and payload (de)serialisation.
 
 Frames are stored ``png`` (lossless), ``zstd-raw`` (zstd of the raw ``(H, W, C)`` uint8
 bytes) or ``jpeg`` (lossy), each as a msgpack map with the nested wire action map that
-produced it. Pure functions over bytes and arrays; no files. See ``iwm_bus.session``.
+produced it. Format 2 adds *viewer copies* for standard MCAP tools (Foxglove): each frame
+as a ``foxglove.CompressedImage`` protobuf (``viewer_image``) and the plottable numbers of
+surprise, MRR and action messages as plain JSON objects (``plot_message``, ``plot_schema``).
+Pure functions over bytes and arrays; no files. See ``iwm_bus.session``.
 """
 
 from __future__ import annotations
 
 import io
+import json
+import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -16,15 +21,24 @@ import numpy as np
 import zstandard
 
 from iwm_bus import wire
-from iwm_bus.topics import ACTION
+from iwm_bus.topics import ACTION, MRR, SURPRISE, base_topic
 
-FORMAT_VERSION = 1
+#: 1: msgpack channels only; 2: plus the viewer channels (``/viewer/...``)
+FORMAT_VERSION = 2
 FRAMES_TOPIC = "frames"
 ACTIONS_TOPIC = ACTION
 FRAME_ENCODINGS = ("png", "zstd-raw", "jpeg")
 META_NAME = "iwm_bus.session"
 END_META_NAME = "iwm_bus.session.end"
 RECOVER_META_NAME = "iwm_bus.session.recovered"
+CONVERT_META_NAME = "iwm_bus.session.converted"
+#: topics of the viewer copies start with this; readers of the data skip them
+VIEWER_PREFIX = "/viewer/"
+VIEWER_FRAMES_TOPIC = VIEWER_PREFIX + "frames"
+#: the schema of the viewer frames (``foxglove.CompressedImage``, message encoding protobuf)
+IMAGE_SCHEMA_NAME = "foxglove.CompressedImage"
+#: wire topics with a JSON viewer copy, and its topic name (``.suffix`` becomes ``/suffix``)
+PLOT_TOPICS = {SURPRISE: "surprise", MRR: "mrr", ACTION: "action"}
 _FRAME_FIELDS = ("seq", "t_ns", "encoding", "height", "width", "channels", "data", "action")
 _FRAME_SCHEMA = {
     "title": "iwm_bus.session.frame", "type": "object",
@@ -190,3 +204,109 @@ def _frame_record(data: bytes) -> FrameRecord:
     return FrameRecord(body["seq"], body["t_ns"], body["encoding"], body["height"],
                        body["width"], body["channels"], body["data"],
                        _decode_action(body["action"]))
+
+
+# ---------------------------------------------------------------- viewer copies (format 2)
+
+
+def is_viewer_topic(topic: str) -> bool:
+    """True for the viewer copies (``/viewer/...``), which the session readers skip."""
+    return topic.startswith(VIEWER_PREFIX)
+
+
+def plot_topic(topic: str) -> str | None:
+    """The viewer topic of wire topic ``topic`` (``iwm.surprise.inv`` -> ``/viewer/surprise/inv``),
+    or None when the topic gets no JSON copy (latents, stats)."""
+    try:
+        base = base_topic(topic)
+    except KeyError:
+        return None
+    name = PLOT_TOPICS.get(base)
+    if name is None:
+        return None
+    suffix = topic[len(base) + 1:].replace(".", "/")
+    return VIEWER_PREFIX + name + (f"/{suffix}" if suffix else "")
+
+
+def image_schema() -> bytes:
+    """The ``foxglove.CompressedImage`` FileDescriptorSet (schema encoding protobuf)."""
+    from foxglove_schemas_protobuf.CompressedImage_pb2 import CompressedImage
+    from mcap_protobuf.schema import build_file_descriptor_set
+
+    return build_file_descriptor_set(CompressedImage).SerializeToString()
+
+
+def viewer_image(rec: FrameRecord, png_level: int = 1) -> bytes:
+    """``rec`` as a serialised ``foxglove.CompressedImage``: its own bytes when they are PNG or
+    JPEG, else its pixels as PNG (lossless); ``timestamp`` is the capture time."""
+    from foxglove_schemas_protobuf.CompressedImage_pb2 import CompressedImage
+
+    if rec.encoding in ("png", "jpeg"):
+        data, fmt = rec.data, rec.encoding
+    else:
+        data, fmt = encode_frame(rec.decode(), "png", png_level=png_level), "png"
+    msg = CompressedImage(frame_id=FRAMES_TOPIC, data=data, format=fmt)
+    msg.timestamp.FromNanoseconds(rec.t_ns)
+    return msg.SerializeToString()
+
+
+def _plot_fields(kind: str) -> dict[str, str]:
+    """Plottable fields of wire kind ``kind``: name -> JSON Schema type."""
+    out: dict[str, str] = {}
+    for name, spec in wire.SCHEMA[kind].items():
+        base = spec.rstrip("?")
+        if name.startswith("t_") or base in ("map", "bool"):
+            continue  # times become t_ns / timestamp
+        if base == "action":
+            out.update(action_id="integer", action_vector="array")
+        else:
+            out[name] = {"int": "integer", "number": "number", "str": "string",
+                         "array": "array"}[base]
+    return out
+
+
+def plot_schema(kind: str) -> bytes:
+    """JSON Schema (schema encoding ``jsonschema``) of the JSON viewer copy of ``kind``."""
+    props: dict[str, Any] = {
+        "t_ns": {"type": "integer", "description": "log time, ns since the Unix epoch"},
+        "timestamp": {"type": "object", "title": "time", "description": "log time",
+                      "properties": {"sec": {"type": "integer"}, "nsec": {"type": "integer"}}}}
+    for name, typ in _plot_fields(kind).items():
+        props[name] = ({"type": ["array", "null"], "items": {"type": "number"}}
+                       if typ == "array" else {"type": [typ, "null"]})
+    return json.dumps({"title": f"iwm_bus.viewer.{kind}", "type": "object",
+                       "properties": props}).encode()
+
+
+def _json_number(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN / inf
+    return value
+
+
+def _json_vector(value: Any) -> list[Any] | None:
+    if value is None:
+        return None
+    return [_json_number(float(x)) for x in np.asarray(value, np.float64).ravel()]
+
+
+def plot_message(kind: str, log_time: int, msg: Mapping[str, Any]) -> bytes:
+    """A decoded wire message as its JSON viewer copy: numbers, ``seq``, the log time."""
+    out: dict[str, Any] = {"t_ns": int(log_time),
+                           "timestamp": {"sec": log_time // 1_000_000_000,
+                                         "nsec": log_time % 1_000_000_000}}
+    for name, typ in _plot_fields(kind).items():
+        if name in ("action_id", "action_vector") and kind != "action":
+            action = msg.get("action") or {}
+            value = action.get(name.removeprefix("action_"))
+        else:
+            value = msg.get(name)
+        if typ == "array":
+            out[name] = _json_vector(value)
+        elif value is None:
+            out[name] = None
+        elif typ == "number":
+            out[name] = _json_number(float(value))
+        else:
+            out[name] = int(value) if typ == "integer" else str(value)
+    return json.dumps(out, allow_nan=False).encode()

@@ -1,6 +1,9 @@
 """Session writer: frames, actions and events appended to a new MCAP file in chunks.
 
-See ``iwm_bus.session`` for the file format and its crash safety.
+With ``viewer`` (the default) every frame is also written as a ``foxglove.CompressedImage``
+on ``/viewer/frames`` and every surprise, MRR and action message as a JSON object on
+``/viewer/...``, so that standard MCAP viewers show and plot the session (format 2). See
+``iwm_bus.session`` for the file format and its crash safety.
 """
 
 from __future__ import annotations
@@ -25,10 +28,18 @@ from iwm_bus.session_codec import (
     FORMAT_VERSION,
     FRAME_ENCODINGS,
     FRAMES_TOPIC,
+    IMAGE_SCHEMA_NAME,
     META_NAME,
+    VIEWER_FRAMES_TOPIC,
+    FrameRecord,
     _as_frame_array,
     _encode_action,
     encode_frame,
+    image_schema,
+    plot_message,
+    plot_schema,
+    plot_topic,
+    viewer_image,
 )
 from iwm_bus.topics import ACTION, FRAME, RPC, TOPIC_KINDS, base_topic
 
@@ -51,6 +62,9 @@ class SessionOptions:
     chunk_compression: str = "zstd"
     # fsync after every chunk (survives power loss, not only a killed process)
     fsync: bool = False
+    # also write the viewer copies (/viewer/frames as foxglove.CompressedImage, /viewer/...
+    # JSON numbers) that Foxglove and other MCAP tools display; PNG frames are stored twice
+    viewer: bool = True
 
     def __post_init__(self) -> None:
         checks = [
@@ -126,26 +140,39 @@ class SessionWriter:
             raise ValueError(f"session metadata must be JSON-able: {e}") from e
 
     def _channel(self, topic: str, kind: str) -> int:
+        """The channel of ``topic``: msgpack for data, protobuf / json for viewer copies."""
         cid = self._channels.get(topic)
         if cid is None:
             sid = self._schemas.get(kind)
             if sid is None:
-                data = json.dumps(_FRAME_SCHEMA).encode() if kind == "frame-record" \
-                    else _json_schema_for(kind)
-                sid = self._mcap.register_schema(f"iwm_bus.{kind}", "jsonschema", data)
+                if kind == "viewer-image":
+                    sid = self._mcap.register_schema(IMAGE_SCHEMA_NAME, "protobuf",
+                                                     image_schema())
+                elif kind.startswith("viewer-"):
+                    sub = kind.removeprefix("viewer-")
+                    sid = self._mcap.register_schema(f"iwm_bus.viewer.{sub}", "jsonschema",
+                                                     plot_schema(sub))
+                else:
+                    data = json.dumps(_FRAME_SCHEMA).encode() if kind == "frame-record" \
+                        else _json_schema_for(kind)
+                    sid = self._mcap.register_schema(f"iwm_bus.{kind}", "jsonschema", data)
                 self._schemas[kind] = sid
-            cid = self._mcap.register_channel(topic, "msgpack", sid, {"kind": kind})
+            encoding = ("protobuf" if kind == "viewer-image" else
+                        "json" if kind.startswith("viewer-") else "msgpack")
+            cid = self._mcap.register_channel(topic, encoding, sid, {"kind": kind})
             self._channels[topic] = cid
         return cid
 
-    def _add(self, topic: str, kind: str, log_time: int, payload: bytes, seq: int = 0) -> None:
+    def _add(self, topic: str, kind: str, log_time: int, payload: bytes, seq: int = 0,
+             publish_time: int | None = None) -> None:
         if self.closed:
             raise SessionError(f"{self.path}: session writer is closed")
         if not isinstance(log_time, int) or log_time < 0:
             raise ValueError(f"log time must be a non-negative int (ns), got {log_time!r}")
         cid = self._channel(topic, kind)
         self._mcap.add_message(cid, log_time=log_time, data=payload,
-                               publish_time=time.time_ns(), sequence=seq & 0xFFFFFFFF)
+                               publish_time=time.time_ns() if publish_time is None
+                               else publish_time, sequence=seq & 0xFFFFFFFF)
         self.messages_written += 1
         self._pending += len(payload) + 31
         if self._chunk_opened is None:
@@ -167,7 +194,23 @@ class SessionWriter:
         self._add(FRAMES_TOPIC, "frame-record", int(t_ns), payload, int(seq))
         self.frames_written += 1
         self.bytes_frames += len(payload)
+        if o.viewer:
+            self._add_viewer_frame(FrameRecord(int(seq), int(t_ns), o.frame_encoding, h, w, c,
+                                               data, None))
         return len(payload)
+
+    def _add_viewer_frame(self, rec: FrameRecord, publish_time: int | None = None) -> None:
+        self._add(VIEWER_FRAMES_TOPIC, "viewer-image", rec.t_ns,
+                  viewer_image(rec, self.options.png_level), rec.seq, publish_time)
+
+    def _add_viewer_event(self, topic: str, kind: str, log_time: int, msg: Mapping[str, Any],
+                          publish_time: int | None = None) -> None:
+        """The JSON copy of a wire message, when its topic has one (``plot_topic``)."""
+        target = plot_topic(topic)
+        if target is not None and kind in ("surprise", "mrr", "action"):
+            seq = msg.get("seq", 0)
+            self._add(target, f"viewer-{kind}", log_time, plot_message(kind, log_time, msg),
+                      seq if isinstance(seq, int) else 0, publish_time)
 
     def write_action(self, t_ns: int | None, action_msg: Mapping[str, Any]) -> None:
         """Append a wire ``action`` message (as received on ``agent.action``)."""
@@ -185,6 +228,8 @@ class SessionWriter:
         kind = msg.get("kind") or TOPIC_KINDS[base_topic(topic)][0]
         seq = msg.get("seq", 0)
         self._add(topic, kind, int(t_ns), payload, seq if isinstance(seq, int) else 0)
+        if self.options.viewer:
+            self._add_viewer_event(topic, kind, int(t_ns), msg)
 
     def flush_if_due(self) -> bool:
         """Close the open chunk if it reached ``chunk_size`` bytes or ``chunk_seconds``."""

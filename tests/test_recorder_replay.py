@@ -210,6 +210,10 @@ def test_record_synthetic_session(recorded: tuple[Path, RunResult]) -> None:
     assert end["missed"] == 0 and end["frames"] == N_FRAMES
     assert reader.metadata["source"]["spec"] == SYNTH
     assert reader.metadata["recorder"]["frame_encoding"] == "png"
+    # format 2: the viewer copies (Foxglove; decoded without iwm_bus in test_session_foxglove)
+    viewer = reader.viewer_topics
+    assert viewer["/viewer/frames"] == N_FRAMES == viewer["/viewer/surprise"]
+    assert "/viewer/mrr" in viewer and reader.format_version == 2
     # the recorded pixels are exactly what the (deterministic) source produced
     src = SyntheticSource(64, 48, seed=0)
     expected = [src.reset()] + [src.step(None) for _ in range(N_FRAMES - 1)]

@@ -285,16 +285,18 @@ def test_sigkilled_writer_open_chunk_is_lost_rest_is_read(tmp_path: Path) -> Non
     assert [f.seq for f in r.frames()] == list(range(25))  # exactly the complete chunk
     out = tmp_path / "fixed.mcap"
     res = recover(path, out)
-    assert res.needed and res.frames == 25 and res.messages == 25
+    # messages: the 25 frames and their 25 viewer copies (/viewer/frames)
+    assert res.needed and res.frames == 25 and res.messages == 50
     with open(out, "rb") as f:  # plain mcap reads the recovered file, through its index
         reader = make_reader(f)
         assert len(reader.get_summary().chunk_indexes) >= 1
-        assert sum(1 for _ in reader.iter_messages()) == 25
+        assert sum(1 for _ in reader.iter_messages()) == 50
     fixed = SessionReader(out)
     assert not fixed.recovered and fixed.num_frames == 25
     for i, f in enumerate(fixed.frames()):
         assert f.pixels[0, 0, 0] == i
     assert fixed.metadata["software_version"]  # metadata survived
+    assert fixed.viewer_topics == {"/viewer/frames": 25}
 
 
 def test_sigkilled_writer_running_chunks(tmp_path: Path) -> None:
@@ -362,6 +364,7 @@ def test_cli_info_recover_export(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert cli(["info", str(path)]) == 0
     text = capsys.readouterr().out
     assert "frames     20 (seq 0..19, 0 missing), 50.0 fps" in text
+    assert "session format 2" in text and "/viewer/frames 20" in text
     assert cli(["info", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["frames"] == 20
     out = tmp_path / "export"

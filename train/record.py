@@ -190,7 +190,8 @@ def record_session(game: GameSpec, path: str | Path, *, seed: int, frames: int,
                          "timestamps": "game clock: t0 + i / step_hz (not capture times)"},
         }
         with SessionWriter(path, metadata=meta, overwrite=overwrite,
-                           options=SessionOptions(frame_encoding=frame_encoding)) as writer:
+                           options=SessionOptions(frame_encoding=frame_encoding,
+                                                  viewer=False)) as writer:
             t0 = time.time_ns()
             frame = src.reset()
             writer.write_frame(0, t0, frame.pixels, frame.action)

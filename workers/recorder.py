@@ -69,6 +69,9 @@ class RecorderConfig:
     chunk_seconds: float = 1.0
     # fsync every chunk (power-loss safety; costs disk latency)
     fsync: bool = False
+    # viewer channels for Foxglove / MCAP tools (frames as foxglove.CompressedImage, surprise,
+    # MRR and actions as JSON); PNG frames are then stored twice (docs/sessions.md)
+    viewer: bool = True
     # frames copied out of the ring but not yet written, at most this many bytes
     queue_bytes: int = 256 << 20
     # replace an existing file at path
@@ -91,7 +94,8 @@ class RecorderConfig:
         try:
             return SessionOptions(frame_encoding=self.frame_encoding,
                                   jpeg_quality=self.jpeg_quality, chunk_size=self.chunk_size,
-                                  chunk_seconds=self.chunk_seconds, fsync=self.fsync)
+                                  chunk_seconds=self.chunk_seconds, fsync=self.fsync,
+                                  viewer=self.viewer)
         except ValueError as e:
             raise ValueError(str(e).replace("SessionOptions.", "RecorderConfig.")) from None
 
