@@ -99,6 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run = p.add_argument_group("run (env: IWM_RUN_DIR, IWM_SERVICE_HOST, IWM_SERVICE_PORT)")
     run.add_argument("--run-dir", type=Path, help="folder for sockets + manifest")
     run.add_argument("--record", type=Path, help="record the session to this .mcap file")
+    run.add_argument("--viewer", nargs="?", const="spawn", metavar="SPEC",
+                     help="stream the run to Rerun: spawn (the default) a viewer, or "
+                          "save:PATH.rrd headless (needs the viewer extra)")
     run.add_argument("--agent", choices=["demo", "none"],
                      help="also start the demo agent (default: demo without --source, else none)")
     run.add_argument("--quiet", action="store_true", help="no status line")
@@ -180,6 +183,10 @@ class Launcher:
 
         a = self.args
         check_spec(a.source)
+        if a.viewer is not None:
+            from workers.viewer import check_target
+
+            check_target(a.viewer)
         path = self.worker_cfg.checkpoint()
         paths = {"": path}
         if self.worker_cfg.dual:
@@ -249,6 +256,12 @@ class Launcher:
                 "capture": {"fps": self.args.fps, "mode": self.args.mode}})
             self.children.append(Child("recorder", "workers.recorder:run_recorder",
                                        (rec, self.endpoints, self.ring_name)))
+        if self.args.viewer is not None:
+            from workers.viewer import ViewerConfig
+
+            self.children.append(Child("viewer", "workers.viewer:run_viewer",
+                                       (ViewerConfig(spec=self.args.viewer), self.endpoints,
+                                        self.ring_name)))
         if self.args.agent == "demo":
             self.children.append(Child("agent", "agent_bridge.demo_agent:run_demo_agent",
                                        (str(self.bus.run_dir),)))
@@ -353,6 +366,11 @@ class Launcher:
                              _describe_exit(child.proc.exitcode), self.args.record)
                 self.children.remove(child)
                 self.recording_lost = True
+                return True
+            if child.name == "viewer":  # the live view is optional: the sidecar goes on
+                logger.error("viewer died ({}); going on without it",
+                             _describe_exit(child.proc.exitcode))
+                self.children.remove(child)
                 return True
             logger.error("{} died (exit code {})", child.name, child.proc.exitcode)
             return False

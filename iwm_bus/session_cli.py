@@ -8,9 +8,11 @@
     iwm-session export run.mcap frames/       # frame_<seq>.png + actions.csv (= folder:frames/)
     iwm-session export run.mcap --video run.mp4   # H.264 with a surprise strip (--no-overlay)
     iwm-session report run.mcap --out report.png   # surprise + MRR over time, peak thumbnails
+    iwm-session view run.mcap                 # open it in Rerun (needs the viewer extra)
+    iwm-session view run.mcap --save run.rrd  # the same, to a file (`rerun run.rrd`)
 
 Exit status: 0 done, 1 the session file is bad (the message names the file and the
-problem), 2 bad command line.
+problem), 2 bad command line (``view``: also rerun-sdk missing, or no display to spawn on).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 
 from iwm_bus.errors import SessionError
 from iwm_bus.session import FRAMES_TOPIC, SessionReader, convert, recover
-from iwm_bus.topics import MRR, SURPRISE
+from iwm_bus.topics import ACTION, MRR, SURPRISE, base_topic
 
 
 def _fmt_info(info: dict[str, Any]) -> str:
@@ -233,6 +235,61 @@ def _plot(args: argparse.Namespace, reader: SessionReader, ts: np.ndarray, surpr
     plt.close(fig)
 
 
+# ---------------------------------------------------------------- view
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    """Frames, surprise / MRR series and actions into Rerun (``workers.viewer.RerunLog``).
+
+    A record that does not decode is named on stderr and skipped; the exit status is then 1.
+    """
+    from workers.viewer import RerunLog, check_target
+
+    try:  # rerun-sdk importable, the --save folder exists, a display to spawn a viewer on
+        target = check_target("spawn" if args.save is None else f"save:{args.save}",
+                              "iwm-session view")
+        if not 16 <= args.max_side <= 8192:
+            raise ValueError(f"--max-side {args.max_side}: must be in 16..8192")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"iwm-session: error: {e}", file=sys.stderr)
+        return 2
+    reader = SessionReader(args.path)
+    wanted = [t for t in reader.topics if t == FRAMES_TOPIC or _base(t) in (SURPRISE, MRR,
+                                                                             ACTION)]
+    bad = 0
+    last_frame: int | None = None
+    with RerunLog(target, max_side=args.max_side, what="iwm-session view") as log:
+        try:
+            for topic, raw in reader.raw_messages(wanted):
+                try:
+                    msg = reader._decode(topic, raw)  # per record: a bad one is skipped
+                    if topic == FRAMES_TOPIC:
+                        log.frame(msg.seq, reader.decode(msg))
+                        last_frame = msg.seq
+                    else:
+                        log.event(topic, msg, last_frame)
+                except (SessionError, KeyError, TypeError, ValueError) as e:
+                    bad += 1
+                    print(f"iwm-session: error: {reader.path}: {topic} record at "
+                          f"t={raw.log_time}: {e}; skipped", file=sys.stderr)
+        except SessionError as e:  # a chunk that cannot be read: what came before is logged
+            bad += 1
+            print(f"iwm-session: error: {e}; the rest of the file is not shown",
+                  file=sys.stderr)
+    c = log.counts
+    print(f"{args.save or 'rerun viewer'}: {c['frames']} frames, {c['scalars']} scalar values, "
+          f"{c['actions']} actions from {reader.path}"
+          + (f"; {bad} unreadable record(s) skipped" if bad else ""))
+    return 1 if bad else 0
+
+
+def _base(topic: str) -> str | None:
+    try:
+        return base_topic(topic)
+    except KeyError:
+        return None
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -277,6 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dpi", type=int, default=100)
     s.add_argument("--peaks", type=int, default=6, help="thumbnails of the top surprise peaks")
     s.set_defaults(func=cmd_report)
+    s = sub.add_parser("view", help="open it in the Rerun viewer (frames, surprise, MRR, "
+                       "actions on the frame timeline; needs the viewer extra)")
+    s.add_argument("path")
+    s.add_argument("--save", help="write a Rerun .rrd file here instead of spawning the viewer")
+    s.add_argument("--max-side", type=int, default=320,
+                   help="downscale frames to at most this many pixels a side")
+    s.set_defaults(func=cmd_view)
     return p
 
 
