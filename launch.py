@@ -210,6 +210,11 @@ class Launcher:
                     f"the dual streams must share one encoder input: {given[0]} is "
                     f"{eq['encoder_name']} at {eq['img_size']} px, {given[1]} "
                     f"{sem['encoder_name']} at {sem['img_size']} px")
+            for f in ("cond_dim", "num_actions"):
+                if eq[f] != sem[f]:
+                    raise CheckpointError(
+                        f"the dual streams must take one action format: {given[0]} has "
+                        f"{f}={eq[f]}, {given[1]} {f}={sem[f]}")
         if a.record is not None and not a.record.parent.is_dir():
             raise FileNotFoundError(f"--record: folder {a.record.parent} does not exist")
         for name in ("frames", "duration"):

@@ -189,6 +189,8 @@ class ArbiterDecision:
     stale: bool = False
     surprise: float | None = None
     surprise_z: float | None = None
+    # the semantic stream's surprise_z that escalation read (dual worker; None otherwise)
+    semantic_surprise_z: float | None = None
     mrr: float | None = None
     frame_seq: int | None = None
     reasons: tuple[str, ...] = field(default_factory=tuple)
@@ -242,7 +244,8 @@ class ArbiterHooks:
         """A metric only counts while it belongs to a recent frame."""
         if value is None or seq is None or state.frame_seq is None:
             return value
-        return value if state.frame_seq - seq <= self.config.max_metric_lag_frames else None
+        lag = state.frame_seq - seq  # -1: a dual worker's semantic numbers precede the latent
+        return value if -1 <= lag <= self.config.max_metric_lag_frames else None
 
     def surprise(self, state: BeingState) -> float | None:
         return self._metric(state, state.vision_prediction_surprise, state.surprise_seq)
@@ -313,7 +316,9 @@ class ArbiterHooks:
         decision = ArbiterDecision(
             slow_down=slow, delay_s=self.delay_s(state), prefer_wait=slow and cfg.prefer_wait,
             escalate=low, temporal_coherence=coherence, surprise=s,
-            surprise_z=self.surprise_z(state), mrr=state.vision_mrr,
+            surprise_z=self.surprise_z(state),
+            semantic_surprise_z=self.escalation_surprise_z(state)
+            if state.semantic_seq is not None else None, mrr=state.vision_mrr,
             frame_seq=state.frame_seq, reasons=tuple(reasons))
         if low:
             self._escalate(decision)

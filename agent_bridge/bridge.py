@@ -171,6 +171,7 @@ class _Tracker:
         self.hooks: dict[int, _Hook] = {}
         self._ids = itertools.count(1)
         self._last_latent_seq: int | None = None
+        self._dual = False  # seen a semantic stream (a dual worker)
         self._bad_logged = 0
 
     def add_hook(self, kind: str, threshold: float | None, callback: Callback) -> int:
@@ -227,9 +228,12 @@ class _Tracker:
         if z.ndim != 1 or z.size == 0 or z.dtype.kind != "f":
             raise ValueError(f"z_cls must be a float (D,) array, got {z.dtype} {z.shape}")
         variant = msg["variant"]
-        if suffix in _SEMANTIC_SUFFIXES or (not suffix and variant == "invariant"):
+        if suffix == "semantic":
+            self._dual = True  # a dual worker: its plain latents are the equivariant stream
+        if suffix in _SEMANTIC_SUFFIXES or (not suffix and not self._dual
+                                            and variant == "invariant"):
             self.state.vision_semantic = z
-        if suffix == "equivariant" or (not suffix and variant == "equivariant"):
+        if suffix == "equivariant" or (not suffix and (self._dual or variant == "equivariant")):
             self.state.vision_equivariant = z
         if suffix:
             return []
@@ -239,6 +243,9 @@ class _Tracker:
             self.stats.gaps += seq - last - 1
         elif last is not None and seq <= last:
             self.stats.restarts += 1
+            if seq < last and st.semantic_seq != seq:  # a new stream: old semantic numbers
+                st.vision_semantic_surprise = st.vision_semantic_surprise_z = None
+                st.vision_semantic_mrr = st.semantic_seq = None
         if st.vision_core_latent is not None and st.vision_core_latent.shape != z.shape:
             st.vision_core_latent = None  # a different model: the old latent is not comparable
         self._last_latent_seq = seq

@@ -145,6 +145,9 @@ class WorkerConfig:
             if not self.dual:
                 _fail("WorkerConfig", "semantic_model_path", self.semantic_model_path,
                       "is the second stream's checkpoint: set dual too")
+            if self.untrained:
+                _fail("WorkerConfig", "untrained", self.untrained,
+                      "contradicts semantic_model_path (a checkpoint is trained weights)")
         if self.dual and self.variant is not None:
             _fail("WorkerConfig", "variant", self.variant,
                   "does not apply to a dual worker (its streams are equivariant and invariant)")

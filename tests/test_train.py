@@ -339,7 +339,10 @@ def test_dual_stream_training_starts_from_an_encoder_and_learns_views_with_actio
         assert torch.equal(told.model.encoder.state_dict()[k], v), k
     fresh = create_iwm_model("custom", seed=0, pred_depth=2, pred_dim=64, pred_heads=2,
                              num_actions=5, **enc)
+    for k, v in src.target_encoder.state_dict().items():
+        assert torch.equal(told.model.target_encoder.state_dict()[k], v), k
     assert told.model.predictor.state_dict().keys() == fresh.predictor.state_dict().keys()
+    assert len(told.model.predictor.blocks) == 2  # the run's new predictor, not the source's
     batch = told.make_batch(0)
     views = batch["views"]
     assert views["src"].shape == views["tgt"].shape == (8, 3, 32, 32)

@@ -73,28 +73,39 @@ ENCODER_FIELDS = ("encoder_name", "img_size", "patch_size", "encoder_depth")
 def init_model(run: RunConfig, device: torch.device) -> IWM:
     """A fresh model of ``run.model`` (seeded), or ``init_from``'s weights.
 
-    ``init_from`` of the same config continues from all its weights; one that differs only
-    in the predictor (depth, width, heads, ...) gives its encoder and target encoder to a
-    fresh predictor (how the dual-stream presets start from the shipped default).
+    ``init_from`` of the same encoder gives its encoder and target encoder, and its predictor
+    where the predictor's shapes are the same too; a predictor of another shape (depth,
+    width, ...) starts new, with a warning (how the dual-stream presets start from the
+    shipped default). Another encoder is refused.
     """
     tc = run.train
-    model = create_iwm_model(run.model.variant, device=device, seed=tc.seed,
+
+    def fresh() -> IWM:
+        m = create_iwm_model(run.model.variant, device=device, seed=tc.seed,
                              **{k: v for k, v in run.model.to_dict().items() if k != "variant"})
-    model.init_target_encoder()
-    if tc.init_from:
+        m.init_target_encoder()
+        return m
+
+    if not tc.init_from:
+        model = fresh()
+    else:
         src = load_iwm(tc.init_from, device, with_target=True)
-        if src.config == run.model:
-            model = src
-        else:
-            diff = {k: (v, getattr(run.model, k)) for k, v in src.config.to_dict().items()
-                    if getattr(run.model, k) != v}
-            if any(k in ENCODER_FIELDS for k in diff):
-                raise CheckpointError(f"{tc.init_from}: checkpoint encoder differs from the "
-                                      f"run's (checkpoint, run): {diff}")
+        diff = {k: (v, getattr(run.model, k)) for k, v in src.config.to_dict().items()
+                if getattr(run.model, k) != v}
+        if any(k in ENCODER_FIELDS for k in diff):
+            raise CheckpointError(f"{tc.init_from}: checkpoint encoder differs from the "
+                                  f"run's (checkpoint, run): {diff}")
+        model = src
+        if diff:
+            model = fresh()
             model.encoder.load_state_dict(src.encoder.state_dict())
             model.target_encoder.load_state_dict(src.target_encoder.state_dict())
-            logger.info("{}: encoder and target encoder loaded, predictor new (differs: {})",
-                        tc.init_from, sorted(diff))
+            try:
+                model.predictor.load_state_dict(src.predictor.state_dict())
+                logger.info("{}: all weights loaded (config differs: {})", tc.init_from, diff)
+            except RuntimeError:
+                logger.warning("{}: encoder and target encoder loaded; the predictor differs "
+                               "({}) and starts new", tc.init_from, sorted(diff))
     model.amp = tc.amp
     return model.train()
 
@@ -134,8 +145,7 @@ class Trainer:
         if self.tc.ddp and self.dist.world > 1:
             self.ddp_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=self.tc.phase == 1 or not run.objective.global_weight
-                or bool(run.objective.views_weight))
+                find_unused_parameters=self.tc.phase == 1 or not run.objective.global_weight)
         self.opt = init_opt(self.model, self.tc)
         self.total = self.tc.steps or self.tc.epochs * (self.num_samples // self.tc.batch_size)
         self.ema = self.model.make_ema(self.total)

@@ -20,7 +20,6 @@ the same run dir and ring name)::
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import threading
@@ -42,7 +41,7 @@ from iwm_bus.model import IWM, create_iwm_model, load_iwm
 from iwm_bus.ring import clock_ns
 from iwm_bus.transport import Endpoints, Publisher, Subscriber
 from workers.entry import StopFlag, stop_on_signals
-from workers.model_stream import ModelStream, StreamResult, shared_input
+from workers.model_stream import ModelStream, StreamResult, finite, shared_input
 from workers.rpc_server import DEFAULT_BUDGET as DEFAULT_RPC_BUDGET
 from workers.rpc_server import ModelService, RPCServer, Throttle
 from workers.stream import Action, ActionBook, FrameReader, StreamStats
@@ -65,14 +64,11 @@ LOSSLESS_NOTICE_WAIT_MS = 250
 DRAIN_BUDGET = 1000
 
 
-def _finite(x: float) -> float | None:
-    return None if x is None or not math.isfinite(x) else float(x)
-
-
 # ----------------------------------------------------------------------------- model
 
 
-def load_model(cfg: WorkerConfig, path: Path | None = None, variant: str | None = None) -> IWM:
+def load_model(cfg: WorkerConfig, path: Path | None = None, variant: str | None = None,
+               seed: int = SEED) -> IWM:
     """The checkpoint at ``path`` (default: ``cfg.checkpoint()``), or an untrained (seeded)
     model with a warning.
 
@@ -97,12 +93,12 @@ def load_model(cfg: WorkerConfig, path: Path | None = None, variant: str | None 
     if cfg.img_size:
         overrides["img_size"] = cfg.img_size
     variant = variant or "core"
-    model = create_iwm_model(variant, device=cfg.device, seed=SEED, compile=cfg.compile,
+    model = create_iwm_model(variant, device=cfg.device, seed=seed, compile=cfg.compile,
                              **overrides)
     logger.warning("untrained weights (--untrained, or no shipped model in this install): "
                    "latents, surprise and MRR come from an UNTRAINED {} model ({}, seed {}); "
                    "use them to test the plumbing only", variant,
-                   model.config.encoder_name, SEED)
+                   model.config.encoder_name, seed)
     return model
 
 
@@ -116,14 +112,30 @@ def load_models(cfg: WorkerConfig) -> list[tuple[str, IWM]]:
     if not cfg.dual:
         return [("core", load_model(cfg))]
     eq = load_model(cfg, cfg.checkpoint(), "equivariant" if cfg.untrained else None)
-    sem = load_model(cfg, cfg.semantic_checkpoint(), "invariant" if cfg.untrained else None)
+    sem = load_model(cfg, cfg.semantic_checkpoint(), "invariant" if cfg.untrained else None,
+                     seed=SEED + 1)
+    check_pair(eq, sem)
+    return [("equivariant", eq), ("semantic", sem)]
+
+
+def check_pair(eq: IWM, sem: IWM) -> None:
+    """A dual pair must take one input and one action (the worker preprocesses each frame
+    once and gives both models the same action); ValueError naming the difference."""
     if not eq.same_input(sem):
         raise ValueError(
             f"the dual streams need one input: the equivariant model takes "
             f"{eq.config.img_size} px on {eq.device}, the semantic one "
             f"{sem.config.img_size} px on {sem.device} (or another pixel normalisation); "
             "train both at one size")
-    return [("equivariant", eq), ("semantic", sem)]
+    for f in ("cond_dim", "num_actions"):
+        a, b = getattr(eq.config, f), getattr(sem.config, f)
+        if a != b:
+            raise ValueError(f"the dual streams need one action format: the equivariant "
+                             f"model has {f}={a}, the semantic one {f}={b}")
+    if eq.config.variant == "invariant" or sem.config.variant == "equivariant":
+        logger.warning("dual streams: the equivariant stream's model is {} and the semantic "
+                       "stream's {}: swapped --model and --semantic-model?",
+                       eq.config.variant, sem.config.variant)
 
 
 # ----------------------------------------------------------------------------- worker
@@ -184,7 +196,7 @@ class EncoderWorker:
             self._pub = Publisher(eps.worker, ctx=self._ctx)
             self._remember_ipc(eps.worker)
             primary = self.streams[0]
-            service = ModelService(self.model, self._health, lambda: _finite(primary.mrr.value),
+            service = ModelService(self.model, self._health, lambda: finite(primary.mrr.value),
                                    primary.horizon.values,
                                    {st.name: st.model for st in self.streams[1:]})
             self._rpc = RPCServer(self._ctx, eps.rpc, service)

@@ -22,21 +22,30 @@ from iwm_bus import metrics
 from iwm_bus.model import IWM
 from workers.stream import MRR_WINDOW, Action, HorizonMRR, LatentBank, frame_key
 
-__all__ = ["MAX_GAP", "ModelStream", "StreamResult", "checkpoint_abstraction", "shared_input"]
+__all__ = ["MAX_GAP", "ModelStream", "StreamResult", "checkpoint_abstraction", "finite",
+           "shared_input"]
 
 #: realtime: a frame more than this many frames after the last processed one gets no
 #: surprise (nil); closer ones are predicted through the skipped frames
 MAX_GAP = 8
 
 
-def _finite(x: float | None) -> float | None:
+def finite(x: float | None) -> float | None:
+    """``x`` as a float, or None when it is None, NaN or infinite (nil on the wire)."""
     return None if x is None or not math.isfinite(x) else float(x)
 
 
 def checkpoint_abstraction(model: IWM) -> float | None:
     """:func:`iwm_bus.metrics.abstraction_index` of a checkpoint's own held-out evaluation
-    (the eval summary ``train.export`` puts in it); None without one."""
+    (the eval summary ``train.export`` puts in it); None without one, and None for a model
+    never trained on augmented views (Phase 3 alone, like iwm-default-v1): its predictor
+    ignoring an augmentation it never saw says nothing about where it sits."""
     prov = model.provenance or {}
+    run = prov.get("run_config") or {}
+    views = (run.get("train") or {}).get("phase") == 1 or \
+        bool((run.get("objective") or {}).get("views_weight"))
+    if not views:
+        return None
     aug = (prov.get("eval") or {}).get("augmentation_mrr") or {}
     try:
         return metrics.abstraction_index(float(aug["model"]), float(aug["chance"]))
@@ -111,7 +120,7 @@ class ModelStream:
             errors = metrics.patch_errors(pred, p)  # (N,)
             surprise = metrics.errors_surprise(errors)
             if seq - pred_seq == 1:  # a prediction through skipped frames errs more by
-                surprise_z = _finite(self.surprise_z(errors))  # construction: not comparable
+                surprise_z = finite(self.surprise_z(errors))  # construction: not comparable
             rr = self.bank.rank(frame_key(pred), key)  # among the k most recent frames
             self.mrr.update(rr)
             self.horizon.observe(seq - pred_seq, pred, rr, list(preds[1:]), key, self.bank)
@@ -122,7 +131,7 @@ class ModelStream:
         self.bank.add(key)
         self._prev = (seq, p)
         return StreamResult(z, p, surprise, surprise_z, pred_seq, rr,
-                            _finite(self.mrr.value) if rr is not None else None, k)
+                            finite(self.mrr.value) if rr is not None else None, k)
 
     def _predict(self, starts: np.ndarray, action: Action, steps: int) -> np.ndarray:
         """The patch latents ``steps`` frames after each of ``starts`` (B, N, D), under the
@@ -142,7 +151,7 @@ class ModelStream:
 
     def stats(self) -> dict[str, Any]:
         """This stream's part of ``iwm.stats``."""
-        return {"variant": self.variant, "mrr": _finite(self.mrr.value),
+        return {"variant": self.variant, "mrr": finite(self.mrr.value),
                 "surprise_last": self.surprise_last,
-                "mrr_horizon": [_finite(v) for v in self.horizon.values()],
+                "mrr_horizon": [finite(v) for v in self.horizon.values()],
                 "abstraction_index": self.abstraction_index}
