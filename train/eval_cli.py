@@ -58,6 +58,10 @@ def format_table(s: dict[str, Any]) -> str:
             rows.append((name, _fmt(d.get("model")),
                          "  ".join(f"{b}={_fmt(d.get(b))}" for b in base)))
     add("augmentation MRR", "augmentation_mrr", ["zero_cond", "chance"])
+    if "response" in s.get("augmentation_mrr", {}):
+        d = s["augmentation_mrr"]
+        rows.append(("prediction ~ augmentation", f"{_fmt(d['response'])} / "
+                     f"{_fmt(d['alignment'])}", "response / alignment (0 = ignores it)"))
     if "abstraction_index" in s.get("augmentation_mrr", {}):
         rows.append(("abstraction index", _fmt(s["augmentation_mrr"]["abstraction_index"]),
                      "1 = invariant, 0 = equivariant"))

@@ -7,7 +7,12 @@ of the truth (a candidate identical to the true latent does not cost a rank).
 - **Augmentation MRR** (IWM protocol, Garrido et al. 2024): per image, one source view and a
   bank of ``bank`` target views of the same crop under different colour jitters; the
   prediction from the source view conditioned on target k's parameters must retrieve
-  target k. Baseline: the same predictor with the conditioning zeroed, and chance.
+  target k. Baseline: the same predictor with the conditioning zeroed, and chance. Also how
+  the prediction moves with the augmentation, around the bank's mean: ``response`` = its
+  mean displacement over the targets' (0 = ignores it, 1 = moves as much as the targets)
+  and ``alignment`` = the mean cosine between the two displacements (0 = unrelated,
+  1 = the right direction): finer than the MRR, which stays at chance until the movement
+  outgrows the differences between the targets themselves.
 - **Next-latent MRR**: the true next latent among ``bank`` latents of the same session
   around it (temporal neighbours, the current frame included). Baselines: copy-last (the
   prediction is the current latent) and action-shuffled (the model fed another
@@ -131,7 +136,7 @@ def augmentation_mrr(model: IWM, store: FrameStore, cfg: EvalConfig,
     gen = torch.Generator().manual_seed(cfg.seed)
     pick = torch.randperm(len(store), generator=gen)[:cfg.aug_images]
     idx = model.all_idx
-    rr_model, rr_zero = [], []
+    rr_model, rr_zero, gain, align = [], [], [], []
     for i in pick.tolist():
         params = _jitter_bank(gen, sample_params(gen, 1, aug), cfg.bank, aug)
         img = store.frames[i:i + 1].expand(cfg.bank, -1, -1, -1)
@@ -153,8 +158,13 @@ def augmentation_mrr(model: IWM, store: FrameStore, cfg: EvalConfig,
             pf, tf = flat(torch.cat(preds)), flat(targets)  # (K, F)
             others = torch.stack([torch.cat([tf[:k], tf[k + 1:]]) for k in range(len(tf))])
             out.append(rr_truth(pf, tf, others).mean().item())
+            if out is rr_model:  # how the prediction moves with the augmentation
+                dp, dt = pf - pf.mean(0), tf - tf.mean(0)  # (K, F): around the bank's means
+                gain.append((dp.norm(dim=1).mean() / dt.norm(dim=1).mean()).item())
+                align.append(F.cosine_similarity(dp, dt, dim=1).mean().item())
     return {"model": float(np.mean(rr_model)), "zero_cond": float(np.mean(rr_zero)),
-            "chance": chance_mrr(cfg.bank)}
+            "chance": chance_mrr(cfg.bank), "response": float(np.mean(gain)),
+            "alignment": float(np.mean(align))}
 
 
 # ----------------------------------------------------------------------------- sessions
