@@ -35,11 +35,11 @@ import zmq
 from loguru import logger
 
 from iwm_bus import topics
-from iwm_bus.errors import RingError, SessionError
-from iwm_bus.ring import FrameRing
+from iwm_bus.errors import SessionError
 from iwm_bus.session import FRAME_ENCODINGS, SessionOptions, SessionWriter
 from iwm_bus.transport import Endpoints, Subscriber
 from workers.entry import StopFlag, stop_on_signals
+from workers.ring_follower import RingFollower
 
 __all__ = ["RecorderConfig", "Recorder", "run_recorder"]
 
@@ -181,8 +181,7 @@ class Recorder:
         self._poller = zmq.Poller()
         for sub in self.subs:
             self._poller.register(sub.sock, zmq.POLLIN)
-        self.ring: FrameRing | None = None
-        self.last_seq: int | None = None
+        self.follower = RingFollower(ring_name, "recorder")
         self.counts: dict[str, int] = dict.fromkeys(
             ("notices", "frames", "from_ring", "missed_overwritten", "missed_gap",
              "missed_writer_behind", "missed_no_ring", "capture_restarts", "events"), 0)
@@ -202,56 +201,25 @@ class Recorder:
 
     # ------------------------------------------------------------ frames
 
-    def _attach(self) -> FrameRing | None:
-        if self.ring is None:
-            try:
-                self.ring = FrameRing.attach(self.ring_name)
-            except RingError as e:
-                logger.warning("recorder: cannot attach ring {!r}: {}", self.ring_name, e)
-                return None
-        return self.ring
-
-    def _detach(self) -> None:
-        if self.ring is not None:
-            self.ring.close()
-            self.ring = None
-
     def on_frame(self, msg: dict[str, Any]) -> None:
         seq = msg["seq"]
         self.counts["notices"] += 1
-        if self.last_seq is not None and seq <= self.last_seq:
-            if seq == self.last_seq:
-                return  # a duplicate notice
-            logger.warning("recorder: frame seq went back from {} to {}: the capture "
-                           "restarted; re-attaching the ring", self.last_seq, seq)
-            self.counts["capture_restarts"] += 1
-            self._detach()
-            self.last_seq = None
-        ring = self._attach()
-        if ring is None:
-            self.counts["missed_no_ring"] += 1
+        reads = self.follower.on_notice(seq)
+        self.counts["capture_restarts"] = self.follower.capture_restarts
+        if reads is None:
+            if self.follower.ring is None:
+                self.counts["missed_no_ring"] += 1
             return
-        if self.last_seq is None:  # back-fill what is still in the ring (not counted as missed)
-            for s in range(max(0, seq - ring.slots + 1), seq):
-                self._from_ring(ring, s, count_miss=False)
-        else:
-            for s in range(self.last_seq + 1, seq):  # notices that never arrived
-                self._from_ring(ring, s, count_miss=True)
-        got = ring.read(seq, with_meta=True)
-        if got is None:
-            self.counts["missed_overwritten"] += 1
-        else:
-            self._queue_frame(seq, msg["t_capture_ns"], got[0], msg.get("action"))
-        self.last_seq = seq
-
-    def _from_ring(self, ring: FrameRing, seq: int, count_miss: bool) -> None:
-        got = ring.read(seq, with_meta=True)
-        if got is None:
-            self.counts["missed_gap"] += int(count_miss)
-            return
-        pixels, meta = got
-        if self._queue_frame(seq, meta.t_capture_ns, pixels, None):
-            self.counts["from_ring"] += 1
+        for r in reads:
+            if r.got is None:
+                if r.why == "notice":
+                    self.counts["missed_overwritten"] += 1
+                elif r.why == "gap":
+                    self.counts["missed_gap"] += 1
+            elif r.why == "notice":
+                self._queue_frame(seq, msg["t_capture_ns"], r.got[0], msg.get("action"))
+            elif self._queue_frame(r.seq, r.got[1].t_capture_ns, r.got[0], None):
+                self.counts["from_ring"] += 1
 
     def _queue_frame(self, seq: int, t_ns: int, pixels: Any, action: Any) -> bool:
         if not self.thread.put_frame(seq, t_ns, pixels, action):
@@ -315,8 +283,8 @@ class Recorder:
     def stats(self) -> dict[str, Any]:
         missed = sum(v for k, v in self.counts.items() if k.startswith("missed_"))
         return {**self.counts, "missed": missed, "first_seq": self.first_seq,
-                "last_seq": self.last_seq, "recording_s": round(time.monotonic() - self.t_start,
-                                                                 3),
+                "last_seq": self.follower.last_seq,
+                "recording_s": round(time.monotonic() - self.t_start, 3),
                 "decode_errors": sum(s.decode_errors for s in self.subs),
                 "queued_bytes": self.thread.queued_bytes}
 
@@ -334,7 +302,7 @@ class Recorder:
             for sub in self.subs:
                 sub.close()
             self._ctx.destroy(linger=0)
-            self._detach()
+            self.follower.close()
 
 
 # ---------------------------------------------------------------- process entry

@@ -44,10 +44,9 @@ import zmq
 from loguru import logger
 
 from iwm_bus import topics
-from iwm_bus.errors import RingError
-from iwm_bus.ring import FrameRing
 from iwm_bus.transport import Endpoints, Subscriber
 from workers.entry import StopFlag, stop_on_signals
+from workers.ring_follower import RingFollower
 
 __all__ = ["ViewerConfig", "ViewerTarget", "RerunLog", "LiveViewer", "check_target",
            "downscale", "require_rerun", "run_viewer"]
@@ -263,61 +262,30 @@ class LiveViewer:
         self._poller = zmq.Poller()
         for sub in self.subs:
             self._poller.register(sub.sock, zmq.POLLIN)
-        self.ring: FrameRing | None = None
-        self.last_seq: int | None = None
+        self.follower = RingFollower(ring_name, "viewer")
         self.counts: dict[str, int] = dict.fromkeys(
             ("notices", "skipped_frames", "capture_restarts"), 0)
         self.t_start = time.monotonic()
 
     # ------------------------------------------------------------ frames
 
-    def _attach(self) -> FrameRing | None:
-        if self.ring is None:
-            try:
-                self.ring = FrameRing.attach(self.ring_name)
-            except RingError as e:
-                logger.warning("viewer: cannot attach ring {!r}: {}", self.ring_name, e)
-                return None
-        return self.ring
-
-    def _detach(self) -> None:
-        if self.ring is not None:
-            self.ring.close()
-            self.ring = None
-
     def on_frame(self, msg: dict[str, Any]) -> None:
         seq = msg["seq"]
         self.counts["notices"] += 1
-        if self.last_seq is not None and seq <= self.last_seq:
-            if seq == self.last_seq:
-                return  # a duplicate notice
-            logger.warning("viewer: frame seq went back from {} to {}: the capture "
-                           "restarted; re-attaching the ring", self.last_seq, seq)
-            self.counts["capture_restarts"] += 1
-            self._detach()
-            self.last_seq = None
-        if msg.get("pixels") is not None:  # the frame travels inline (remote capture)
-            self.log.frame(seq, msg["pixels"])
-            self.last_seq = seq
+        inline = msg.get("pixels")  # the frame travels inline (remote capture)
+        reads = self.follower.on_notice(seq, read=inline is None)
+        self.counts["capture_restarts"] = self.follower.capture_restarts
+        if reads is None:  # a duplicate, or no ring to read yet
+            self.counts["skipped_frames"] += int(inline is None and self.follower.ring is None)
             return
-        ring = self._attach()
-        if ring is None:
-            self.counts["skipped_frames"] += 1
-        else:
-            # frames before the first notice (back-fill), or whose notice never arrived
-            first = max(0, seq - ring.slots + 1) if self.last_seq is None else self.last_seq + 1
-            for s in range(first, seq):
-                self._from_ring(ring, s, count_miss=self.last_seq is not None)
-            self._from_ring(ring, seq, count_miss=True)
-        self.last_seq = seq
-
-    def _from_ring(self, ring: FrameRing, seq: int, count_miss: bool) -> bool:
-        pixels = ring.read(seq)
-        if pixels is None:
-            self.counts["skipped_frames"] += int(count_miss)
-            return False
-        self.log.frame(seq, pixels)
-        return True
+        if inline is not None:
+            self.log.frame(seq, inline)
+            return
+        for r in reads:
+            if r.got is not None:
+                self.log.frame(r.seq, r.got[0])
+            elif r.why != "backfill":
+                self.counts["skipped_frames"] += 1
 
     # ------------------------------------------------------------ loop
 
@@ -325,7 +293,7 @@ class LiveViewer:
         if topic == topics.FRAME:
             self.on_frame(msg)
         else:
-            self.log.event(topic, msg, self.last_seq)
+            self.log.event(topic, msg, self.follower.last_seq)
 
     def _drain(self, sub: Subscriber, budget: int = 1000) -> int:
         for n in range(budget):
@@ -359,7 +327,7 @@ class LiveViewer:
             self.poll_once(20)
 
     def stats(self) -> dict[str, Any]:
-        return {**self.counts, **self.log.counts, "last_seq": self.last_seq,
+        return {**self.counts, **self.log.counts, "last_seq": self.follower.last_seq,
                 "running_s": round(time.monotonic() - self.t_start, 3),
                 "decode_errors": sum(s.decode_errors for s in self.subs)}
 
@@ -370,7 +338,7 @@ class LiveViewer:
             for sub in self.subs:
                 sub.close()
             self._ctx.destroy(linger=0)
-            self._detach()
+            self.follower.close()
 
 
 # ---------------------------------------------------------------- process entry
