@@ -74,6 +74,7 @@ from mcap.exceptions import McapError
 from mcap.opcode import Opcode
 from mcap.records import Message
 from mcap.writer import Writer
+from tqdm import tqdm
 
 from iwm_bus import __version__, wire
 from iwm_bus.session_codec import (
@@ -423,7 +424,9 @@ def _rewrite(reader: SessionReader, dest: Path, dropped: int) -> int:
         channel_ids: dict[int, int] = {}
         count = 0
         with open(reader.path, "rb") as src:
-            for ref in index.chunks:
+            # a progress bar on a terminal only (disable=None), never in logs or pipes
+            for ref in tqdm(index.chunks, unit="chunk", desc=f"recover {reader.path.name}",
+                            disable=None, leave=False):
                 for msg in reader._load_chunk(src, ref):
                     ch = index.channels[msg.channel_id]
                     if ch.id not in channel_ids:
@@ -526,7 +529,9 @@ def _convert_into(reader: SessionReader, dest: Path) -> tuple[int, int, int]:
             "from_format_version": json.dumps(reader.format_version),
             "problem": json.dumps(reader.problem), "software_version": json.dumps(__version__),
             "converted_utc": json.dumps(datetime.now(timezone.utc).isoformat())})
-        for topic, msg in reader.raw_messages():
+        for topic, msg in tqdm(reader.raw_messages(), total=sum(reader.topics.values()),
+                               unit="msg", desc=f"convert {reader.path.name}", disable=None,
+                               leave=False):
             kind = reader._index.channels[msg.channel_id].metadata.get("kind")
             if topic == FRAMES_TOPIC:
                 kind = "frame-record"
