@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,6 +217,19 @@ class Subscriber:
                 return got
             wait = max(0, int((deadline - time.monotonic()) * 1000))
         return None
+
+    def drain(self, handle: Callable[[str, dict[str, Any]], Any], budget: int = 1000) -> int:
+        """Pass every valid message already queued, up to ``budget``, to ``handle(topic,
+        msg)`` without waiting (malformed ones are counted); the number taken."""
+        for n in range(budget):
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return n
+            got = self.decode(frames)
+            if got is not None:
+                handle(*got)
+        return budget
 
     def decode(self, frames: list[bytes]) -> tuple[str, dict[str, Any]] | None:
         """Decode raw frames (e.g. from an asyncio socket); None (counted) when malformed."""

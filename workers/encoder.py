@@ -24,7 +24,6 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -248,23 +247,12 @@ class EncoderWorker:
         assert self._frames_sub and self._actions_sub and self._rpc
         events = dict(self._poller.poll(timeout_ms))
         if self._actions_sub.sock in events:
-            self._drain(self._actions_sub, self.actions.add)
+            self._actions_sub.drain(lambda _t, m: self.actions.add(m), DRAIN_BUDGET)
         if self._frames_sub.sock in events:
-            self._drain(self._frames_sub, self._on_frame)
+            self._frames_sub.drain(lambda _t, m: self._on_frame(m), DRAIN_BUDGET)
         if self._rpc.sock in events:
             # frames first: while one waits, answer one request per turn (bounded latency)
             self._rpc.handle_pending(1 if self._has_work() else DEFAULT_RPC_BUDGET)
-
-    @staticmethod
-    def _drain(sub: Subscriber, handle: Callable[[dict[str, Any]], None]) -> None:
-        for _ in range(DRAIN_BUDGET):
-            try:
-                frames = sub.sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            got = sub.decode(frames)  # None (counted) when malformed
-            if got is not None:
-                handle(got[1])
 
     def _idle_ms(self) -> int:
         wait = self._next_stats - time.monotonic()
@@ -378,7 +366,7 @@ class EncoderWorker:
     def _poll_notices(self, timeout_ms: int) -> None:
         assert self._frames_sub is not None
         if self._frames_sub.sock.poll(timeout_ms, zmq.POLLIN):
-            self._drain(self._frames_sub, self._on_frame)
+            self._frames_sub.drain(lambda _t, m: self._on_frame(m), DRAIN_BUDGET)
 
     def _process(self, seq: int, frame: Any, t_capture: int,
                  notice_action: dict[str, Any] | None) -> None:

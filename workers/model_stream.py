@@ -105,9 +105,8 @@ class ModelStream:
         """Encode frame ``seq`` (``x``: its shared preprocessed input, or None to take the raw
         ``frame``), score the prediction made from the previous frame under ``action``,
         and remember it for the next."""
-        with torch.no_grad():
-            z_t, patches_t = self.model.encode(frame) if x is None \
-                else self.model.encode_input(x)  # (1, D), (1, N, D)
+        z_t, patches_t = self.model.encode(frame) if x is None \
+            else self.model.encode_input(x)  # (1, D), (1, N, D); both under no_grad
         z = z_t[0].cpu().numpy()  # (D,)
         p = patches_t[0].cpu().numpy()  # (N, D)
         key = frame_key(p)  # (N*D,): what MRR ranks

@@ -245,22 +245,10 @@ class Recorder:
 
     # ------------------------------------------------------------ loop
 
-    def _drain(self, sub: Subscriber, budget: int = 1000) -> int:
-        n = 0
-        for n in range(budget):  # noqa: B007 - n is the count handled
-            try:
-                frames = sub.sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return n
-            got = sub.decode(frames)
-            if got is not None:
-                self.on_message(*got)
-        return budget
-
     def poll_once(self, timeout_ms: int) -> int:
         """Handle what arrived within ``timeout_ms`` (frames first); the number handled."""
         events = dict(self._poller.poll(timeout_ms))
-        handled = sum(self._drain(sub) for sub in self.subs if sub.sock in events)
+        handled = sum(sub.drain(self.on_message) for sub in self.subs if sub.sock in events)
         if self.thread.error is not None:
             raise RuntimeError(f"recorder: writing {self.cfg.path} failed: "
                                f"{self.thread.error}") from self.thread.error

@@ -295,21 +295,10 @@ class LiveViewer:
         else:
             self.log.event(topic, msg, self.follower.last_seq)
 
-    def _drain(self, sub: Subscriber, budget: int = 1000) -> int:
-        for n in range(budget):
-            try:
-                frames = sub.sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return n
-            got = sub.decode(frames)
-            if got is not None:
-                self.on_message(*got)
-        return budget
-
     def poll_once(self, timeout_ms: int) -> int:
         """Handle what arrived within ``timeout_ms``; the number handled."""
         events = dict(self._poller.poll(timeout_ms))
-        return sum(self._drain(sub) for sub in self.subs if sub.sock in events)
+        return sum(sub.drain(self.on_message) for sub in self.subs if sub.sock in events)
 
     def run(self, stop: Any) -> None:
         """Log until ``stop`` is truthy, then drain what is in flight."""
