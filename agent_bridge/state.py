@@ -123,21 +123,9 @@ class BeingState:
 
     def age_ms(self, now_ns: int | None = None) -> float | None:
         """Milliseconds since the newest latent was received (None: no latent yet)."""
-        return _age_ms(self.t_received_ns, now_ns)
-
-    def surprise_age_ms(self, now_ns: int | None = None) -> float | None:
-        """Milliseconds since the newest surprise message was received (None: none yet)."""
-        return _age_ms(self.t_surprise_received_ns, now_ns)
-
-    def mrr_age_ms(self, now_ns: int | None = None) -> float | None:
-        """Milliseconds since the newest MRR message was received (None: none yet)."""
-        return _age_ms(self.t_mrr_received_ns, now_ns)
-
-    def capture_age_ms(self) -> float | None:
-        """Milliseconds since the newest latent's frame was captured (bus clock)."""
-        if self.t_capture_ns is None:
+        if self.t_received_ns is None:
             return None
-        return (clock_ns() - self.t_capture_ns) / 1e6
+        return ((_now_ns() if now_ns is None else now_ns) - self.t_received_ns) / 1e6
 
     def latency_ms(self) -> float | None:
         """Capture-to-receive latency of the newest latent in ms (bus clock)."""
@@ -186,12 +174,6 @@ class BeingState:
         age = "n/a" if s["age_ms"] is None else f"{s['age_ms']:.0f} ms"
         return (f"BeingState(frame_seq={s['frame_seq']}, D={s['dim']}, "
                 f"surprise={_fmt(s['surprise'])}, mrr={_fmt(s['mrr'])}, age={age})")
-
-
-def _age_ms(t_ns: int | None, now_ns: int | None) -> float | None:
-    if t_ns is None:
-        return None
-    return ((_now_ns() if now_ns is None else now_ns) - t_ns) / 1e6
 
 
 def _fmt(x: float | None) -> str:

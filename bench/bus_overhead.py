@@ -11,6 +11,12 @@ Paths, all timed in this (the capture) process with one clock, one request in fl
 * bus: ``FrameRing.write`` + publish an ``iwm.frame`` notice -> a worker *process* receives
   it, reads the frame from the ring into a preallocated ``out=`` array and publishes a 768-d
   float32 ``iwm.latent`` -> a subscriber here receives it. No model runs.
+* bare: the same round trip as a bare prototype: the frame copied into a plain numpy buffer
+  on /dev/shm, a tiny msgpack notice on a pyzmq PUB -> a worker process copies the frame
+  into a preallocated array and publishes ``{seq, z_cls}`` (768 float32 bytes) via msgpack
+  -> received here. Same sockets (PUB/SUB over ipc) and hops as the bus, none of its
+  checks. ``bus/bare`` is the bus's cost over that floor (issue 12 target: <= 1.3x).
+  The bus and bare round trips are interleaved in blocks, so load changes hit both.
 * http: ``httpx.Client`` (keep-alive) POSTs ``{"image_base64", "shape"}`` JSON to a FastAPI
   endpoint served by uvicorn in another process on 127.0.0.1; it decodes the base64 into an
   array and returns the latent as a JSON list of 768 floats.
@@ -33,6 +39,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
 import numpy as np
 import zmq
 
@@ -142,48 +149,64 @@ def _bus_round_trip(ring: FrameRing, pub: Publisher, sub: Subscriber, frame: np.
     return t4 - t0
 
 
-def bench_bus(frames: list[np.ndarray], iters: int,
-              warmup: int) -> tuple[list[PathTimes], list[dict[str, float]], dict[str, Any]]:
-    """Round trips through ring + bus + worker process for each frame size."""
-    ctx = mp.get_context("spawn")
-    run_dir = tempfile.mkdtemp(prefix="iwmb", dir="/tmp")
-    eps = Endpoints.ipc(run_dir)
-    max_h = max(f.shape[0] for f in frames)
-    max_w = max(f.shape[1] for f in frames)
-    ring = FrameRing.create(f"iwm_bench_{os.getpid()}", slots=8, max_height=max_h,
-                            max_width=max_w)
-    ready, stop, report = ctx.Event(), ctx.Event(), ctx.Queue()
-    proc = None
-    try:
-        with Publisher(eps.capture) as pub, Subscriber([eps.worker], [topics.LATENT]) as sub:
-            proc = ctx.Process(target=worker_main, args=(ring.name, eps, ready, stop, report),
-                               daemon=True)
-            proc.start()
-            if not ready.wait(60):
+class BusPath:
+    """The ring + bus round trip with its worker process (``with BusPath(frames) as bus``)."""
+
+    def __init__(self, frames: list[np.ndarray]) -> None:
+        self.frames = frames
+        self.stages = [{k: [] for k in CAPTURE_STAGES} for _ in frames]  # per frame size
+        self.worker: dict[str, Any] = {}  # the worker's report, after close
+
+    def __enter__(self) -> "BusPath":
+        ctx = mp.get_context("spawn")
+        self.run_dir = tempfile.mkdtemp(prefix="iwmb", dir="/tmp")
+        eps = Endpoints.ipc(self.run_dir)
+        self.ring = FrameRing.create(f"iwm_bench_{os.getpid()}", slots=8,
+                                     max_height=max(f.shape[0] for f in self.frames),
+                                     max_width=max(f.shape[1] for f in self.frames))
+        self.ready, self.stop, self.report = ctx.Event(), ctx.Event(), ctx.Queue()
+        self.proc = None
+        try:
+            self.pub = Publisher(eps.capture)
+            self.sub = Subscriber([eps.worker], [topics.LATENT])
+            self.proc = ctx.Process(target=worker_main, daemon=True, args=(
+                self.ring.name, eps, self.ready, self.stop, self.report))
+            self.proc.start()
+            if not self.ready.wait(60):
                 raise TimeoutError("bench worker did not start within 60 s")
-            _connect(ring, pub, sub, frames[0])
-            results, stages_out = [], []
-            for frame in frames:
-                stages: dict[str, list[int]] = {k: [] for k in CAPTURE_STAGES}
-                for _ in range(warmup):
-                    _bus_round_trip(ring, pub, sub, frame, {k: [] for k in CAPTURE_STAGES})
-                times = PathTimes([_bus_round_trip(ring, pub, sub, frame, stages)
-                                   for _ in range(iters)])
-                results.append(times)
-                stages_out.append({k: _median_ms(v) for k, v in stages.items()})
-            stop.set()
-            worker_report = report.get(timeout=30)
-        return results, stages_out, worker_report
-    finally:
-        stop.set()
-        if proc is not None:
-            proc.join(10)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(5)
-        ring.close()
-        ring.unlink()
-        shutil.rmtree(run_dir, ignore_errors=True)
+            _connect(self.ring, self.pub, self.sub, self.frames[0])
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def round_trip(self, i: int, timed: bool = True) -> int:
+        return _bus_round_trip(self.ring, self.pub, self.sub, self.frames[i],
+                               self.stages[i] if timed else {k: [] for k in CAPTURE_STAGES})
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        try:
+            if self.proc is not None and self.proc.is_alive():
+                self.worker = self.report.get(timeout=30)
+        finally:
+            if self.proc is not None:
+                self.proc.join(10)
+                if self.proc.is_alive():
+                    self.proc.terminate()
+                    self.proc.join(5)
+            for part in ("sub", "pub"):
+                if hasattr(self, part):
+                    getattr(self, part).close()
+            self.ring.close()
+            self.ring.unlink()
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def stage_medians(self) -> list[dict[str, float]]:
+        return [{k: _median_ms(v) for k, v in st.items()} for st in self.stages]
 
 
 def _connect(ring: FrameRing, pub: Publisher, sub: Subscriber, frame: np.ndarray) -> None:
@@ -200,6 +223,151 @@ def _connect(ring: FrameRing, pub: Publisher, sub: Subscriber, frame: np.ndarray
                 pass
             return
     raise TimeoutError("bus worker never answered within 30 s")
+
+
+# ------------------------------------------------------------------ bare prototype
+
+
+def bare_worker_main(buf_path: str, size: int, notice_ep: str, reply_ep: str, ready: Any,
+                     stop: Any) -> None:
+    """Bare prototype worker: msgpack notice -> copy the frame out of /dev/shm -> latent."""
+    buf = np.memmap(buf_path, np.uint8, mode="r", shape=(size,))
+    out = np.zeros(size, np.uint8)  # preallocated, prefaulted
+    latent = np.random.default_rng(0).standard_normal(LATENT_DIM).astype(np.float32).tobytes()
+    ctx = zmq.Context()
+    sub, pub = ctx.socket(zmq.SUB), ctx.socket(zmq.PUB)
+    try:
+        for sock in (sub, pub):
+            sock.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(notice_ep)
+        pub.bind(reply_ep)
+        ready.set()
+        while not stop.is_set():
+            if not sub.poll(100, zmq.POLLIN):
+                continue
+            msg = msgpack.unpackb(sub.recv(zmq.NOBLOCK))
+            n = msg["h"] * msg["w"] * msg["c"]
+            np.copyto(out[:n], buf[:n])
+            try:
+                pub.send(msgpack.packb({"seq": msg["seq"], "z_cls": latent}), zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # no subscriber yet (slow joiner): the capture side resends
+    finally:
+        sub.close()
+        pub.close()
+        ctx.term()
+        del buf
+
+
+class BarePath:
+    """The bare prototype's round trip with its worker process (``with BarePath(frames)``)."""
+
+    def __init__(self, frames: list[np.ndarray]) -> None:
+        self.frames = frames
+        self.size = max(f.size for f in frames)
+        self.seq = 0
+
+    def __enter__(self) -> "BarePath":
+        ctx = mp.get_context("spawn")
+        self.run_dir = tempfile.mkdtemp(prefix="iwmbare", dir="/tmp")
+        shm_dir = "/dev/shm" if os.path.isdir("/dev/shm") else self.run_dir
+        self.buf_path = os.path.join(shm_dir, f"iwm_bare_{os.getpid()}")
+        self.buf = np.memmap(self.buf_path, np.uint8, mode="w+", shape=(self.size,))
+        self.zctx = zmq.Context()
+        self.pub, self.sub = self.zctx.socket(zmq.PUB), self.zctx.socket(zmq.SUB)
+        self.stop, self.proc = ctx.Event(), None
+        try:
+            for sock in (self.pub, self.sub):
+                sock.setsockopt(zmq.LINGER, 0)
+            notice_ep = f"ipc://{self.run_dir}/notice"
+            reply_ep = f"ipc://{self.run_dir}/reply"
+            self.pub.bind(notice_ep)
+            self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+            self.sub.connect(reply_ep)
+            ready = ctx.Event()
+            self.proc = ctx.Process(target=bare_worker_main, daemon=True, args=(
+                self.buf_path, self.size, notice_ep, reply_ep, ready, self.stop))
+            self.proc.start()
+            if not ready.wait(60):
+                raise TimeoutError("bare worker did not start within 60 s")
+            self._connect()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _connect(self) -> None:
+        """Resend a notice until a reply comes back (PUB/SUB slow joiner both ways)."""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            self._notice(self.frames[0])
+            if self.sub.poll(100, zmq.POLLIN):
+                while self.sub.poll(200, zmq.POLLIN):  # drain the other replies
+                    self.sub.recv(zmq.NOBLOCK)
+                return
+        raise TimeoutError("bare worker never answered within 30 s")
+
+    def _notice(self, frame: np.ndarray) -> int:
+        self.seq += 1
+        h, w, c = frame.shape
+        np.copyto(self.buf[:frame.size].reshape(frame.shape), frame)
+        self.pub.send(msgpack.packb({"seq": self.seq, "h": h, "w": w, "c": c}), zmq.NOBLOCK)
+        return self.seq
+
+    def round_trip(self, i: int, timed: bool = True) -> int:
+        """One round trip; returns its duration in ns (raises on a lost reply)."""
+        t0 = time.monotonic_ns()
+        seq = self._notice(self.frames[i])
+        while True:
+            if not self.sub.poll(WAIT_MS, zmq.POLLIN):
+                raise TimeoutError(f"bare: no latent for frame {seq} within {WAIT_MS} ms")
+            msg = msgpack.unpackb(self.sub.recv(zmq.NOBLOCK))
+            if msg["seq"] == seq:
+                break
+        z = np.frombuffer(msg["z_cls"], np.float32)
+        t1 = time.monotonic_ns()
+        if z.shape != (LATENT_DIM,):
+            raise RuntimeError(f"bare latent has shape {z.shape}")
+        return t1 - t0
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        try:
+            if self.proc is not None:
+                self.proc.join(10)
+                if self.proc.is_alive():
+                    self.proc.terminate()
+                    self.proc.join(5)
+        finally:
+            self.pub.close()
+            self.sub.close()
+            self.zctx.term()
+            del self.buf
+            if os.path.exists(self.buf_path):
+                os.unlink(self.buf_path)
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def bench_bus_and_bare(frames: list[np.ndarray], iters: int, warmup: int, blocks: int = 10
+                       ) -> tuple[list[PathTimes], list[PathTimes], list[dict[str, float]],
+                                  dict[str, Any]]:
+    """Bus and bare round trips for each frame size, interleaved in ``blocks`` blocks."""
+    bus_t = [PathTimes() for _ in frames]
+    bare_t = [PathTimes() for _ in frames]
+    with BusPath(frames) as bus, BarePath(frames) as bare:
+        for i in range(len(frames)):
+            for _ in range(warmup):
+                bus.round_trip(i, timed=False)
+                bare.round_trip(i, timed=False)
+            for b in range(blocks):
+                n = iters // blocks + (b < iters % blocks)
+                bus_t[i].samples += [bus.round_trip(i) for _ in range(n)]
+                bare_t[i].samples += [bare.round_trip(i) for _ in range(n)]
+    return bus_t, bare_t, bus.stage_medians(), bus.worker
 
 
 # ------------------------------------------------------------------ memcpy
@@ -346,25 +514,28 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {machine_note()}")
     print(f"iters {args.iters} (http {args.http_iters or args.iters}), warmup {args.warmup}")
     memcpy = [bench_memcpy(f, args.iters, args.warmup) for f in frames]
-    bus, stages, worker = bench_bus(frames, args.iters, args.warmup)
+    bus, bare, stages, worker = bench_bus_and_bare(frames, args.iters, args.warmup)
     http = (None if args.no_http else
             bench_http(frames, args.http_iters or args.iters, min(args.warmup, 10)))
-    print_table(args.sizes, memcpy, bus, http)
-    if worker["misses"]:
+    print_table(args.sizes, memcpy, bus, bare, http)
+    if worker.get("misses"):
         print(f"WARNING: worker missed {worker['misses']} frames in the ring: {worker['ring']}")
     if args.breakdown:
         print_breakdown(args.sizes, bus, stages, worker)
 
 
 def print_table(sizes: list[tuple[int, int]], memcpy: list[PathTimes], bus: list[PathTimes],
-                http: list[PathTimes] | None) -> None:
-    head = "| frame | memcpy p50 / p99 ms | bus p50 / p99 ms |"
+                bare: list[PathTimes], http: list[PathTimes] | None) -> None:
+    head = ("| frame | memcpy p50 / p99 ms | bus p50 / p99 ms | bare p50 / p99 ms "
+            "| bus/bare (p50) |")
     head += " HTTP p50 / p99 ms | HTTP/bus (p50) |" if http else ""
     print("\n" + head)
     print("|" + "---|" * (head.count("|") - 1))
     for i, (w, h) in enumerate(sizes):
         row = (f"| {w}x{h} | {memcpy[i].ms(50):.3f} / {memcpy[i].ms(99):.3f} "
-               f"| {bus[i].ms(50):.3f} / {bus[i].ms(99):.3f} |")
+               f"| {bus[i].ms(50):.3f} / {bus[i].ms(99):.3f} "
+               f"| {bare[i].ms(50):.3f} / {bare[i].ms(99):.3f} "
+               f"| {bus[i].ms(50) / bare[i].ms(50):.2f}x |")
         if http:
             row += (f" {http[i].ms(50):.2f} / {http[i].ms(99):.2f} "
                     f"| {http[i].ms(50) / bus[i].ms(50):.0f}x |")
@@ -385,7 +556,7 @@ def print_breakdown(sizes: list[tuple[int, int]], bus: list[PathTimes],
     print("| frame | ring write | ring read | wire | zmq | bus p50 |")
     print("|---|---|---|---|---|---|")
     for (w, h), times, st in zip(sizes, bus, stages, strict=True):
-        ws = worker["stages"].get(f"{w}x{h}", {})
+        ws = worker.get("stages", {}).get(f"{w}x{h}", {})
         nan = float("nan")
         wire_ms = st["pack"] + st["decode"] + ws.get("w_decode", nan) + ws.get("w_pack", nan)
         ring_ms = st["write"] + ws.get("w_read", nan)

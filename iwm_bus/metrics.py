@@ -54,7 +54,6 @@ __all__ = [
     "cosine_similarity",
     "layer_norm",
     "mrr",
-    "mrr_torch",
     "errors_surprise",
     "patch_errors",
     "reciprocal_rank",
@@ -344,9 +343,3 @@ def reciprocal_ranks_torch(pred: Any, observed: Any, candidates: Any,
     beats = sims[:, 1:] >= sims[:, :1] if ties == "against" else sims[:, 1:] > sims[:, :1]
     rank = 1 + beats.sum(1)  # (B,)
     return 1.0 / rank.float()
-
-
-def mrr_torch(pred: Any, observed: Any, candidates: Any) -> float:
-    """:func:`mrr` on tensors."""
-    return float(reciprocal_ranks_torch(pred, observed, candidates).mean())
-

@@ -631,3 +631,75 @@ def test_latent_bank_ranks_as_the_metric_with_ties_for_the_truth() -> None:
     assert len(bank) == 5
     same = keys[-1]
     assert bank.rank(same, same) == 1.0  # a perfect prediction ranks first, copies or not
+
+
+def test_model_stream_scores_the_prediction_under_the_action_not_the_answer(model: IWM) -> None:
+    """ModelStream.step (the worker's per-frame step, in-process, in seconds) replayed here
+    from its definition: each frame's surprise and reciprocal rank are those of the
+    prediction made from the previous frame under the action that frame carries, ranked
+    among the 6 frames before it (ties for the truth); the horizon-h MRR is that of an
+    h-step rollout from the chain's start under the actions taken. Kills the mutants that
+    query a rank with the observed latent (rr 1.0), rank a chain by the observed latent,
+    score against the previous frame instead of the prediction, or drop the action."""
+    from workers.model_stream import ModelStream
+    from workers.stream import Action
+
+    n, bank = 16, 6
+    rng = np.random.default_rng(11)
+    actions = [Action(pad_cond(rng.normal(size=3).astype(np.float32), 16), s % NUM_ACTIONS)
+               for s in range(n)]
+    stream = ModelStream(model.eval(), "test", mrr_bank=bank)
+    got = [stream.step(s, frame_for(s), None, actions[s]) for s in range(n)]
+    p = [model.encode(frame_for(s))[1][0].numpy() for s in range(n)]  # (N, D) each
+    keys = [frame_key(x) for x in p]
+
+    def rank(pred: np.ndarray, t: int) -> float:
+        return metrics.reciprocal_rank(frame_key(pred), keys[t],
+                                       np.stack(keys[max(0, t - bank):t]), ties="truth")
+
+    assert got[0].surprise is None and got[0].rr is None
+    rrs = []
+    for s in range(1, n):
+        a = actions[s]
+        pred = model.predict(p[s - 1].mean(0)[None], p[s - 1][None], cond=a.cond[None],
+                             action_id=np.array([a.action_id])).patches[0].numpy()
+        assert got[s].pred_seq == s - 1 and got[s].k == min(s, bank)
+        assert got[s].surprise == pytest.approx(metrics.patch_surprise(pred, p[s]), abs=1e-5), s
+        rrs.append(rank(pred, s))
+        assert got[s].rr == pytest.approx(rrs[-1]), s
+    assert min(rrs) < 1.0  # a rank queried with the answer itself would be 1.0 everywhere
+    horizon = stream.horizon.values()
+    assert horizon[0] == pytest.approx(np.mean(rrs))
+    # one chain: started from frame 7's observed latent at the HORIZON_EVERY-th prediction
+    start = HORIZON_EVERY - 1
+    steps = actions[start + 1:start + 1 + HORIZON]
+    roll = model.rollout(p[start].mean(0)[None], p[start][None],
+                         cond_seq=np.stack([a.cond for a in steps])[None],
+                         action_seq=np.array([[a.action_id for a in steps]]))
+    want = [rank(roll.patches_seq[0, h - 1].numpy(), start + h) for h in range(2, HORIZON + 1)]
+    np.testing.assert_allclose(horizon[1:], want, atol=1e-6)
+    assert min(want) < 1.0
+
+
+def test_model_stream_predicts_through_skipped_frames_under_the_action(model: IWM) -> None:
+    """Realtime skips frames: the prediction for a frame ``g`` frames after the last one is
+    a g-step rollout under the frame's action (held), up to MAX_GAP; beyond that no
+    surprise and no rank."""
+    from workers.model_stream import ModelStream
+    from workers.stream import Action
+
+    action = Action(pad_cond(np.array([0.5, -1.0, 2.0], np.float32), 16), 2)
+    seqs = [0, 1, 3, 6, 6 + MAX_GAP + 1]
+    stream = ModelStream(model.eval(), "test", mrr_bank=6)
+    got = {s: stream.step(s, frame_for(s), None, action) for s in seqs}
+    p = {s: model.encode(frame_for(s))[1][0].numpy() for s in seqs}
+    for prev, s in zip(seqs[:-2], seqs[1:-1], strict=True):
+        g = s - prev
+        roll = model.rollout(p[prev].mean(0)[None], p[prev][None],
+                             cond_seq=np.repeat(action.cond[None, None], g, axis=1),
+                             action_seq=np.full((1, g), action.action_id))
+        want = metrics.patch_surprise(roll.patches_seq[0, -1].numpy(), p[s])
+        assert got[s].pred_seq == prev
+        assert got[s].surprise == pytest.approx(want, abs=1e-5), (prev, s)
+    last = got[seqs[-1]]
+    assert last.surprise is None and last.rr is None and last.pred_seq is None

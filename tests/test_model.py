@@ -435,3 +435,23 @@ def test_gpu_cuda_graphs_match_eager(amp: bool) -> None:
     m.cuda_graphs = True
     m.to("cpu").to(GPU)  # moving drops the graphs; they are captured again
     torch.testing.assert_close(m.encode(f1)[0], z1, rtol=1e-6, atol=1e-6)
+
+
+def test_the_conditioning_vector_alone_changes_the_prediction(model: IWM) -> None:
+    """Same frame, same action id, another conditioning vector: another prediction, in the
+    next-frame call, the global-latent call and a rollout; the same vector, the same one.
+    (Kills "the action/conditioning vector zeroed before the predictor".)"""
+    z, p = model.encode(frames(1))
+    cond = np.random.default_rng(3).normal(size=(1, 16)).astype(np.float32)
+    for patches in (p, None):
+        base = model.predict(z, patches, action_id=[2]).z_cls
+        moved = model.predict(z, patches, cond=cond, action_id=[2]).z_cls
+        assert torch.equal(moved, model.predict(z, patches, cond=cond, action_id=[2]).z_cls)
+        # the untrained conditioning is small (init std 0.02) but far above float noise
+        scale = (base - z).abs().max() if patches is not None else base.abs().max()
+        assert (moved - base).abs().max() > 1e-3 * scale, patches is None
+    zeros = model.rollout(z, p, cond_seq=np.zeros((1, 3, 16), np.float32))
+    rolled = model.rollout(z, p, cond_seq=np.repeat(cond[:, None], 3, axis=1))
+    for k in range(3):
+        assert not torch.allclose(rolled.patches_seq[:, k], zeros.patches_seq[:, k],
+                                  rtol=0, atol=1e-6), k

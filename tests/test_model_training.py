@@ -202,3 +202,22 @@ def test_uncertainty_is_larger_where_the_model_is_wrong() -> None:
     err_out = (h_out.mean(0) - target(outside)).square().mean()
     assert err_out > err_in  # the model is wrong outside its training domain ...
     assert ensemble_spread(h_out).mean() > 1.2 * ensemble_spread(h_in).mean()  # ... and says so
+
+
+def test_global_latent_call_is_the_predictor_at_the_global_position() -> None:
+    """Without patches the context is the frame's global latent at position -1 (its own
+    learned embedding, not a patch's): predict equals that predictor call, and differs from
+    the same latent placed at patch position 0."""
+    m = tiny()
+    z, _ = m.encode(images(2))
+    a = torch.tensor([1, 3])
+    idx = torch.arange(N).expand(2, N)
+    with torch.no_grad():
+        m.predictor.global_pos.add_(1.0)  # init std 0.02: make the global position visible
+        pred = m.predict(z, action_id=a)
+        at = {i: m.predictor(z[:, None], torch.full((2, 1), i), idx, torch.zeros(2, 16), a)
+              for i in (-1, 0, 1)}
+    torch.testing.assert_close(pred.z_cls, at[-1].mean(0).mean(1))
+    torch.testing.assert_close(pred.uncertainty, ensemble_spread(at[-1]))
+    for i in (0, 1):
+        assert not torch.allclose(at[-1], at[i], atol=1e-5), i
