@@ -5,7 +5,10 @@ random policy (an action is repeated for a few steps), and lets the vision state
 the way the seed's ActionArbiter does: high surprise -> slow down and prefer the wait action;
 low MRR -> escalate (here: a log line); stale vision -> wait. Actions go out on
 ``agent.action`` (discrete ids for ``gym:ALE/...``, vectors for box action spaces), where the
-capture applies them to the game and the worker conditions its predictions on them.
+capture applies them to the game and the worker conditions its predictions on them; each
+step's arbiter decision goes out just before its action on ``agent.decision``
+(``iwm_bus.wire.make_decision``), where the live viewer (``iwm-launch --viewer``) shows it.
+Both leave on the agent's socket (``Endpoints.agent``) through its ``VisionBridge``.
 
     iwm-launch --source gym:ALE/Pong-v5 --agent demo --encoder vit_tiny_patch16_224 --duration 30
     python -m agent_bridge.demo_agent --run-dir /tmp/iwm-1000 --duration 20
@@ -32,7 +35,10 @@ from loguru import logger
 
 from agent_bridge.arbiter import ArbiterConfig, ArbiterDecision, ArbiterHooks
 from agent_bridge.bridge import VisionBridge
+from iwm_bus import topics
+from iwm_bus.ring import clock_ns
 from iwm_bus.rundir import RunDir
+from iwm_bus.wire import make_decision
 
 __all__ = ["DemoAgent", "DemoConfig", "DemoStats", "main", "run_demo_agent"]
 
@@ -93,6 +99,9 @@ class DemoStats:
     slowdowns: int = 0
     stale: int = 0
     escalations: int = 0
+    # decisions published on agent.decision, and those the socket could not take
+    decisions: int = 0
+    decisions_dropped: int = 0
     last_decision: ArbiterDecision | None = None
     bridge: dict[str, Any] = field(default_factory=dict)
 
@@ -199,8 +208,21 @@ class DemoAgent:
             st.waits += 1
             aid = hooks.choose_action(aid, decision) if n else None
             vec = np.zeros(dim, np.float32) if dim else None
+        self._decide(bridge, decision)
         bridge.publish_action(vector=vec, action_id=aid, frame_seq=decision.frame_seq)
         st.actions += 1
+
+    def _decide(self, bridge: VisionBridge, d: ArbiterDecision, plan_costs: Any = None,
+                plan_choice: int | None = None) -> None:
+        """Publish the step's decision on ``agent.decision`` (the live viewer shows it)."""
+        msg = make_decision(
+            self.stats.decisions, clock_ns(), slow_down=d.slow_down, prefer_wait=d.prefer_wait,
+            escalate=d.escalate, stale=d.stale, delay_s=d.delay_s,
+            temporal_coherence=d.temporal_coherence, frame_seq=d.frame_seq,
+            surprise=d.surprise, surprise_z=d.surprise_z, mrr=d.mrr, reasons=d.reasons,
+            plan_costs=plan_costs, plan_choice=plan_choice, source=bridge.source)
+        self.stats.decisions += 1
+        self.stats.decisions_dropped += not bridge.publish(topics.DECISION, msg)
 
 
 def run_demo_agent(run_dir: str | Path, config: DemoConfig | None = None, **overrides: Any

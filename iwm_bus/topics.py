@@ -8,6 +8,10 @@ from __future__ import annotations
 
 FRAME = "iwm.frame"  # capture -> worker/recorder: a new frame is in the ring (no pixels)
 ACTION = "agent.action"  # agent (or replay) -> worker/capture/recorder: the action taken
+# agent -> viewer/recorder: the arbiter's decision for a frame (slow down / wait / escalate)
+# and, when the agent planned, each candidate's predicted cost; beside agent.action on the
+# agent's socket (prefix matching: a subscriber of agent.action does not receive it)
+DECISION = "agent.decision"
 LATENT = "iwm.latent"  # worker -> agent: z_cls (+ patches) of a frame
 SURPRISE = "iwm.surprise"  # worker -> agent: prediction error of a frame
 MRR = "iwm.mrr"  # worker -> agent: reciprocal rank of a frame's latent, and its running mean
@@ -18,6 +22,7 @@ RPC = "iwm.rpc"  # client <-> worker ROUTER socket: requests and replies
 TOPIC_KINDS: dict[str, tuple[str, ...]] = {
     FRAME: ("frame",),
     ACTION: ("action",),
+    DECISION: ("decision",),
     LATENT: ("latent",),
     SURPRISE: ("surprise",),
     MRR: ("mrr",),

@@ -64,6 +64,16 @@ SCHEMA: dict[str, dict[str, str]] = {
     # running mean `mrr`; nil when there was no prediction
     "mrr": {"seq": "int", "t_capture_ns": "int", "t_publish_ns": "int", "rr": "number?",
             "mrr": "number?", "k": "int", "variant": "str"},
+    # the arbiter's decision at frame `frame_seq` (nil: no fresh vision, `stale`): slow down
+    # by `delay_s` and/or prefer the wait action, escalate (to a planner / LLM); the surprise,
+    # surprise_z and running MRR it read; `reasons` "; "-joined; when the agent planned,
+    # `plan_costs` the predicted cost of each candidate (float32, (N,)) and `plan_choice` the
+    # index of the one it took
+    "decision": {"seq": "int", "t_ns": "int", "frame_seq": "int?", "slow_down": "bool",
+                 "prefer_wait": "bool", "escalate": "bool", "stale": "bool",
+                 "delay_s": "number", "temporal_coherence": "number", "surprise": "number?",
+                 "surprise_z": "number?", "mrr": "number?", "reasons": "str?",
+                 "plan_costs": "array?", "plan_choice": "int?", "source": "str?"},
     "stats": {"t_ns": "int", "source": "str", "values": "map"},
     "rpc_request": {"id": "int", "method": "str", "params": "map"},
     "rpc_reply": {"id": "int", "ok": "bool", "result": "map?", "error": "str?"},
@@ -280,3 +290,47 @@ def make_action(vector: Any = None, action_id: int | None = None) -> dict[str, A
     if action_id is not None:
         out["action_id"] = int(action_id)
     return out
+
+
+# ---------------------------------------------------------------- agent decisions
+
+def make_decision(seq: int, t_ns: int, *, slow_down: bool, prefer_wait: bool, escalate: bool,
+                  stale: bool = False, delay_s: float = 0.0, temporal_coherence: float = 1.0,
+                  frame_seq: int | None = None, surprise: float | None = None,
+                  surprise_z: float | None = None, mrr: float | None = None,
+                  reasons: Sequence[str] = (), plan_costs: Any = None,
+                  plan_choice: int | None = None, source: str | None = None
+                  ) -> dict[str, Any]:
+    """A ``decision`` message (``agent.decision``); ``pack`` validates it. ``plan_costs``
+    becomes a 1-D float32 array; ``plan_choice`` must index it."""
+    costs = None
+    if plan_costs is not None:
+        costs = np.asarray(plan_costs, np.float32)
+        if costs.ndim != 1 or not costs.size:
+            raise WireError(f"plan_costs must be a non-empty 1-D array, got shape {costs.shape}")
+    if plan_choice is not None and (costs is None or not 0 <= plan_choice < costs.size):
+        raise WireError(f"plan_choice {plan_choice} does not index plan_costs "
+                        f"({0 if costs is None else costs.size} candidates)")
+    num = lambda x: None if x is None else float(x)  # noqa: E731
+    return {"seq": int(seq), "t_ns": int(t_ns), "frame_seq": frame_seq,
+            "slow_down": bool(slow_down), "prefer_wait": bool(prefer_wait),
+            "escalate": bool(escalate), "stale": bool(stale), "delay_s": float(delay_s),
+            "temporal_coherence": float(temporal_coherence), "surprise": num(surprise),
+            "surprise_z": num(surprise_z), "mrr": num(mrr),
+            "reasons": "; ".join(reasons) or None, "plan_costs": costs,
+            "plan_choice": plan_choice, "source": source}
+
+
+def decision_text(msg: Mapping[str, Any]) -> str:
+    """One line for a ``decision`` message: what the arbiter decided and why."""
+    did = ([f"slow down {msg['delay_s']:.2f} s"] if msg["slow_down"] else []) + (
+        ["wait"] if msg["prefer_wait"] else []) + (["ESCALATE"] if msg["escalate"] else [])
+    text = ", ".join(did) or "go on"
+    if msg.get("stale"):
+        text += " (stale vision)"
+    if msg.get("plan_costs") is not None:
+        costs = np.asarray(msg["plan_costs"])
+        choice = msg.get("plan_choice")
+        best = costs[choice] if choice is not None else costs.min()
+        text += f"; plan: {costs.size} candidates, cost {best:.4g} (min {costs.min():.4g})"
+    return text + (f": {msg['reasons']}" if msg.get("reasons") else "")

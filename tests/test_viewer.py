@@ -2,7 +2,8 @@
 
 Each test writes an .rrd file and reads it back with Rerun's own reader, comparing what was
 logged on the ``frame`` timeline with what the sidecar published or the session holds: the
-frames pixel for pixel (the synthetic source is deterministic) and the scalar values.
+frames pixel for pixel (the synthetic source is deterministic), the scalar values and the
+demo agent's arbiter decisions.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from iwm_bus import topics
 from iwm_bus.session import FRAMES_TOPIC, SessionWriter
 from iwm_bus.session_cli import main as session_cli
 from iwm_bus.transport import Endpoints, Subscriber
-from iwm_bus.wire import make_action
+from iwm_bus.wire import make_action, make_decision, pack, unpack
 from workers.sources import open_source
-from workers.viewer import downscale
+from workers.viewer import RerunLog, ViewerTarget, downscale
 
 pytestmark = pytest.mark.timeout(90)
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +44,7 @@ def _rrd_reader() -> Any:
 
 def read_rrd(path: Path) -> dict[str, dict[int, Any]]:
     """Entity path -> {frame seq: value}: scalars as float (a list when several), images as
-    ``(H, W[, C])`` uint8 arrays, text logs as str."""
+    ``(H, W[, C])`` uint8 arrays, text logs as str, bar charts as a list of floats."""
     import pyarrow as pa
 
     out: dict[str, dict[int, Any]] = {}
@@ -56,7 +57,8 @@ def read_rrd(path: Path) -> dict[str, dict[int, Any]]:
         rows = out.setdefault(chunk.entity_path, {})
         for name in names:
             values = rb.column(name).to_pylist() if name.endswith(
-                ("Scalars:scalars", "Image:buffer", "Image:format", "TextLog:text")) else None
+                ("Scalars:scalars", "Image:buffer", "Image:format", "TextLog:text",
+                 "BarChart:values")) else None
             if values is None:
                 continue
             for seq, value in zip(seqs, values, strict=True):
@@ -66,6 +68,8 @@ def read_rrd(path: Path) -> dict[str, dict[int, Any]]:
                     rows[seq] = value[0] if len(value) == 1 else list(value)
                 elif name.endswith("TextLog:text"):
                     rows[seq] = value[0]
+                elif name.endswith("BarChart:values"):
+                    rows[seq] = list(value[0]["buffer"])
                 elif name.endswith("Image:buffer"):
                     rows.setdefault(seq, {})["buffer"] = bytes(value[0])
                 else:
@@ -148,6 +152,96 @@ def test_launch_viewer_logs_published_frames_and_scalars() -> None:
     assert sorted(frames) == list(range(n)), sorted(frames)
     for seq, expected in enumerate(_synthetic_frames(n)):
         np.testing.assert_array_equal(frames[seq], downscale(expected), err_msg=f"seq {seq}")
+
+
+DECISION_SERIES = (("slow_down", "slow_down"), ("wait", "prefer_wait"),
+                   ("escalate", "escalate"), ("stale", "stale"), ("delay_s", "delay_s"))
+
+
+def test_launch_viewer_logs_the_demo_agents_decisions() -> None:
+    """``--agent demo``: each arbiter decision the agent publishes (``agent.decision``) is
+    in the .rrd on the frame it was made on: a text line and a value per kind."""
+    _rrd_reader()
+    with tempfile.TemporaryDirectory(prefix="iwmv", dir="/tmp") as tmp:
+        run_dir, rrd = Path(tmp) / "run", Path(tmp) / "agent.rrd"
+        sub = Subscriber([Endpoints.ipc(run_dir).agent], [topics.DECISION])
+        log = tempfile.TemporaryFile()
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "launch.py"), "--run-dir", str(run_dir), "--quiet",
+             "--source", "synthetic:64x64", "--agent", "demo", "--mode", "lossless",
+             "--frames", "60", "--fps", "20", "--no-standby", *TINY, "--viewer",
+             f"save:{rrd}"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        published: dict[int, dict[str, Any]] = {}  # frame seq -> the agent's decision
+        try:
+            deadline = time.monotonic() + 75
+            while proc.poll() is None and time.monotonic() < deadline:
+                got = sub.recv(100)
+                while got is not None:
+                    if got[1]["frame_seq"] is not None:  # stale ones have no frame
+                        published[got[1]["frame_seq"]] = got[1]
+                    got = sub.recv(0)
+            code = proc.wait(10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            sub.close()
+            log.seek(0)
+            output = log.read().decode(errors="replace")
+            log.close()
+        assert code == 0, output[-3000:]
+        logged = read_rrd(rrd)
+
+    seqs = sorted(published)
+    assert len(seqs) >= 5, (seqs, output[-2000:])
+    text = logged.get("/agent/decision", {})
+    # the viewer may stop before the agent's last decisions arrive, nothing earlier
+    assert [s for s in seqs[:-3] if s not in text] == [], (seqs, sorted(text))
+    compared = 0
+    for seq in seqs:
+        if seq not in text or logged["/agent/decision/stale"][seq]:
+            continue  # a stale decision (start-up) was put on this frame after the agent's
+        msg = published[seq]
+        for entity, key in DECISION_SERIES:
+            assert logged[f"/agent/decision/{entity}"][seq] == pytest.approx(float(msg[key])), \
+                (entity, seq)
+        assert text[seq].endswith(f"(frame {seq})") and ("ESCALATE" in text[seq]) == \
+            msg["escalate"], text[seq]
+        compared += 1
+    assert compared >= 5
+    assert logged.get("/agent/action"), "the demo agent's actions are logged too"
+
+
+def test_decisions_and_plan_costs_are_logged_on_their_frames(tmp_path: Path) -> None:
+    _rrd_reader()
+    sent = [
+        make_decision(0, T0, slow_down=False, prefer_wait=False, escalate=False, frame_seq=2,
+                      surprise=0.3),
+        make_decision(1, T0, slow_down=True, prefer_wait=True, escalate=False, delay_s=0.25,
+                      frame_seq=4, reasons=["surprise 0.91 > 0.69"]),
+        make_decision(2, T0, slow_down=True, prefer_wait=False, escalate=True, delay_s=0.4,
+                      frame_seq=7, reasons=["surprise_z 9.0 > escalate 7"],
+                      plan_costs=[0.5, 0.125, 0.75], plan_choice=1),
+        # no fresh vision: no frame of its own, so on the last frame the viewer saw (9)
+        make_decision(3, T0, slow_down=True, prefer_wait=True, escalate=False, stale=True,
+                      delay_s=0.1, reasons=["stale vision: 1200 ms old"])]
+    with RerunLog(ViewerTarget(tmp_path / "d.rrd")) as log:
+        for msg in sent:
+            assert log.event(*unpack(pack(topics.DECISION, msg)), last_frame=9)  # off the bus
+    assert log.counts["decisions"] == 4
+    logged = read_rrd(tmp_path / "d.rrd")
+    want = {"slow_down": [0, 1, 1, 1], "wait": [0, 1, 0, 1], "escalate": [0, 0, 1, 0],
+            "stale": [0, 0, 0, 1], "delay_s": [0, 0.25, 0.4, 0.1]}
+    for entity, values in want.items():
+        assert logged[f"/agent/decision/{entity}"] == dict(zip([2, 4, 7, 9], values, strict=True)), entity
+    text = logged["/agent/decision"]
+    assert sorted(text) == [2, 4, 7, 9]
+    assert "ESCALATE" not in text[2] + text[4] + text[9]
+    assert text[4].startswith("slow down 0.25 s, wait") and "surprise 0.91" in text[4]
+    assert "ESCALATE" in text[7] and "surprise_z 9.0 > escalate 7" in text[7]
+    assert "stale" in text[9]
+    assert logged["/agent/plan/costs"] == {7: [0.5, 0.125, 0.75]}
+    assert logged["/agent/plan/cost"] == {7: 0.125}  # the chosen candidate's, not the first
 
 
 def test_downscale_strides_to_max_side() -> None:

@@ -194,7 +194,7 @@ class Recorder:
         latents = [topics.LATENT, topics.SURPRISE, topics.MRR] if cfg.record_latents else []
         subs = [Subscriber([endpoints.capture], [topics.FRAME, topics.ACTION, *stats],
                            ctx=self._ctx),
-                Subscriber([endpoints.agent], [topics.ACTION], ctx=self._ctx)]
+                Subscriber([endpoints.agent], [topics.ACTION, topics.DECISION], ctx=self._ctx)]
         if latents or stats:
             subs.append(Subscriber([endpoints.worker], latents + stats, ctx=self._ctx))
         return subs
@@ -204,7 +204,7 @@ class Recorder:
     def on_frame(self, msg: dict[str, Any]) -> None:
         seq = msg["seq"]
         self.counts["notices"] += 1
-        reads = self.follower.on_notice(seq)
+        reads = self.follower.on_notice(seq, t_capture_ns=msg["t_capture_ns"])
         self.counts["capture_restarts"] = self.follower.capture_restarts
         if reads is None:
             if self.follower.ring is None:

@@ -8,7 +8,10 @@ the actions actually taken; actions from a live agent are ignored. ``t_recorded_
 frame's recorded capture time, so the capture paces it at ``CaptureConfig.rate`` x real time
 (``rate`` 0 and ``fps`` 0: as fast as the worker allows). Lossless replay is the capture's
 ``mode="lossless"`` credit window: every frame is encoded exactly once, so two replays of one
-session on CPU give the same surprise series.
+session on CPU give the same surprise series. ``progress=True`` (for ``--rate 0``, where the
+replay runs as fast as the worker allows) draws a tqdm bar of the frames replayed, on a
+terminal only (``disable=None``, as ``iwm-session recover`` / ``convert`` do), never in logs
+or pipes.
 
     iwm-launch --source replay:run.mcap --mode lossless --rate 0 --fps 0
     iwm-launch --source replay:run.mcap --rate 2 --loop
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from loguru import logger
+from tqdm import tqdm
 
 from iwm_bus.errors import SessionError
 from iwm_bus.session import FrameRecord, SessionReader
@@ -41,6 +45,8 @@ class ReplaySource:
     ``start`` / ``end``: seconds from the session's first frame (``end`` exclusive, None = to
     the end); ``loop``: start over at ``start`` after the last frame (``episodes`` counts the
     passes). Frames come out as RGB (gray repeated, alpha dropped), like every source.
+    ``progress``: a progress bar of the frames delivered, from the first ``step()`` on (so a
+    probe that only calls ``reset()`` draws nothing), where stderr is a terminal.
     Raises ``ValueError`` for bad options and ``SourceError`` when the file cannot be read.
     """
 
@@ -49,7 +55,7 @@ class ReplaySource:
 
     def __init__(self, path: str | os.PathLike[str], *, start: float = 0.0,
                  end: float | None = None, loop: bool = False, spec: str | None = None,
-                 **ignored: Any) -> None:
+                 progress: bool = False, **ignored: Any) -> None:
         self.path = Path(path)
         self.spec = spec or f"replay:{self.path}"
         if ignored:
@@ -85,6 +91,21 @@ class ReplaySource:
         self.frames = 0
         self.bad_actions = 0
         self._frames: Iterator[tuple[FrameRecord, dict[str, Any] | None]] | None = None
+        self.progress = bool(progress)
+        self._bar: Any = None
+
+    def _count(self, frame: SourceFrame | None, new_pass: bool) -> None:
+        """Advance the progress bar (started on the first step, reset on each new pass)."""
+        if not self.progress or frame is None:
+            return
+        if self._bar is None:
+            whole = self.start == 0 and self.end is None  # else the window's size is unknown
+            self._bar = tqdm(total=self.reader.num_frames if whole else None, initial=1,
+                             unit="frame", desc=f"replay {self.path.name}", disable=None,
+                             leave=False)
+        elif new_pass:
+            self._bar.reset()
+        self._bar.update()
 
     def _window(self) -> Iterator[tuple[FrameRecord, dict[str, Any] | None]]:
         for rec, action in self.reader.frames_with_actions():
@@ -121,16 +142,21 @@ class ReplaySource:
     def step(self, action: dict[str, Any] | None) -> SourceFrame | None:
         """The next recorded frame (``action`` is ignored: the recording decides)."""
         frame = self._next()
-        if frame is None and self.loop:
+        new_pass = frame is None and self.loop
+        if new_pass:
             self.episodes += 1
             self._frames = self._window()
             frame = self._next()
         elif frame is None:
             self.episodes += 1
+        self._count(frame, new_pass)
         return frame
 
     def close(self) -> None:
         self._frames = None
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
     def __enter__(self) -> ReplaySource:
         return self

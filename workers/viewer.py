@@ -18,8 +18,15 @@ What is logged, on the timeline ``frame`` (the frame seq; Rerun adds its own ``l
     etc.
 ``agent/action_id``, ``agent/action_vector``, ``agent/action``
     the agent's actions (``agent.action``, from the agent and from a replay source) as
-    scalars and a text log, on the frame they were decided on (``frame_seq``). The arbiter's
-    reasons (slow down, escalate) are not on the bus, so they are not here.
+    scalars and a text log, on the frame they were decided on (``frame_seq``)
+``agent/decision``, ``agent/decision/{slow_down,wait,escalate,stale,delay_s}``
+    the arbiter's decisions (``agent.decision``, published by the demo agent): a text log
+    line each (level WARN when it escalates) saying what was decided and why, and a 0/1
+    series per kind (``delay_s`` in seconds), on the frame decided on (a decision without
+    fresh vision, on the last frame seen)
+``agent/plan/costs``, ``agent/plan/cost``
+    when a decision carries a plan: the predicted cost of each candidate as a bar chart and
+    the chosen candidate's cost as a series
 
 Why a separate process: logging images costs CPU and the viewer may be slow; like the
 recorder, it only reads the ring and subscribes, so it can never slow the capture or the
@@ -45,6 +52,7 @@ from loguru import logger
 
 from iwm_bus import topics
 from iwm_bus.transport import Endpoints, Subscriber
+from iwm_bus.wire import decision_text
 from workers.entry import StopFlag, stop_on_signals
 from workers.ring_follower import RingFollower
 
@@ -168,7 +176,8 @@ class RerunLog:
             rr.save(str(target.path), recording=self.rec)
         else:
             rr.spawn(connect=True, recording=self.rec)
-        self.counts: dict[str, int] = dict.fromkeys(("frames", "scalars", "actions"), 0)
+        self.counts: dict[str, int] = dict.fromkeys(
+            ("frames", "scalars", "actions", "decisions"), 0)
 
     def _at(self, seq: int) -> None:
         if hasattr(self.rr, "set_time"):
@@ -190,7 +199,8 @@ class RerunLog:
         self.counts["scalars"] += 1
 
     def event(self, topic: str, msg: dict[str, Any], last_frame: int | None = None) -> bool:
-        """Log a wire ``surprise`` / ``mrr`` / ``action`` message; False for other topics."""
+        """Log a wire ``surprise`` / ``mrr`` / ``action`` / ``decision`` message; False for
+        other topics."""
         if topic == topics.SURPRISE or topic.startswith(topics.SURPRISE + "."):
             for key in ("surprise", "surprise_z"):
                 self.scalar(msg["seq"], _entity(key, topic, topics.SURPRISE), msg.get(key))
@@ -201,6 +211,9 @@ class RerunLog:
             return True
         if topic == topics.ACTION:
             self.action(msg, last_frame)
+            return True
+        if topic == topics.DECISION:
+            self.decision(msg, last_frame)
             return True
         return False
 
@@ -224,6 +237,30 @@ class RerunLog:
                f"frame {seq})"
         self.rr.log("agent/action", self.rr.TextLog(text), recording=self.rec)
         self.counts["actions"] += 1
+
+    def decision(self, msg: dict[str, Any], last_frame: int | None) -> None:
+        """An arbiter decision: a text line, a 0/1 series per kind and the plan's costs."""
+        seq = msg.get("frame_seq")
+        seq = last_frame if seq is None else seq
+        if seq is None:
+            return  # no frame yet to put it on
+        self._at(seq)
+        for entity, key in (("slow_down", "slow_down"), ("wait", "prefer_wait"),
+                            ("escalate", "escalate"), ("stale", "stale"),
+                            ("delay_s", "delay_s")):
+            self.rr.log(f"agent/decision/{entity}", self._scalar(float(msg[key])),
+                        recording=self.rec)
+        level = self.rr.TextLogLevel.WARN if msg["escalate"] else self.rr.TextLogLevel.INFO
+        self.rr.log("agent/decision", self.rr.TextLog(
+            f"{decision_text(msg)} (frame {seq})", level=level), recording=self.rec)
+        costs = msg.get("plan_costs")
+        if costs is not None:
+            costs = np.asarray(costs, np.float64)
+            self.rr.log("agent/plan/costs", self.rr.BarChart(costs), recording=self.rec)
+            choice = msg.get("plan_choice")
+            best = costs[choice] if choice is not None else costs.min()
+            self.rr.log("agent/plan/cost", self._scalar(float(best)), recording=self.rec)
+        self.counts["decisions"] += 1
 
     def close(self) -> None:
         """Flush what is buffered to the file or the viewer."""
@@ -253,7 +290,8 @@ class LiveViewer:
         try:
             self.subs = [
                 Subscriber([endpoints.capture], [topics.FRAME, topics.ACTION], ctx=self._ctx),
-                Subscriber([endpoints.agent], [topics.ACTION], ctx=self._ctx),
+                Subscriber([endpoints.agent], [topics.ACTION, topics.DECISION],
+                           ctx=self._ctx),
                 Subscriber([endpoints.worker], [topics.SURPRISE, topics.MRR], ctx=self._ctx)]
         except BaseException:
             self._ctx.destroy(linger=0)
@@ -273,7 +311,8 @@ class LiveViewer:
         seq = msg["seq"]
         self.counts["notices"] += 1
         inline = msg.get("pixels")  # the frame travels inline (remote capture)
-        reads = self.follower.on_notice(seq, read=inline is None)
+        reads = self.follower.on_notice(seq, read=inline is None,
+                                       t_capture_ns=msg["t_capture_ns"])
         self.counts["capture_restarts"] = self.follower.capture_restarts
         if reads is None:  # a duplicate, or no ring to read yet
             self.counts["skipped_frames"] += int(inline is None and self.follower.ring is None)
