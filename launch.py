@@ -34,6 +34,7 @@ from iwm_bus import topics
 from iwm_bus.config import MODES, VARIANTS, BusConfig, RingConfig, WorkerConfig, to_dict
 from iwm_bus.default_model import DEFAULT_CHECKPOINT
 from iwm_bus.errors import CheckpointError, RunDirBusyError
+from iwm_bus.link import Link
 from iwm_bus.rundir import RunDir
 from iwm_bus.transport import Endpoints, Subscriber
 
@@ -112,6 +113,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="remove what killed sidecars left (rings in /dev/shm, the run "
                           "dir's sockets and manifest), then exit")
     run.add_argument("--log-level", default="INFO")
+    remote = p.add_argument_group(
+        "remote worker (the GPU on another machine; README: Running the worker on another "
+        "machine)")
+    remote.add_argument("--remote-worker", metavar="[HOST:]PORT",
+                        help="game machine: run no worker here; a gateway on HOST (default "
+                             "127.0.0.1) ports PORT..PORT+2 serves workers started elsewhere "
+                             "with --worker-only --connect")
+    remote.add_argument("--worker-only", action="store_true",
+                        help="GPU machine: run only the worker (and its standby), fed by the "
+                             "gateway at --connect")
+    remote.add_argument("--connect", metavar="HOST[:PORT]",
+                        help="with --worker-only: the game machine's gateway")
+    remote.add_argument("--stream", metavar="NAME",
+                        help="with --worker-only: publish as the named stream "
+                             "(iwm.*.NAME, e.g. semantic) beside another worker's")
+    remote.add_argument("--keys", type=Path, metavar="DIR",
+                        help="CURVE key folder (encrypted, authenticated link)")
+    remote.add_argument("--insecure", action="store_true",
+                        help="allow a gateway on a non-loopback address without --keys")
+    remote.add_argument("--make-keys", type=Path, metavar="DIR",
+                        help="write a gateway and a worker key pair into DIR, then exit")
     return p.parse_args(argv)
 
 
@@ -146,9 +168,11 @@ class Launcher:
     """Builds the configs, starts the parts, supervises them and cleans up."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        if args.source is None:  # the main job: a real game played by the demo agent
+        if args.source is None and not args.worker_only:  # the main job: a real game
             args.source, args.agent = DEFAULT_SOURCE, args.agent or "demo"
         self.args = args
+        self.link = _link(args)
+        self.replay_bar = False  # a replay at --rate 0: its progress bar, no status line
         if args.semantic_model is not None and not args.dual:
             raise ValueError("--semantic-model is the second stream's checkpoint: it needs --dual")
         if args.dual and args.variant is not None:
@@ -161,7 +185,7 @@ class Launcher:
             mrr_bank=args.mrr_bank, num_actions=args.num_actions,
             publish_patches=args.patches or None,
             compile=args.compile or None, threads=args.threads, untrained=args.untrained or None,
-            dual=args.dual or None, semantic_model_path=args.semantic_model)
+            dual=args.dual or None, semantic_model_path=args.semantic_model, stream=args.stream)
         h, w = _parse_hw(args.max_frame)
         self.ring_cfg = RingConfig(slots=args.ring_slots, max_height=h, max_width=w)
         self.ring_name = f"iwm_{os.getpid()}_{secrets.token_hex(4)}"
@@ -178,15 +202,26 @@ class Launcher:
 
     def preflight(self) -> None:
         """Everything that can be wrong with the input, checked before anything starts."""
-        from workers.capture import CaptureConfig
-        from workers.sources import check_spec, open_source
-
         a = self.args
-        check_spec(a.source)
-        if a.viewer is not None:
-            from workers.viewer import check_target
+        if self.link is not None and self.link.keys is not None:
+            from iwm_bus.security import ClientKeys, ServerKeys
 
-            check_target(a.viewer)
+            (ClientKeys if a.worker_only else ServerKeys).load(self.link.keys)
+        if a.remote_worker is not None:
+            from iwm_bus.security import check_bind
+
+            check_bind(self.link.host, self.link.keys is not None, a.insecure)
+        if not a.remote_worker:
+            self._check_checkpoints()
+        else:
+            self.checkpoint_info, self.headers = None, []
+        if a.worker_only:
+            self.frame_shape, self.action_space = None, None
+            return
+        self._check_source()
+
+    def _check_checkpoints(self) -> None:
+        a = self.args
         path = self.worker_cfg.checkpoint()
         paths = {"": path}
         if self.worker_cfg.dual:
@@ -215,6 +250,18 @@ class Launcher:
                     raise CheckpointError(
                         f"the dual streams must take one action format: {given[0]} has "
                         f"{f}={eq[f]}, {given[1]} {f}={sem[f]}")
+        self.headers = list(zip(given, headers, strict=True))
+
+    def _check_source(self) -> None:
+        from workers.capture import CaptureConfig
+        from workers.sources import check_spec, open_source
+
+        a = self.args
+        check_spec(a.source)
+        if a.viewer is not None:
+            from workers.viewer import check_target
+
+            check_target(a.viewer)
         if a.record is not None and not a.record.parent.is_dir():
             raise FileNotFoundError(f"--record: folder {a.record.parent} does not exist")
         for name in ("frames", "duration"):
@@ -224,11 +271,14 @@ class Launcher:
         self.options = {k: v for k, v in (("start", a.start), ("end", a.end)) if v is not None}
         if self.options and not a.source.startswith("replay:"):
             raise ValueError("--start/--end apply only to a replay:PATH source")
-        # --rate 0 means "as fast as the worker allows": no fps cap either
+        # --rate 0 means "as fast as the worker allows": no fps cap either, and a replay
+        # shows a progress bar (on a terminal) instead of the status line
         fps = 0.0 if a.rate == 0 else a.fps
+        self.replay_bar = a.rate == 0 and a.source.startswith("replay:")
+        capture_options = {**self.options, **({"progress": True} if self.replay_bar else {})}
         self.capture_cfg = CaptureConfig(
             source=a.source, fps=fps, mode=a.mode, frames=a.frames, duration=a.duration,
-            rate=a.rate, loop=a.loop, seed=a.seed, ring=self.ring_cfg, options=self.options)
+            rate=a.rate, loop=a.loop, seed=a.seed, ring=self.ring_cfg, options=capture_options)
         source = open_source(a.source, seed=a.seed, **self.options)
         try:  # probe: the frame size (checked against the ring) and the action space
             h, w, c = source.reset().pixels.shape
@@ -240,18 +290,35 @@ class Launcher:
                              f"{self.ring_cfg.max_height}x{self.ring_cfg.max_width} "
                              "(--max-frame)")
         self.frame_shape = (h, w, c)
-        for p, header in zip(given, headers, strict=True):
+        for p, header in self.headers:
             check_action_vocab(p, header, a.source, self.action_space)
 
     # ------------------------------------------------------------ start / supervise
 
     def start(self) -> None:
-        if self.checkpoint_info is None:
+        a = self.args
+        if self.checkpoint_info is None and not a.remote_worker:
             logger.warning("no checkpoint (--untrained, or none shipped in this install): "
                            "latents come from an UNTRAINED model; surprise and MRR are not "
                            "meaningful yet")
-        self.worker = Child("worker", "workers.encoder:run_worker",
-                            (self.worker_cfg, self.endpoints, self.ring_name), restart=True)
+        self.ctx = mp.get_context("spawn")
+        if a.worker_only:  # the GPU machine: the worker (and its standby), fed by a gateway
+            assert self.link is not None
+            self.endpoints = self.link.worker_endpoints()
+            self.worker = Child("worker", "workers.encoder:run_worker",
+                                (self.worker_cfg, self.endpoints, ""), restart=True,
+                                kwargs={"link": self.link})
+            self.children.append(self.worker)
+            self.worker.start(self.ctx)
+            if not a.no_standby:
+                self.standby_due = time.monotonic() + STANDBY_DELAY_S
+            return
+        if a.remote_worker:  # the worker runs elsewhere: the gateway stands in for it
+            self.worker = Child("gateway", "workers.gateway:run_gateway",
+                                (self.link, self.endpoints, self.ring_name))
+        else:
+            self.worker = Child("worker", "workers.encoder:run_worker",
+                                (self.worker_cfg, self.endpoints, self.ring_name), restart=True)
         self.children.append(self.worker)
         if self.args.record is not None:
             from workers.recorder import RecorderConfig
@@ -273,11 +340,9 @@ class Launcher:
         self.capture = Child("capture", "workers.capture:run_capture",
                              (self.capture_cfg, self.endpoints, self.ring_name))
         self.children.append(self.capture)
-        ctx = mp.get_context("spawn")
-        self.ctx = ctx
         for child in self.children:
-            child.start(ctx)
-        if not self.args.no_standby:
+            child.start(self.ctx)
+        if not self.args.no_standby and not a.remote_worker:
             self.standby_due = time.monotonic() + STANDBY_DELAY_S
         self.write_manifest()
 
@@ -295,8 +360,8 @@ class Launcher:
         if self.standby is None and self.standby_due is not None and now >= self.standby_due:
             self.standby_due = None
             self.standby = Child("standby", "workers.encoder:run_worker",
-                                 (self.worker_cfg, self.endpoints, self.ring_name),
-                                 kwargs={"takeover": self.ctx.Value("i", -1)})
+                                 self.worker.args, kwargs={**self.worker.kwargs,
+                                                           "takeover": self.ctx.Value("i", -1)})
             self.standby.start(self.ctx)
             self.write_manifest()
 
@@ -315,6 +380,8 @@ class Launcher:
 
     def write_manifest(self) -> None:
         """sidecar.json: what an agent (or an operator) needs to find every part."""
+        if self.args.worker_only:
+            return  # the sidecar's manifest is on the game machine
         self.run_dir.write_manifest({
             "ring": self.ring_name, "endpoints": vars(self.endpoints),
             "frame_shape": list(self.frame_shape), "worker": to_dict(self.worker_cfg),
@@ -327,10 +394,19 @@ class Launcher:
     def supervise(self) -> int:
         """Run until the capture ends, a signal arrives or the duration is over."""
         deadline = time.monotonic() + self.args.duration + 5 if self.args.duration else None
-        status = StatusLine(self.endpoints, quiet=self.args.quiet)
+        # a worker-only launcher has no local bus to watch: the worker logs what it does
+        status = StatusLine(self.endpoints, quiet=self.args.quiet or self.args.worker_only
+                            or self.replay_bar)
         try:
             while not self.stopping:
                 status.poll(200)
+                if self.args.worker_only:
+                    if deadline is not None and time.monotonic() > deadline - 5:
+                        return EXIT_OK
+                    if not self._check_child(self.worker):
+                        return EXIT_FAILED
+                    self._keep_standby()
+                    continue
                 if not self.capture.proc.is_alive():
                     code = self.capture.proc.exitcode
                     logger.info("capture ended (exit code {})", code)
@@ -413,6 +489,8 @@ class Launcher:
                 logger.warning("{} did not stop within 10 s; killing it", child.name)
                 child.proc.kill()
                 child.proc.join(5)
+        if self.args.worker_only:
+            return  # no ring, no run dir of ours here
         _unlink_ring(self.ring_name)
         self.run_dir.cleanup()
 
@@ -542,6 +620,50 @@ def check_action_vocab(path: Path, header: dict[str, Any], spec: str,
                        spec, n_src, vocab, path.name)
 
 
+def _link(args: argparse.Namespace) -> Link | None:
+    """The remote-worker link of ``--remote-worker`` (gateway) or ``--worker-only --connect``,
+    after checking that the flags fit together; None for a local worker."""
+    a = args
+    if a.worker_only and a.remote_worker:
+        raise ValueError("--worker-only runs the worker for a game machine's "
+                         "--remote-worker gateway: give one of them")
+    if a.worker_only != (a.connect is not None):
+        raise ValueError("--worker-only needs --connect HOST[:PORT] (the game machine's "
+                         "gateway), and --connect applies only with --worker-only")
+    if a.stream is not None and not a.worker_only:
+        raise ValueError("--stream names a remote worker's stream: it needs --worker-only")
+    if a.insecure and not a.remote_worker:
+        raise ValueError("--insecure allows a gateway without keys: it needs --remote-worker")
+    if a.worker_only:
+        given = [f"--{n.replace('_', '-')}" for n in ("source", "record", "viewer", "agent")
+                 if getattr(a, n) is not None]
+        if given:
+            raise ValueError(f"{given[0]} belongs on the game machine, not with --worker-only")
+    spec = a.remote_worker or a.connect
+    if spec is None:
+        if a.keys is not None:
+            raise ValueError("--keys secures a remote worker's link: it needs "
+                             "--remote-worker or --worker-only")
+        return None
+    return Link.parse(spec, keys=a.keys, insecure=a.insecure)
+
+
+def make_keys(folder: Path) -> int:
+    """``--make-keys DIR``: write the key pairs, say what goes where; the exit code."""
+    from iwm_bus.security import make_keys as write_keys
+
+    try:
+        written = write_keys(folder)
+    except OSError as e:
+        logger.error("{}", e)
+        return EXIT_BAD_INPUT
+    logger.info("wrote {}. Game machine: --remote-worker ... --keys {}. GPU machine: copy "
+                "{}/worker.key_secret and {}/server.key into a folder there and pass it as "
+                "--keys; more workers: put their public .key files in {}/authorized/",
+                ", ".join(p.name for p in written), folder, folder, folder, folder)
+    return EXIT_OK
+
+
 def _parse_hw(text: str) -> tuple[int, int]:
     try:
         h, w = (int(x) for x in text.lower().split("x"))
@@ -613,6 +735,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.cleanup:
         return cleanup(BusConfig.from_env(run_dir=args.run_dir).run_dir)
+    if args.make_keys is not None:
+        return make_keys(args.make_keys)
     try:
         launcher = Launcher(args)
         launcher.preflight()
@@ -626,12 +750,13 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    reclaim_rings()
-    try:
-        launcher.run_dir.acquire()
-    except RunDirBusyError as e:
-        logger.error("{}", e)
-        return EXIT_BAD_INPUT
+    if not args.worker_only:
+        reclaim_rings()
+        try:
+            launcher.run_dir.acquire()
+        except RunDirBusyError as e:
+            logger.error("{}", e)
+            return EXIT_BAD_INPUT
     code = EXIT_FAILED
     try:
         launcher.start()

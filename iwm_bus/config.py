@@ -131,6 +131,10 @@ class WorkerConfig:
     # shipped pair (iwm_bus/weights/{equivariant,invariant}.pt)
     dual: bool = False
     semantic_model_path: Path | None = None
+    # publish this (single-stream) worker's results as the named stream, on
+    # ``iwm.*.<stream>`` (e.g. semantic), not on the plain topics: how a second worker on
+    # another machine adds a stream beside the first (it then serves no RPC); None = plain
+    stream: str | None = None
 
     def __post_init__(self) -> None:
         if self.variant is not None and self.variant not in VARIANTS:
@@ -148,6 +152,14 @@ class WorkerConfig:
             if self.untrained:
                 _fail("WorkerConfig", "untrained", self.untrained,
                       "contradicts semantic_model_path (a checkpoint is trained weights)")
+        if self.stream is not None:
+            if not isinstance(self.stream, str) or not re.fullmatch(r"[a-z][a-z0-9_]{0,31}",
+                                                                    self.stream):
+                _fail("WorkerConfig", "stream", self.stream,
+                      "must be a lower-case name such as semantic")
+            if self.dual:
+                _fail("WorkerConfig", "stream", self.stream,
+                      "names a single-stream worker's stream; a dual worker has two")
         if self.dual and self.variant is not None:
             _fail("WorkerConfig", "variant", self.variant,
                   "does not apply to a dual worker (its streams are equivariant and invariant)")

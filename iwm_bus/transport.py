@@ -84,11 +84,49 @@ class Endpoints:
                                                     self.agent) if ep.startswith("ipc://")]
 
 
-def _socket(ctx: zmq.Context | None, kind: int, hwm: int) -> zmq.Socket:
+def _socket(ctx: zmq.Context | None, kind: int, hwm: int,
+            secure: Callable[[zmq.Socket], None] | None = None) -> zmq.Socket:
     sock = (ctx or zmq.Context.instance()).socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)
+    if secure is not None:  # CURVE keys (iwm_bus.security), set before bind / connect
+        secure(sock)
+    return sock
+
+
+def pub_socket(ctx: zmq.Context | None, endpoint: str, *, connect: bool = False,
+               hwm: int = DEFAULT_HWM, secure: Callable[[zmq.Socket], None] | None = None
+               ) -> tuple[zmq.Socket, int | None]:
+    """A PUB socket (of ``ctx``: sync or ``zmq.asyncio``) bound to (or connected to)
+    ``endpoint``, and the inode of the ipc file it bound (for :func:`unbind_file`)."""
+    sock = _socket(ctx, zmq.PUB, hwm, secure)
+    try:
+        if connect:
+            sock.connect(endpoint)
+            return sock, None
+        return sock, bind(sock, endpoint)
+    except BaseException:
+        sock.close(linger=0)
+        raise
+
+
+def sub_socket(ctx: zmq.Context | None, endpoints: Iterable[str], topics: Iterable[str], *,
+               hwm: int = DEFAULT_HWM, secure: Callable[[zmq.Socket], None] | None = None,
+               reconnect_max_ms: int = 0) -> zmq.Socket:
+    """A SUB socket (of ``ctx``: sync or ``zmq.asyncio``) subscribed to ``topics`` (prefixes)
+    and connected to each endpoint once. It retries a publisher that is not there (yet)
+    every 20 ms, so it is connected within 20 ms of the bind (a capture's first notices are
+    not missed); ``reconnect_max_ms`` > 20 backs off up to that instead (a long-lived agent
+    that need not poll a stopped worker 50 times a second)."""
+    sock = _socket(ctx, zmq.SUB, hwm, secure)
+    sock.setsockopt(zmq.RECONNECT_IVL, 20)
+    if reconnect_max_ms:
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, reconnect_max_ms)
+    for topic in topics:
+        sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
+    for ep in dict.fromkeys(endpoints):
+        sock.connect(ep)
     return sock
 
 
@@ -146,14 +184,11 @@ class Publisher:
     """A PUB socket that never blocks; ``send`` returns False (and counts) when it could not."""
 
     def __init__(self, endpoint: str, *, connect: bool = False, hwm: int = DEFAULT_HWM,
-                 ctx: zmq.Context | None = None) -> None:
+                 ctx: zmq.Context | None = None,
+                 secure: Callable[[zmq.Socket], None] | None = None) -> None:
         self.endpoint = endpoint
-        self.sock = _socket(ctx, zmq.PUB, hwm)
-        self._inode: int | None = None
-        if connect:
-            self.sock.connect(endpoint)
-        else:
-            self._inode = bind(self.sock, endpoint)
+        self.sock, self._inode = pub_socket(ctx, endpoint, connect=connect, hwm=hwm,
+                                            secure=secure)
         self.sent = 0
         self.dropped = 0
 
@@ -171,8 +206,10 @@ class Publisher:
         self.sent += 1
         return True
 
-    def close(self) -> None:
-        self.sock.close(linger=0)
+    def close(self, linger_ms: int = 0) -> None:
+        """Close (``linger_ms``: time to deliver what is still queued) and remove the ipc
+        file it bound."""
+        self.sock.close(linger=linger_ms)
         unbind_file(self.endpoint, self._inode)
         self._inode = None
 
@@ -190,18 +227,15 @@ class Subscriber:
     """A SUB socket connected to several endpoints that decodes, validates and counts.
 
     Malformed messages are counted in ``decode_errors`` and skipped (logged, rate-limited);
-    missing ``seq`` numbers per topic are counted in ``gaps``.
+    missing ``seq`` numbers per topic are counted in ``gaps``. An endpoint named twice is
+    connected once (a remote worker takes frames and actions from one gateway port).
     """
 
     def __init__(self, endpoints: Iterable[str], topics: Iterable[str], *,
-                 hwm: int = DEFAULT_HWM, ctx: zmq.Context | None = None) -> None:
-        self.endpoints = list(endpoints)
-        self.sock = _socket(ctx, zmq.SUB, hwm)
-        self.sock.setsockopt(zmq.RECONNECT_IVL, 20)
-        for topic in topics:
-            self.sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
-        for ep in self.endpoints:
-            self.sock.connect(ep)
+                 hwm: int = DEFAULT_HWM, ctx: zmq.Context | None = None,
+                 secure: Callable[[zmq.Socket], None] | None = None) -> None:
+        self.endpoints = list(dict.fromkeys(endpoints))
+        self.sock = sub_socket(ctx, self.endpoints, topics, hwm=hwm, secure=secure)
         self.received = 0
         self.decode_errors = 0
         self.gaps = 0

@@ -22,7 +22,8 @@ from iwm_bus.config import RingConfig
 from iwm_bus.ring import FrameRing, clock_ns
 from iwm_bus.transport import Endpoints, Publisher, Subscriber
 from iwm_bus.wire import make_action
-from workers.capture import CaptureConfig, capture_entry, probe_source
+from workers.capture import CaptureConfig, run_capture
+from workers.entry import exit_with
 from workers.sources import SyntheticSource
 
 pytestmark = pytest.mark.timeout(60)
@@ -118,7 +119,7 @@ def test_frames_reach_a_subscriber_and_match_the_source(run_dir, spawn, ring_nam
     cfg = CaptureConfig(source="synthetic:32x24", fps=40, frames=60, seed=2,
                         ring=RingConfig(slots=16, max_height=64, max_width=64))
     watcher = watcher_factory(eps, ring_name)
-    proc = spawn(capture_entry, cfg, eps, ring_name)
+    proc = spawn(exit_with, run_capture, cfg, eps, ring_name)
     watcher.until(lambda: bool(watcher.notices) and watcher.notices[-1]["seq"] == 59, 30)
     watcher.until(lambda: bool(watcher.stats) and watcher.stats[-1]["frames"] == 60, 10)
     proc.join(10)
@@ -147,7 +148,7 @@ def test_lossless_never_runs_more_than_slots_minus_one_ahead(run_dir, spawn, rin
                         drain_timeout_s=20)
     watcher = watcher_factory(eps, ring_name)
     worker = Publisher(eps.worker, ctx=zmq_ctx)  # the fake worker
-    proc = spawn(capture_entry, cfg, eps, ring_name)
+    proc = spawn(exit_with, run_capture, cfg, eps, ring_name)
     watcher.until(lambda: bool(watcher.stats), 20)  # capture is up and waiting; we hear it
     assert not watcher.notices  # nothing written before the worker spoke
     expected = expected_synthetic(16, 16, 0, frames)
@@ -186,7 +187,7 @@ def test_sigterm_exits_0_and_removes_the_ring(run_dir, spawn, ring_name,
     eps = Endpoints.ipc(run_dir)
     cfg = CaptureConfig(source="synthetic:32x32", fps=100)
     watcher = watcher_factory(eps, ring_name)
-    proc = spawn(capture_entry, cfg, eps, ring_name)
+    proc = spawn(exit_with, run_capture, cfg, eps, ring_name)
     watcher.until(lambda: len(watcher.notices) >= 5, 20)
     assert shm_exists(ring_name)
     os.kill(proc.pid, signal.SIGTERM)
@@ -202,7 +203,7 @@ def test_sigterm_while_lossless_waits_for_a_worker(run_dir, spawn, ring_name,
     cfg = CaptureConfig(source="synthetic:16x16", mode="lossless",
                         ring=RingConfig(slots=4, max_height=16, max_width=16))
     watcher = watcher_factory(eps, ring_name)
-    proc = spawn(capture_entry, cfg, eps, ring_name)
+    proc = spawn(exit_with, run_capture, cfg, eps, ring_name)
     watcher.until(lambda: bool(watcher.stats), 20)  # alive, waiting for a worker
     assert watcher.stats[-1]["frames"] == 0
     os.kill(proc.pid, signal.SIGTERM)
@@ -216,7 +217,7 @@ def test_frame_larger_than_the_ring_exits_2_creating_nothing(run_dir, spawn, rin
     eps = Endpoints.ipc(run_dir)
     cfg = CaptureConfig(source="synthetic:32x32",
                         ring=RingConfig(slots=4, max_height=16, max_width=16))
-    proc = spawn(capture_entry, cfg, eps, ring_name)
+    proc = spawn(exit_with, run_capture, cfg, eps, ring_name)
     proc.join(20)
     assert proc.exitcode == 2
     assert not shm_exists(ring_name)
@@ -233,7 +234,7 @@ def test_agent_actions_drive_the_source_and_appear_in_notices(run_dir, spawn, ri
                         ring=RingConfig(slots=32, max_height=64, max_width=64))
     watcher = watcher_factory(eps, ring_name)
     agent = Publisher(eps.agent, ctx=zmq_ctx)
-    proc = spawn(capture_entry, cfg, eps, ring_name)
+    proc = spawn(exit_with, run_capture, cfg, eps, ring_name)
     action_seq = iter(range(10**6))
 
     def act_until(action: dict[str, Any], done: Callable[[dict], bool]) -> dict:
@@ -283,7 +284,7 @@ def test_agent_actions_step_a_real_game(run_dir, spawn, ring_name, watcher_facto
                         ring=RingConfig(slots=16, max_height=256, max_width=256))
     watcher = watcher_factory(eps, ring_name)
     agent = Publisher(eps.agent, ctx=zmq_ctx)
-    proc = spawn(capture_entry, cfg, eps, ring_name)
+    proc = spawn(exit_with, run_capture, cfg, eps, ring_name)
     deadline = time.monotonic() + 30
     driven: list[dict] = []
     while len(driven) < 10:
@@ -323,7 +324,7 @@ def test_recorded_timestamps_pace_the_footage_at_rate(run_dir, spawn, ring_name,
         cfg = CaptureConfig(source=f"video:{gif}", rate=rate, fps=1000, loop=True,
                             ring=RingConfig(slots=8, max_height=8, max_width=8))
         watcher = watcher_factory(eps, name)
-        proc = spawn(capture_entry, cfg, eps, name)
+        proc = spawn(exit_with, run_capture, cfg, eps, name)
         watcher.until(lambda w=watcher: len(w.notices) >= 8, 30)  # noqa: B023
         os.kill(proc.pid, signal.SIGTERM)
         proc.join(10)
@@ -355,7 +356,7 @@ def test_replay_republishes_the_recorded_actions(run_dir, spawn, ring_name, watc
     cfg = CaptureConfig(source=f"replay:{path}", loop=True, rate=0, fps=100,
                         ring=RingConfig(slots=8, max_height=8, max_width=12))
     watcher = watcher_factory(eps, ring_name)
-    proc = spawn(capture_entry, cfg, eps, ring_name)
+    proc = spawn(exit_with, run_capture, cfg, eps, ring_name)
     watcher.until(lambda: len(watcher.notices) >= 12, 30)
     os.kill(proc.pid, signal.SIGTERM)
     proc.join(10)
@@ -384,10 +385,9 @@ def test_replay_republishes_the_recorded_actions(run_dir, spawn, ring_name, watc
     assert checked >= 6
 
 
-def test_probe_source_and_config_validation() -> None:
-    assert probe_source("synthetic:40x30") == (30, 40, 3)
+def test_config_validation() -> None:
     with pytest.raises(ValueError, match="unknown source"):
-        probe_source("camera:0")
+        CaptureConfig(source="camera:0")
     for kwargs, field in [({"fps": -1}, "fps"), ({"mode": "fast"}, "mode"),
                           ({"frames": 0}, "frames"), ({"source": "nope"}, "source"),
                           ({"rate": "2"}, "rate"), ({"duration": 0}, "duration"),

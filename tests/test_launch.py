@@ -338,6 +338,32 @@ def test_a_sigkilled_sidecars_ring_is_reclaimed(tmp_path):
     assert not (run_dir / "sidecar.json").exists()
 
 
+def test_children_of_a_sigkilled_launcher_stop_and_clean_up(tmp_path):
+    """SIGKILL of the launcher alone: its children notice the orphaning and stop as on
+    SIGTERM (nothing keeps a core busy), and the capture unlinks its ring on the way out."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "launch.py"), "--run-dir", str(run_dir), "--quiet",
+           "--source", "synthetic:32x32", *TINY, "--no-standby", "--duration", "300"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "sidecar.json").is_file() or not (
+                ring := json.loads((run_dir / "sidecar.json").read_text()).get("ring")) or \
+                not Path(f"/dev/shm/{ring}").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "sidecar did not start"
+            time.sleep(0.2)
+        children = list(json.loads((run_dir / "sidecar.json").read_text())["pids"].values())
+    finally:
+        proc.kill()
+        proc.wait(30)
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in children):
+        assert time.monotonic() < deadline, f"children {children} outlived their launcher"
+        time.sleep(0.1)
+    assert not Path(f"/dev/shm/{ring}").exists(), "the capture left its ring"
+
+
 def test_one_log_format_short_tracebacks_and_no_variable_values():
     """issue 13: every process logs ``time level process message``; an exception is one
     line below DEBUG, a traceback at DEBUG, and never with variable values."""

@@ -30,7 +30,7 @@ from iwm_bus.errors import SessionError
 from iwm_bus.ring import FrameRing
 from iwm_bus.session import SessionReader, SessionWriter, recover
 from iwm_bus.transport import Endpoints, Subscriber
-from workers.capture import CaptureConfig, probe_source, run_capture
+from workers.capture import CaptureConfig, run_capture
 from workers.recorder import RecorderConfig, run_recorder
 from workers.replay import ReplaySource
 from workers.sources import SourceError, SyntheticSource, open_source
@@ -305,7 +305,7 @@ def test_replay_source_window_loop_and_errors(workdir: Path) -> None:
     seen = [looped.reset()] + [looped.step(None) for _ in range(5)]
     assert [(f.t_recorded_ns - 10**9) // 100_000_000 for f in seen] == [17, 18, 19, 17, 18, 19]
     assert looped.episodes == 1
-    assert probe_source(f"replay:{path}") == (24, 32, 3)
+    assert open_source(f"replay:{path}").reset().pixels.shape == (24, 32, 3)
     with pytest.raises(SourceError, match="no frames between start=5.0 s"):
         ReplaySource(path, start=5.0).reset()
     with pytest.raises(ValueError, match="end must be None or a number of seconds > start"):

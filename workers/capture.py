@@ -3,8 +3,9 @@
 
 ``launch.py`` starts it as a spawned process (``iwm-launch --source SPEC``)::
 
-    proc = ctx.Process(target=capture_entry, args=(CaptureConfig(source="gym:ALE/Pong-v5"),
-                                                   Endpoints.ipc(run_dir), "iwm_ring_x"))
+    proc = ctx.Process(target=exit_with, args=("workers.capture:run_capture",
+                                               CaptureConfig(source="gym:ALE/Pong-v5"),
+                                               Endpoints.ipc(run_dir), "iwm_ring_x"))
 
 It creates the ring (sized to the source's first frame; it alone owns and unlinks it), binds
 PUB ``endpoints.capture`` and connects a SUB to ``endpoints.agent`` for ``agent.action``:
@@ -21,7 +22,7 @@ cap applies). ``mode="lossless"`` adds a credit window on the worker's published
 worker before writing, never has more than ``slots - 1`` unprocessed frames in the ring, and
 at the end waits up to ``drain_timeout_s`` for the last frame to be processed.
 
-Exit codes (``run_capture`` returns them, ``capture_entry`` exits with them): 0 after the end
+Exit codes (``run_capture`` returns them, ``workers.entry.exit_with`` exits with them): 0 after the end
 of the source / ``frames`` / ``duration`` or on SIGTERM/SIGINT; 2 when nothing could start
 (bad spec, frame larger than the ring, ring name taken, endpoint in use); 1 on a failure while
 running. Timestamps are ``iwm_bus.ring.clock_ns`` (the wall clock), as the ring uses.
@@ -29,12 +30,10 @@ running. Timestamps are ``iwm_bus.ring.clock_ns`` (the wall clock), as the ring 
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
@@ -50,7 +49,7 @@ from iwm_bus.wire import make_action
 from workers.entry import StopFlag, stop_on_signals
 from workers.sources import Source, SourceError, SourceFrame, check_spec, open_source
 
-__all__ = ["CaptureConfig", "capture_entry", "probe_source", "run_capture"]
+__all__ = ["CaptureConfig", "run_capture", "write_frame"]
 
 #: exit codes
 EXIT_OK, EXIT_FAILED, EXIT_NOT_STARTED = 0, 1, 2
@@ -153,23 +152,6 @@ def _number(name: str, value: Any, low: float, high: float) -> None:
 
 
 # ---------------------------------------------------------------- entry points
-
-
-def probe_source(spec: str, **options: Any) -> tuple[int, int, int]:
-    """Open ``spec``, take its first frame and close it: the frame's (height, width, channels).
-
-    Raises ValueError (bad spec/options) or SourceError (cannot open here).
-    """
-    source = open_source(spec, **options)
-    try:
-        return tuple(int(n) for n in source.reset().pixels.shape)  # type: ignore[return-value]
-    finally:
-        source.close()
-
-
-def capture_entry(cfg: CaptureConfig, endpoints: Endpoints, ring_name: str) -> NoReturn:
-    """Process target: ``run_capture`` with its return value as the process exit code."""
-    sys.exit(run_capture(cfg, endpoints, ring_name))
 
 
 def run_capture(cfg: CaptureConfig, endpoints: Endpoints, ring_name: str) -> int:
@@ -276,14 +258,11 @@ class _CaptureLoop:
 
     def close(self) -> None:
         # the last notices and stats may still be queued: flush them for a bounded time
-        self.pub.sock.close(linger=FLUSH_LINGER_MS)
+        self.pub.close(linger_ms=FLUSH_LINGER_MS)
         for sub in (self.agent, self.worker):
             if sub is not None:
                 sub.close()
         self._ctx.term()
-        # libzmq leaves the ipc socket file of a closed listener behind; it is ours
-        if self.endpoints.capture.startswith("ipc://"):
-            Path(self.endpoints.capture[len("ipc://"):]).unlink(missing_ok=True)
 
     def __enter__(self) -> _CaptureLoop:
         return self
@@ -422,8 +401,11 @@ class _CaptureLoop:
         assert self.worker is not None
         got = self.worker.recv(timeout_ms=timeout_ms)
         while got is not None:
-            self.worker_seen = True
             topic, msg = got
+            if msg["kind"] == "stats" and msg["source"] != "worker":
+                got = self.worker.recv(timeout_ms=0)  # e.g. a remote worker's gateway
+                continue
+            self.worker_seen = True
             if topics.base_topic(topic) == topics.SURPRISE:
                 variant = msg.get("variant") or topic
                 self.processed[variant] = max(self.processed.get(variant, -1), msg["seq"])

@@ -36,14 +36,16 @@ from loguru import logger
 from iwm_bus import __version__, topics
 from iwm_bus.config import BusConfig, WorkerConfig
 from iwm_bus.errors import CheckpointError
+from iwm_bus.link import Link
 from iwm_bus.model import IWM, create_iwm_model, load_iwm
 from iwm_bus.ring import clock_ns
+from iwm_bus.security import ClientKeys
 from iwm_bus.transport import Endpoints, Publisher, Subscriber
 from workers.entry import StopFlag, stop_on_signals
 from workers.model_stream import ModelStream, StreamResult, finite, shared_input
 from workers.rpc_server import DEFAULT_BUDGET as DEFAULT_RPC_BUDGET
 from workers.rpc_server import ModelService, RPCServer, Throttle
-from workers.stream import Action, ActionBook, FrameReader, StreamStats
+from workers.stream import Action, ActionBook, FrameReader, InlineFrames, StreamStats
 
 #: torch seed of the worker process (untrained models are built with it too)
 SEED = 0
@@ -109,7 +111,7 @@ def load_models(cfg: WorkerConfig) -> list[tuple[str, IWM]]:
     preprocessed input (another input size or pixel normalisation).
     """
     if not cfg.dual:
-        return [("core", load_model(cfg))]
+        return [(cfg.stream or "core", load_model(cfg))]
     eq = load_model(cfg, cfg.checkpoint(), "equivariant" if cfg.untrained else None)
     sem = load_model(cfg, cfg.semantic_checkpoint(), "invariant" if cfg.untrained else None,
                      seed=SEED + 1)
@@ -144,15 +146,19 @@ class EncoderWorker:
     """The worker's logic; binds its sockets on construction, runs in :meth:`serve`.
 
     ``model``: a prebuilt IWM (tests), else :func:`load_models` (``cfg``); ``models``: prebuilt
-    ``(name, IWM)`` streams instead (the first on the plain topics). Not thread-safe:
+    ``(name, IWM)`` streams instead (the first on the plain topics). ``link``: a remote
+    worker, which connects every socket to that gateway (``endpoints`` are then
+    ``link.worker_endpoints()``), with CURVE when the link has keys, and takes each frame
+    from its notice instead of the ring. Not thread-safe:
     construct, serve and close from one thread; stop it from another with the ``stop``
     event given to :meth:`serve` (or :meth:`close` after serve returned).
     """
 
     def __init__(self, cfg: WorkerConfig, endpoints: Endpoints, ring_name: str,
                  model: IWM | None = None, *, models: list[tuple[str, IWM]] | None = None,
-                 restarts: int = 0) -> None:
-        self.cfg, self.endpoints, self.restarts = cfg, endpoints, restarts
+                 restarts: int = 0, link: Link | None = None) -> None:
+        self.cfg, self.endpoints, self.restarts, self.link = cfg, endpoints, restarts, link
+        self._keys = ClientKeys.load(link.keys) if link is not None and link.keys else None
         if models is None:
             models = [("core", model)] if model is not None else load_models(cfg)
         self.streams = [ModelStream(m.eval(), name, cfg.mrr_bank) for name, m in models]
@@ -161,7 +167,8 @@ class EncoderWorker:
         self._log = Throttle()
         self.actions = ActionBook(mc.cond_dim, mc.num_actions, self._log)
         self.stats = StreamStats()
-        self.reader = FrameReader(ring_name, self.model.device)
+        self.reader: FrameReader | InlineFrames = (
+            InlineFrames() if link is not None else FrameReader(ring_name, self.model.device))
         prov = self.model.provenance
         self._checkpoint_name = prov.get("name", Path(prov["path"]).name) if prov else None
         self._notices: dict[int, tuple[int, dict[str, Any] | None]] = {}
@@ -190,40 +197,28 @@ class EncoderWorker:
         self._rpc: RPCServer | None = None
         self._frames_sub: Subscriber | None = None
         self._actions_sub: Subscriber | None = None
-        self._bound: list[tuple[str, int]] = []  # ipc files we created: (path, inode)
+        remote = self.link is not None
+        secure = self._keys.secure if self._keys is not None else None
         try:
-            self._pub = Publisher(eps.worker, ctx=self._ctx)
-            self._remember_ipc(eps.worker)
+            self._pub = Publisher(eps.worker, ctx=self._ctx, connect=remote, secure=secure)
             primary = self.streams[0]
             service = ModelService(self.model, self._health, lambda: finite(primary.mrr.value),
                                    primary.horizon.values,
                                    {st.name: st.model for st in self.streams[1:]})
-            self._rpc = RPCServer(self._ctx, eps.rpc, service)
-            self._remember_ipc(eps.rpc)
-            self._frames_sub = Subscriber([eps.capture], [topics.FRAME], ctx=self._ctx)
+            if not self.cfg.stream:  # a named stream's worker leaves RPC to the primary one
+                self._rpc = RPCServer(self._ctx, eps.rpc, service, connect=remote,
+                                      secure=secure)
+            self._frames_sub = Subscriber([eps.capture], [topics.FRAME], ctx=self._ctx,
+                                          secure=secure)
             self._actions_sub = Subscriber([eps.capture, eps.agent], [topics.ACTION],
-                                           ctx=self._ctx)
+                                           ctx=self._ctx, secure=secure)
         except BaseException:
             self._close_sockets()
             raise
         self._poller = zmq.Poller()
-        for sock in (self._frames_sub.sock, self._actions_sub.sock, self._rpc.sock):
-            self._poller.register(sock, zmq.POLLIN)
-
-    def _remember_ipc(self, endpoint: str) -> None:
-        if endpoint.startswith("ipc://"):
-            path = endpoint[len("ipc://"):]
-            self._bound.append((path, os.stat(path).st_ino))
-
-    def _remove_ipc_files(self) -> None:
-        """libzmq leaves bound ipc files behind; remove ours (not one a newer process bound)."""
-        for path, inode in self._bound:
-            try:
-                if os.stat(path).st_ino == inode:
-                    os.unlink(path)
-            except FileNotFoundError:
-                pass  # already removed (e.g. the run dir was cleaned up)
-        self._bound.clear()
+        for part in (self._frames_sub, self._actions_sub, self._rpc):
+            if part is not None:
+                self._poller.register(part.sock, zmq.POLLIN)
 
     # -- main loop
 
@@ -244,13 +239,13 @@ class EncoderWorker:
         self._publish_stats()
 
     def _poll(self, timeout_ms: int) -> None:
-        assert self._frames_sub and self._actions_sub and self._rpc
+        assert self._frames_sub and self._actions_sub
         events = dict(self._poller.poll(timeout_ms))
         if self._actions_sub.sock in events:
             self._actions_sub.drain(lambda _t, m: self.actions.add(m), DRAIN_BUDGET)
         if self._frames_sub.sock in events:
             self._frames_sub.drain(lambda _t, m: self._on_frame(m), DRAIN_BUDGET)
-        if self._rpc.sock in events:
+        if self._rpc is not None and self._rpc.sock in events:
             # frames first: while one waits, answer one request per turn (bounded latency)
             self._rpc.handle_pending(1 if self._has_work() else DEFAULT_RPC_BUDGET)
 
@@ -289,6 +284,8 @@ class EncoderWorker:
             self._notices[seq] = (msg["t_capture_ns"], msg.get("action"))
             while len(self._notices) > NOTICE_KEEP:
                 self._notices.pop(next(iter(self._notices)))
+            if isinstance(self.reader, InlineFrames):
+                self.reader.add(seq, msg.get("pixels"), t_capture)
         self.reader.want()
 
     def _restart_stream(self, seq: int) -> None:
@@ -383,22 +380,24 @@ class EncoderWorker:
 
     def _publish(self, seq: int, t_capture: int, action: Action,
                  results: list[StreamResult]) -> None:
-        """Each stream's three messages: the primary on the plain topics, the others on
+        """Each stream's three messages, the latent last: a subscriber holds the frame's
+        surprise and MRR when its latent arrives (the bridge updates the state once per
+        frame). The primary stream goes on the plain topics, the others on
         ``<topic>.<stream name>`` and before it, so that a bridge woken by the plain latent
         already holds the other streams' numbers of the same frame."""
         assert self._pub is not None
         t_pub = clock_ns()
         for i in reversed(range(len(self.streams))):
             st, r = self.streams[i], results[i]
-            suffix = "" if i == 0 else "." + st.name
+            suffix = "" if i == 0 and not self.cfg.stream else "." + st.name
             base = {"seq": seq, "t_capture_ns": t_capture, "t_publish_ns": t_pub,
                     "variant": st.variant}
             patches = r.patches.astype(np.float16) if self.cfg.publish_patches else None
-            self._pub.send(topics.LATENT + suffix, {**base, "z_cls": r.z_cls, "patches": patches})
             self._pub.send(topics.SURPRISE + suffix,
                            {**base, "surprise": r.surprise, "surprise_z": r.surprise_z,
                             "pred_seq": r.pred_seq, "action": action.wire})
             self._pub.send(topics.MRR + suffix, {**base, "rr": r.rr, "mrr": r.mrr, "k": r.k})
+            self._pub.send(topics.LATENT + suffix, {**base, "z_cls": r.z_cls, "patches": patches})
         self.stats.frame(t_pub - t_capture)
 
     # -- stats and health
@@ -409,18 +408,20 @@ class EncoderWorker:
 
     def stats_values(self) -> dict[str, Any]:
         """The counters as published in ``iwm.stats`` (the window part resets)."""
-        assert self._frames_sub and self._actions_sub and self._rpc
-        s = self.stats
+        assert self._frames_sub and self._actions_sub
+        s, rpc = self.stats, self._rpc
         return {"ready": 1, **s.take_window(), "frames": s.frames, "notices": s.notices,
                 "dropped_overwritten": s.dropped_overwritten, "torn": s.torn,
                 "skipped": s.skipped,
                 "decode_errors": self._frames_sub.decode_errors + self._actions_sub.decode_errors,
                 "notice_gaps": self._frames_sub.gaps, "actions": self.actions.received,
                 "bad_actions": self.actions.bad, "action_ids_ignored": self.actions.ids_ignored,
-                "rpc_requests": self._rpc.requests, "rpc_errors": self._rpc.errors,
-                "rpc_replies_dropped": self._rpc.replies_dropped,
+                "rpc_requests": rpc.requests if rpc else 0, "rpc_errors": rpc.errors if rpc else 0,
+                "rpc_replies_dropped": rpc.replies_dropped if rpc else 0,
                 "stream_restarts": s.stream_restarts,
                 "attach_failures": self.reader.attach_failures, "restarts": self.restarts,
+                **({"remote": 1, "frames_without_pixels": self.reader.missing}
+                   if isinstance(self.reader, InlineFrames) else {}),
                 **self.streams[0].stats(), "mode": self.cfg.mode,
                 "checkpoint": self._checkpoint_name,
                 **({"streams": {st.name: st.stats() for st in self.streams}}
@@ -454,9 +455,8 @@ class EncoderWorker:
     def _close_sockets(self) -> None:
         for part in (self._frames_sub, self._actions_sub, self._rpc, self._pub):
             if part is not None:
-                part.close()
+                part.close()  # the publisher and RPC server remove the ipc files they bound
         self._ctx.term()
-        self._remove_ipc_files()
 
     def close(self) -> None:
         """Stop serving, close sockets (their ipc files go with them) and the ring."""
@@ -489,21 +489,21 @@ def _num_threads(device: str, requested: int = 0) -> int:
 
 
 def run_worker(cfg: WorkerConfig, endpoints: Endpoints, ring_name: str, *,
-               restarts: int = 0, takeover: Any = None) -> int:
+               restarts: int = 0, takeover: Any = None, link: Link | None = None) -> int:
     """Process entry (spawn-safe): serve until SIGTERM / SIGINT; returns the exit code.
 
     ``takeover`` (a shared integer, e.g. ``multiprocessing.Value("i", -1)``) makes this a
     warm **standby**: it loads and warms up the model, then waits, binding nothing, until
     the launcher stores the restart count there (the serving worker died) and serves from
     then on: a worker takes over in milliseconds instead of a process start, torch import
-    and model load.
+    and model load. ``link``: a remote worker of that gateway (:class:`EncoderWorker`).
 
-    0 clean stop; 1 crashed (logged); 2 model could not be loaded (nothing was bound);
-    3 a socket could not be bound.
+    0 clean stop; 1 crashed (logged); 2 model or keys could not be loaded (nothing was
+    bound); 3 a socket could not be bound.
     """
     stop = StopFlag()  # set by the signal handler without taking a lock
     with stop_on_signals(stop, "encoder worker"):
-        return _run_worker(cfg, endpoints, ring_name, restarts, stop, takeover)
+        return _run_worker(cfg, endpoints, ring_name, restarts, stop, takeover, link)
 
 
 def _warm_up_all(models: list[tuple[str, IWM]]) -> None:
@@ -521,8 +521,14 @@ def _warm_up(model: IWM) -> None:
 
 
 def _run_worker(cfg: WorkerConfig, endpoints: Endpoints, ring_name: str, restarts: int,
-                stop: StopFlag, takeover: Any = None) -> int:
+                stop: StopFlag, takeover: Any = None, link: Link | None = None) -> int:
     try:
+        try:
+            if link is not None and link.keys is not None:
+                ClientKeys.load(link.keys)
+        except (FileNotFoundError, ValueError) as e:
+            logger.error("encoder worker cannot load its CURVE keys: {}", e)
+            return 2
         try:
             models = load_models(cfg)
         except (FileNotFoundError, CheckpointError, ValueError) as e:
@@ -533,18 +539,15 @@ def _run_worker(cfg: WorkerConfig, endpoints: Endpoints, ring_name: str, restart
         if takeover is not None:
             _warm_up_all(models)
             logger.debug("standby worker ready")
-            parent = os.getppid()
-            while takeover.value < 0:
+            while takeover.value < 0:  # a dead launcher stops it (workers.entry.exit_with)
                 if stop.wait(0.02):
-                    return 0
-                if os.getppid() != parent:  # the launcher died (SIGKILL): nothing to stand by
-                    logger.warning("standby worker: the launcher is gone; exiting")
                     return 0
             restarts = takeover.value
             logger.configure(extra={"proc": "worker"})  # its log lines are the worker's now
             logger.info("standby worker taking over (restart #{})", restarts)
         try:
-            worker = EncoderWorker(cfg, endpoints, ring_name, models=models, restarts=restarts)
+            worker = EncoderWorker(cfg, endpoints, ring_name, models=models, restarts=restarts,
+                                   link=link)
         except OSError as e:
             logger.error("encoder worker cannot bind its sockets: {}", e)
             return 3

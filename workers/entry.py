@@ -47,7 +47,9 @@ def exit_with(target: Callable[..., int] | str, *args: Any, **kwargs: Any) -> No
     """Spawn target for the launcher: ``sys.exit(target(*args, **kwargs))``, logging in the
     launcher's format at its level (``IWM_LOG_LEVEL``) under the process's name. ``target``
     may be named as ``"module:function"``, imported here, in the child: the launcher then
-    never imports what its children need (torch, for the worker)."""
+    never imports what its children need (torch, for the worker). The child stops (SIGTERM
+    to itself, so it shuts down as on the launcher's own) when its parent is gone: a
+    SIGKILLed launcher or gym wrapper leaves no worker running."""
     import importlib
 
     import multiprocess as mp
@@ -55,10 +57,27 @@ def exit_with(target: Callable[..., int] | str, *args: Any, **kwargs: Any) -> No
     level = os.environ.get(LOG_LEVEL_ENV)
     if level:
         setup_logging(level, mp.current_process().name.removeprefix("iwm-"))
+    _terminate_when_orphaned()
     if isinstance(target, str):
         module, _, name = target.partition(":")
         target = getattr(importlib.import_module(module), name)
     sys.exit(target(*args, **kwargs))
+
+
+#: how often a child checks that its parent is alive (seconds)
+ORPHAN_CHECK_S = 0.5
+
+
+def _terminate_when_orphaned() -> None:
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(ORPHAN_CHECK_S)
+        logger.warning("parent process {} is gone; stopping", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
 
 
 class StopFlag:

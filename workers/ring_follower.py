@@ -40,21 +40,28 @@ class RingFollower:
         self.ring_name, self.who = ring_name, who
         self.ring: FrameRing | None = None
         self.last_seq: int | None = None  # the last notice followed
+        self.last_t = 0  # its t_capture_ns
         self.capture_restarts = 0
 
-    def on_notice(self, seq: int, read: bool = True) -> list[FrameRead] | None:
+    def on_notice(self, seq: int, read: bool = True,
+                  t_capture_ns: int | None = None) -> list[FrameRead] | None:
         """The frames a notice for ``seq`` calls for, oldest first (``read=False``: only
         follow it, e.g. a frame that travelled inline). None: a duplicate notice, or no
         ring to read (cannot attach yet; ``last_seq`` stays, so the next notice reads the
-        gap)."""
+        gap). A seq that goes back is a new capture, unless ``t_capture_ns`` goes back too:
+        that is an older notice sent again (a lossless capture re-sends one to a fresh
+        worker), a duplicate."""
         if self.last_seq is not None and seq <= self.last_seq:
-            if seq == self.last_seq:
+            if seq == self.last_seq or (t_capture_ns is not None
+                                        and t_capture_ns < self.last_t):
                 return None
             logger.warning("{}: frame seq went back from {} to {}: the capture restarted; "
                            "re-attaching the ring", self.who, self.last_seq, seq)
             self.capture_restarts += 1
             self.close()
             self.last_seq = None
+        if t_capture_ns is not None:
+            self.last_t = t_capture_ns
         if not read:
             self.last_seq = seq
             return []

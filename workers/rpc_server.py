@@ -158,19 +158,32 @@ def _peek_id(body: list[bytes]) -> int:
 
 
 class RPCServer:
-    """The ROUTER socket: receive, decode, validate, run under inference mode, reply."""
+    """The ROUTER socket: receive, decode, validate, run under inference mode, reply.
+
+    ``connect=True`` (a remote worker): a DEALER connected to a gateway's DEALER instead
+    (:mod:`workers.gateway`), which passes each request on as the same ``[identity, *body]``
+    that the ROUTER would have received, and routes the reply back by that identity.
+    """
 
     def __init__(self, ctx: zmq.Context, endpoint: str, service: ModelService, *,
-                 hwm: int = 1000) -> None:
+                 hwm: int = 1000, connect: bool = False,
+                 secure: Callable[[zmq.Socket], None] | None = None) -> None:
         self.endpoint, self.service = endpoint, service
         self._methods = service.methods()
-        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock = ctx.socket(zmq.DEALER if connect else zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if not connect:
+            self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.sock.setsockopt(zmq.SNDHWM, hwm)
         self.sock.setsockopt(zmq.RCVHWM, hwm)
+        if secure is not None:
+            secure(self.sock)
+        self._inode: int | None = None
         try:
-            transport.bind(self.sock, endpoint)
+            if connect:
+                self.sock.connect(endpoint)
+            else:
+                self._inode = transport.bind(self.sock, endpoint)
         except OSError:
             self.sock.close(linger=0)
             raise
@@ -194,6 +207,11 @@ class RPCServer:
     def handle(self, frames: list[bytes]) -> None:
         """Answer one request ``[identity, *body]``."""
         self.requests += 1
+        if len(frames) < 2:  # a DEALER peer can send anything: no identity, no request
+            self.errors += 1
+            self._log.warning("rpc-error", "rpc: dropped a message of {} frame(s) without a "
+                              "request", len(frames))
+            return
         identity, body = frames[0], frames[1:]
         try:
             req_id, method, params = self._decode(body)
@@ -249,4 +267,7 @@ class RPCServer:
             self._log.warning("rpc-drop", "rpc reply {} dropped: {}", reply["id"], e)
 
     def close(self) -> None:
+        """Close the socket and remove the ipc file it bound."""
         self.sock.close(linger=0)
+        transport.unbind_file(self.endpoint, self._inode)
+        self._inode = None

@@ -3,7 +3,8 @@
 :class:`workers.encoder.EncoderWorker` holds one of each for the frame stream it serves:
 :class:`ActionBook` validates actions and answers "the action in force at capture time",
 :class:`LatentBank` keeps the MRR candidates, :class:`HorizonMRR` measures the rollout
-confidence, :class:`FrameReader` reads frames from the shared-memory FrameRing and
+confidence, :class:`FrameReader` reads frames from the shared-memory FrameRing (a remote
+worker's :class:`InlineFrames` holds those that came inside their notices) and
 :class:`StreamStats` counts what happened. None of them touch a socket.
 """
 
@@ -35,6 +36,8 @@ MRR_WINDOW = 1000
 ACTION_HISTORY = 256
 #: how long to keep trying to attach the ring after a notice names a frame in it
 ATTACH_TIMEOUT_S = 5.0
+#: a remote worker holds at most this many inline frames not yet processed
+INLINE_KEEP = 64
 
 
 # ----------------------------------------------------------------------------- actions
@@ -296,6 +299,65 @@ class FrameReader:
             ring, self.ring = self.ring, None
             self._buf_np = self._buf_t = None
             ring.close()
+
+
+class InlineFrames:
+    """The frames of a remote worker, which cannot attach the ring: each arrives inside its
+    ``iwm.frame`` notice (``pixels``, put by the gateway). It answers the worker as
+    :class:`FrameReader` does (``ring``, ``ensure``, ``read``), so that from here on a frame
+    takes one path; ``ring.slots`` spans the frames held, so "older than the ring holds"
+    means "older than the oldest frame held"."""
+
+    def __init__(self, keep: int = INLINE_KEEP) -> None:
+        self.keep = keep
+        self._frames: dict[int, tuple[np.ndarray, int]] = {}
+        self.latest_seq = -1
+        self.attach_failures = 0  # never: there is nothing to attach
+        self.missing = 0  # notices that came without their pixels
+
+    @property
+    def ring(self) -> InlineFrames | None:
+        return self if self._frames else None
+
+    @property
+    def slots(self) -> int:
+        return self.latest_seq - min(self._frames) + 1 if self._frames else 1
+
+    def add(self, seq: int, pixels: Any, t_capture_ns: int) -> None:
+        """Hold the frame of a notice (the oldest goes beyond ``keep``)."""
+        if not isinstance(pixels, np.ndarray) or pixels.ndim != 3 or pixels.dtype != np.uint8:
+            self.missing += 1
+            if self.missing == 1 or self.missing % 1000 == 0:
+                logger.warning("frame notice {} came without (H, W, C) uint8 pixels (#{}): a "
+                               "remote worker needs the gateway's inline frames", seq,
+                               self.missing)
+            return
+        if seq < self.latest_seq - self.keep:
+            return
+        self._frames[seq] = (pixels, t_capture_ns)
+        self.latest_seq = max(self.latest_seq, seq)
+        while len(self._frames) > self.keep:
+            del self._frames[min(self._frames)]
+
+    def want(self) -> None:
+        pass
+
+    def ensure(self) -> bool:
+        return bool(self._frames)
+
+    def read(self, seq: int) -> tuple[np.ndarray, int] | str:
+        """``(frame (H, W, 3), t_capture_ns)``, or "unavailable" when it never arrived; the
+        frames before it are let go."""
+        got = self._frames.pop(seq, None)
+        for old in [s for s in self._frames if s < seq]:
+            del self._frames[old]
+        if got is None:
+            return "unavailable"
+        return _rgb(got[0]), got[1]
+
+    def close(self) -> None:
+        self._frames.clear()
+        self.latest_seq = -1
 
 
 def _rgb(frame: Any) -> Any:

@@ -1,0 +1,267 @@
+"""The gateway: the game machine's door for workers on other machines (tcp, CURVE).
+
+A worker on another machine cannot attach the shared-memory ring. In its place the game
+machine runs this process (``iwm-launch --remote-worker [HOST:]PORT``); it binds the three
+ports of :class:`iwm_bus.link.Link` and makes a remote worker look local to everyone else:
+
+* **frames out**: for each local ``iwm.frame`` notice it reads the frame from the ring and
+  publishes the notice again with ``pixels`` inline (plus frames whose notice it missed,
+  and, when a lossless capture re-sends an older notice to a fresh worker, every frame from
+  there on); local ``agent.action`` messages are passed on unchanged.
+* **results in**: an XSUB that remote workers' PUB sockets connect to, proxied to an XPUB
+  bound on the local worker endpoint, so the bridge, the capture's lossless credits, the
+  recorder and the viewer subscribe exactly as to a local worker (several workers' results
+  merge there; subscriptions travel upstream).
+* **rpc**: a ROUTER on the local rpc endpoint, proxied to a DEALER that remote workers'
+  DEALER sockets connect to; requests are shared among the connected workers.
+
+With a key folder every tcp socket is a CURVE server and only workers whose public key is in
+``authorized/`` get through (:class:`iwm_bus.security.Gatekeeper` logs and counts refusals).
+``iwm.stats`` (source ``gateway``) goes out on the local worker endpoint once a second.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+from loguru import logger
+
+from iwm_bus import topics, wire
+from iwm_bus.errors import WireError
+from iwm_bus.link import Link
+from iwm_bus.ring import clock_ns
+from iwm_bus.security import Gatekeeper, ServerKeys, check_bind
+from iwm_bus.transport import Endpoints, Subscriber, bind, unbind_file
+from workers.entry import StopFlag, stop_on_signals
+from workers.ring_follower import RingFollower
+
+__all__ = ["Gateway", "run_gateway"]
+
+#: inline frames queued per remote worker before the newest are dropped (a slow link must not
+#: build seconds of latency; lossless pacing keeps fewer than the ring's slots in flight)
+FRAMES_HWM = 32
+POLL_MS = 50
+STATS_INTERVAL_S = 1.0
+DRAIN_BUDGET = 256
+
+
+@dataclass
+class GatewayStats:
+    frames: int = 0  # inline frames sent
+    resent: int = 0  # of them, sent again for a lossless capture's fresh worker
+    missed: int = 0  # frames gone from the ring before they could be read
+    frames_dropped: int = 0  # not sent: the remote queue was full
+    actions: int = 0
+    results: int = 0
+    rpc_requests: int = 0
+    rpc_replies: int = 0
+
+
+class Gateway:
+    """Sockets and forwarding of one gateway; binds on construction, runs in :meth:`serve`."""
+
+    def __init__(self, link: Link, endpoints: Endpoints, ring_name: str) -> None:
+        check_bind(link.host, link.keys is not None, link.insecure)
+        self.link, self.endpoints = link, endpoints
+        self.keys = ServerKeys.load(link.keys) if link.keys is not None else None
+        self.stats = GatewayStats()
+        self.follower = RingFollower(ring_name, "gateway")
+        self._ctx = zmq.Context()
+        self._gate: Gatekeeper | None = None
+        self._inodes: list[tuple[str, int | None]] = []
+        self._socks: list[zmq.Socket] = []
+        try:
+            if self.keys is not None:
+                self._gate = Gatekeeper(self._ctx, self.keys)
+            self.frames_out = self._remote(zmq.PUB, link.frames, FRAMES_HWM)
+            self.results_in = self._remote(zmq.XSUB, link.results)
+            self.rpc_back = self._remote(zmq.DEALER, link.rpc)
+            self.results_out = self._local(zmq.XPUB, endpoints.worker)
+            self.rpc_front = self._local(zmq.ROUTER, endpoints.rpc)
+            self.local = Subscriber([endpoints.capture, endpoints.agent],
+                                    [topics.FRAME, topics.ACTION], ctx=self._ctx)
+        except BaseException:
+            self.close()
+            raise
+        self._poller = zmq.Poller()
+        for sock in (self.local.sock, self.results_in, self.results_out, self.rpc_front,
+                     self.rpc_back):
+            self._poller.register(sock, zmq.POLLIN)
+        self._next_stats = 0.0
+        logger.info("gateway: remote workers connect to {} (frames {}, results {}, rpc {}){}",
+                    link, link.frames, link.results, link.rpc,
+                    "" if self.keys else " WITHOUT CURVE (no --keys)")
+
+    def _socket(self, kind: int, hwm: int) -> zmq.Socket:
+        sock = self._ctx.socket(kind)
+        self._socks.append(sock)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.RCVHWM, hwm)
+        return sock
+
+    def _remote(self, kind: int, endpoint: str, hwm: int = 1000) -> zmq.Socket:
+        sock = self._socket(kind, hwm)
+        if self.keys is not None:
+            self.keys.secure(sock)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as e:
+            raise OSError(f"gateway cannot bind {endpoint}: {e}") from e
+        return sock
+
+    def _local(self, kind: int, endpoint: str) -> zmq.Socket:
+        sock = self._socket(kind, 1000)
+        self._inodes.append((endpoint, bind(sock, endpoint)))
+        return sock
+
+    # ------------------------------------------------------------ loop
+
+    def serve(self, stop: StopFlag | Any) -> None:
+        while not stop:
+            events = dict(self._poller.poll(POLL_MS))
+            if self.local.sock in events:
+                self.local.drain(self._on_local, DRAIN_BUDGET)
+            if self.results_in in events:  # worker results -> local subscribers
+                self.stats.results += self._pass(self.results_in, self.results_out)
+            if self.results_out in events:  # local subscriptions -> workers
+                self._pass(self.results_out, self.results_in)
+            if self.rpc_front in events:
+                self.stats.rpc_requests += self._pass(self.rpc_front, self.rpc_back)
+            if self.rpc_back in events:
+                self.stats.rpc_replies += self._pass(self.rpc_back, self.rpc_front)
+            if time.monotonic() >= self._next_stats:
+                self._publish_stats()
+
+    @staticmethod
+    def _pass(src: zmq.Socket, dst: zmq.Socket) -> int:
+        """Move what ``src`` holds to ``dst`` unchanged, never blocking (a full or gone peer
+        loses that message; the subscriber counts the gap)."""
+        for n in range(DRAIN_BUDGET):
+            try:
+                frames = src.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return n
+            try:
+                dst.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError:  # Again, or EHOSTUNREACH for a client gone
+                pass
+        return DRAIN_BUDGET
+
+    def _on_local(self, topic: str, msg: dict[str, Any]) -> None:
+        if topics.base_topic(topic) == topics.ACTION:
+            self.stats.actions += 1
+            self._send(topic, msg)
+            return
+        seq, t = msg["seq"], msg["t_capture_ns"]
+        last = self.follower.last_seq
+        if last is not None and seq < last and t < self.follower.last_t:
+            self._resend(seq, last)  # a lossless capture's re-send: a fresh worker
+            return
+        reads = self.follower.on_notice(seq, t_capture_ns=t)
+        if reads is None:
+            return
+        for r in reads:
+            if r.got is None:
+                self.stats.missed += r.why != "backfill"
+                continue
+            pixels, meta = r.got
+            self._send_frame(msg if r.why == "notice" else None, r.seq, pixels, meta)
+
+    def _resend(self, first: int, last: int) -> None:
+        ring = self.follower.ring
+        if ring is None:
+            return
+        logger.info("gateway: re-sending frames {}..{} to a fresh remote worker", first, last)
+        for s in range(first, last + 1):
+            got = ring.read(s, with_meta=True)
+            if got is None:
+                self.stats.missed += 1
+                continue
+            self.stats.resent += 1
+            self._send_frame(None, s, *got)
+
+    def _send_frame(self, notice: dict[str, Any] | None, seq: int, pixels: Any,
+                    meta: Any) -> None:
+        h, w, c = pixels.shape
+        base = notice if notice is not None else {
+            "seq": seq, "slot": seq, "t_capture_ns": meta.t_capture_ns, "action": None,
+            "source": None}
+        if self._send(topics.FRAME, {**base, "height": h, "width": w, "channels": c,
+                                     "pixels": pixels}):
+            self.stats.frames += 1
+        else:
+            self.stats.frames_dropped += 1
+
+    def _send(self, topic: str, msg: dict[str, Any]) -> bool:
+        try:
+            frames = wire.pack(topic, msg)
+        except WireError as e:  # validated on the way in; this would be our own bug
+            logger.error("gateway: cannot forward a {} message: {}", topic, e)
+            return False
+        try:
+            self.frames_out.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        return True
+
+    def _publish_stats(self) -> None:
+        self._next_stats = time.monotonic() + STATS_INTERVAL_S
+        values = {**vars(self.stats), "refused_peers": self._gate.refused if self._gate else 0,
+                  "curve": int(self.keys is not None),
+                  "decode_errors": self.local.decode_errors}
+        try:
+            self.results_out.send_multipart(
+                wire.pack(topics.STATS, {"t_ns": clock_ns(), "source": "gateway",
+                                         "values": values}), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    # ------------------------------------------------------------ lifetime
+
+    def close(self) -> None:
+        if getattr(self, "local", None) is not None:
+            self.local.close()
+        for sock in self._socks:
+            sock.close(linger=0)
+        self._socks.clear()
+        if self._gate is not None:
+            self._gate.stop()
+            self._gate = None
+        self._ctx.term()
+        for endpoint, inode in self._inodes:
+            unbind_file(endpoint, inode)
+        self._inodes.clear()
+        self.follower.close()
+
+    def __enter__(self) -> Gateway:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def run_gateway(link: Link, endpoints: Endpoints, ring_name: str) -> int:
+    """Process entry (spawn-safe): 0 clean stop, 2 keys or address refused, 3 a socket
+    could not be bound, 1 crashed."""
+    stop = StopFlag()
+    with stop_on_signals(stop, "gateway"):
+        try:
+            gateway = Gateway(link, endpoints, ring_name)
+        except (FileNotFoundError, ValueError) as e:
+            logger.error("gateway cannot start: {}", e)
+            return 2
+        except OSError as e:
+            logger.error("gateway cannot bind: {}", e)
+            return 3
+        try:
+            with gateway:
+                gateway.serve(stop)
+        except Exception:
+            logger.exception("gateway crashed")
+            return 1
+        logger.info("gateway stopped after {} frames sent", gateway.stats.frames)
+        return 0
