@@ -97,7 +97,10 @@ class ArbiterConfig:
     max_age_ms: float = 500.0
     # what stale or missing vision data means: slow down (and wait) to be safe
     slow_down_when_stale: bool = True
-    # surprise and MRR older than this many frames behind the latent are ignored
+    # numbers older than this many frames behind the latent are ignored. The bridge gives a
+    # frame's plain surprise and MRR with its latent (lag 0); this bounds what can lag: a
+    # semantic stream from a second worker (remote workers, one per stream), or a state
+    # built by hand
     max_metric_lag_frames: int = 5
 
     def __post_init__(self) -> None:

@@ -55,7 +55,7 @@ from iwm_bus import topics, wire
 from iwm_bus.errors import IWMError, StaleDataError, WireError
 from iwm_bus.ring import clock_ns
 from iwm_bus.rundir import RunDir
-from iwm_bus.transport import DEFAULT_HWM, Endpoints, Publisher, bind
+from iwm_bus.transport import DEFAULT_HWM, Endpoints, Publisher, pub_socket, sub_socket, unbind_file
 
 __all__ = ["AsyncVisionBridge", "BridgeStats", "VisionBridge", "build_action",
            "resolve_endpoints"]
@@ -171,6 +171,9 @@ class _Tracker:
         self.hooks: dict[int, _Hook] = {}
         self._ids = itertools.count(1)
         self._last_latent_seq: int | None = None
+        # a frame's surprise and MRR, held until its latent arrives: the worker publishes the
+        # latent last, and the state then takes all three of one seq in one update
+        self._pending: dict[str, tuple[dict[str, Any], int]] = {}
         self._dual = False  # seen a semantic stream (a dual worker)
         self._bad_logged = 0
 
@@ -206,10 +209,8 @@ class _Tracker:
                 return self._semantic(base, msg)
             if suffix:  # other per-variant surprise/mrr streams: not the core state
                 return []
-            if base == topics.SURPRISE:
-                return self._surprise(msg, t_ns)
-            if base == topics.MRR:
-                return self._mrr(msg, t_ns)
+            if base in (topics.SURPRISE, topics.MRR):
+                return self._metric(base, msg, t_ns)
             if base == topics.STATS:
                 self.worker_stats[msg["source"]] = dict(msg["values"], t_ns=msg["t_ns"])
                 return []
@@ -243,23 +244,52 @@ class _Tracker:
             self.stats.gaps += seq - last - 1
         elif last is not None and seq <= last:
             self.stats.restarts += 1
+            # a new stream: what an old frame left waiting is not this stream's
+            self._pending = {b: v for b, v in self._pending.items() if v[0]["seq"] <= seq}
             if seq < last and st.semantic_seq != seq:  # a new stream: old semantic numbers
                 st.vision_semantic_surprise = st.vision_semantic_surprise_z = None
                 st.vision_semantic_mrr = st.semantic_seq = None
         if st.vision_core_latent is not None and st.vision_core_latent.shape != z.shape:
             st.vision_core_latent = None  # a different model: the old latent is not comparable
         self._last_latent_seq = seq
+        fired: list[_Hook] = []
+        for base, (held, t_held) in list(self._pending.items()):
+            if held["seq"] <= seq:  # this frame's (or an older one's whose latent was lost)
+                del self._pending[base]
+                fired += self._apply_metric(base, held, t_held)
         patches = msg.get("patches")
         st.update_latent(z, seq=seq, t_capture_ns=msg["t_capture_ns"],
                          t_publish_ns=msg["t_publish_ns"], patches=patches,
                          variant=variant, t_received_ns=t_ns)
-        return [h for h in self.hooks.values() if h.kind == "latent"]
+        return [h for h in self.hooks.values() if h.kind == "latent"] + fired
+
+    def _metric(self, base: str, msg: dict[str, Any], t_ns: int) -> list[_Hook]:
+        """A plain surprise or MRR: checked now, applied with its frame's latent (at once
+        when that latent is already in: a worker that publishes the latent first)."""
+        self._check_metric(base, msg)
+        if msg["seq"] == self.state.frame_seq:
+            return self._apply_metric(base, msg, t_ns)
+        self._pending[base] = (msg, t_ns)
+        return []
+
+    def _apply_metric(self, base: str, msg: dict[str, Any], t_ns: int) -> list[_Hook]:
+        return (self._surprise if base == topics.SURPRISE else self._mrr)(msg, t_ns)
+
+    @staticmethod
+    def _check_metric(base: str, msg: dict[str, Any]) -> None:
+        if base == topics.SURPRISE:
+            for name in ("surprise", "surprise_z"):
+                v = msg.get(name)
+                if v is not None and not np.isfinite(v):
+                    raise ValueError(f"{name} is {v}")
+        else:
+            for name in ("rr", "mrr"):
+                v = msg[name]
+                if v is not None and not 0.0 <= v <= 1.0:
+                    raise ValueError(f"{name} must be in [0, 1], got {v}")
 
     def _surprise(self, msg: dict[str, Any], t_ns: int) -> list[_Hook]:
         value, z = msg["surprise"], msg.get("surprise_z")
-        for name, v in (("surprise", value), ("surprise_z", z)):
-            if v is not None and not np.isfinite(v):
-                raise ValueError(f"{name} is {v}")
         st = self.state
         st.vision_prediction_surprise = value
         st.vision_surprise_z = z
@@ -270,26 +300,20 @@ class _Tracker:
         return [h for h in self.hooks.values() if h.kind == "surprise" and value > h.threshold]
 
     def _semantic(self, base: str, msg: dict[str, Any]) -> list[_Hook]:
-        """A dual worker's semantic stream: its surprise (for escalation) and MRR."""
+        """A dual worker's semantic stream: its surprise (for escalation) and MRR (it comes
+        before the plain stream's messages of the same frame, or from another worker)."""
+        self._check_metric(base, msg)
         st = self.state
         if base == topics.SURPRISE:
-            value, z = msg["surprise"], msg.get("surprise_z")
-            for name, v in (("surprise", value), ("surprise_z", z)):
-                if v is not None and not np.isfinite(v):
-                    raise ValueError(f"{name} is {v}")
-            st.vision_semantic_surprise, st.vision_semantic_surprise_z = value, z
+            st.vision_semantic_surprise = msg["surprise"]
+            st.vision_semantic_surprise_z = msg.get("surprise_z")
             st.semantic_seq = msg["seq"]
         elif msg["mrr"] is not None:
-            if not 0.0 <= msg["mrr"] <= 1.0:
-                raise ValueError(f"mrr must be in [0, 1], got {msg['mrr']}")
             st.vision_semantic_mrr = msg["mrr"]
         return []
 
     def _mrr(self, msg: dict[str, Any], t_ns: int) -> list[_Hook]:
         rr, mean = msg["rr"], msg["mrr"]
-        for name, value in (("rr", rr), ("mrr", mean)):
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
         st = self.state
         st.vision_rr = rr
         if mean is not None:  # a running mean stays valid across a frame without prediction
@@ -322,29 +346,10 @@ class _Tracker:
         return None
 
 
-def _unlink_ipc(endpoint: str) -> None:
-    """Remove the socket file of an ipc endpoint we bound (ZeroMQ leaves it behind)."""
-    if endpoint.startswith("ipc://"):
-        Path(endpoint[len("ipc://"):]).unlink(missing_ok=True)
-
-
 def _check_max_age(max_age_ms: float | None) -> None:
     if max_age_ms is not None and (isinstance(max_age_ms, bool) or
                                    not isinstance(max_age_ms, (int, float)) or max_age_ms < 0):
         raise ValueError(f"max_age_ms must be a number >= 0 or None, got {max_age_ms!r}")
-
-
-def _sub_socket(ctx: zmq.Context, endpoint: str, hwm: int, topic_list: tuple[str, ...]
-                ) -> zmq.Socket:
-    sock = ctx.socket(zmq.SUB)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVHWM, hwm)
-    sock.setsockopt(zmq.RECONNECT_IVL, 20)
-    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
-    for t in topic_list:
-        sock.setsockopt(zmq.SUBSCRIBE, t.encode())
-    sock.connect(endpoint)
-    return sock
 
 
 class VisionBridge:
@@ -406,9 +411,8 @@ class VisionBridge:
         self.stop()
         with self._pub_lock:
             if self._pub is not None:
-                self._pub.close()
+                self._pub.close()  # and its ipc file
                 self._pub = None
-                _unlink_ipc(self.endpoints.agent)
 
     @property
     def running(self) -> bool:
@@ -429,8 +433,8 @@ class VisionBridge:
 
     def _run(self) -> None:
         try:
-            sock = _sub_socket(zmq.Context.instance(), self.endpoints.worker, self._hwm,
-                               topics.WORKER_TOPICS)
+            sock = sub_socket(zmq.Context.instance(), [self.endpoints.worker],
+                              topics.WORKER_TOPICS, hwm=self._hwm, reconnect_max_ms=500)
         except Exception as e:  # noqa: BLE001 - reported to start()
             self._thread_error = e
             self._ready.set()
@@ -560,6 +564,15 @@ class VisionBridge:
             if self._pub is None:
                 self._pub = Publisher(self.endpoints.agent)
 
+    def publish(self, topic: str, msg: Mapping[str, Any]) -> bool:
+        """Publish another message of the agent's on its socket (e.g. ``agent.decision``,
+        ``iwm_bus.wire.make_decision``); never blocks: False when it could not be sent.
+        ``WireError`` when ``msg`` does not fit ``topic``'s schema."""
+        with self._pub_lock:
+            if self._pub is None:
+                self._pub = Publisher(self.endpoints.agent)
+            return self._pub.send(topic, msg)
+
     def publish_action(self, vector: Any = None, action_id: int | None = None,
                        frame_seq: int | None = None) -> int:
         """Publish ``agent.action`` (vector and/or discrete id); returns the action's seq.
@@ -598,6 +611,7 @@ class AsyncVisionBridge:
         self._cond: asyncio.Condition | None = None
         self._sock: zmq.asyncio.Socket | None = None
         self._pub: zmq.asyncio.Socket | None = None
+        self._pub_inode: int | None = None  # the agent endpoint's ipc file, when bound
         self._hook_tasks: set[asyncio.Task[Any]] = set()
         self._started_ns: int | None = None
         self._error: BaseException | None = None
@@ -607,8 +621,8 @@ class AsyncVisionBridge:
         if self._task is not None and not self._task.done():
             return self
         self._cond = asyncio.Condition()
-        self._sock = _sub_socket(zmq.asyncio.Context.instance(), self.endpoints.worker,
-                                 self._hwm, topics.WORKER_TOPICS)
+        self._sock = sub_socket(zmq.asyncio.Context.instance(), [self.endpoints.worker],
+                                topics.WORKER_TOPICS, hwm=self._hwm, reconnect_max_ms=500)
         self._started_ns = time.monotonic_ns()
         self._error = None
         self._task = asyncio.create_task(self._run(), name="AsyncVisionBridge")
@@ -627,7 +641,7 @@ class AsyncVisionBridge:
             self._sock.close(linger=0)
         if self._pub is not None:
             self._pub.close(linger=0)
-            _unlink_ipc(self.endpoints.agent)
+            unbind_file(self.endpoints.agent, self._pub_inode)
         self._sock = self._pub = None
 
     async def __aenter__(self) -> AsyncVisionBridge:
@@ -759,15 +773,8 @@ class AsyncVisionBridge:
     def open_actions(self) -> None:
         """Bind the agent's PUB socket now (otherwise on the first publish_action)."""
         if self._pub is None:
-            sock = zmq.asyncio.Context.instance().socket(zmq.PUB)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, self._hwm)
-            try:
-                bind(sock, self.endpoints.agent)
-            except OSError:
-                sock.close(linger=0)
-                raise
-            self._pub = sock
+            self._pub, self._pub_inode = pub_socket(zmq.asyncio.Context.instance(),
+                                                    self.endpoints.agent, hwm=self._hwm)
 
     async def publish_action(self, vector: Any = None, action_id: int | None = None,
                              frame_seq: int | None = None) -> int:

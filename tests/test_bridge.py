@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +195,40 @@ def test_bridge_hooks_fire_and_raising_hooks_do_not_kill_it(worker_pub: Any) -> 
             bridge.on_surprise(float("nan"), print)
     assert surprised == [1, 3] and low == [0.4, 0.3] and latents == [0, 1, 2, 3]
     assert bridge.stats.callback_errors == 4
+
+
+def test_one_update_per_frame_with_its_own_surprise_and_mrr(worker_pub: Any) -> None:
+    """The worker publishes a frame's surprise and MRR before its latent: the bridge holds
+    them and applies all three at once, so every hook and every ``wait_update`` sees one
+    frame's numbers (an older worker's latent-first order still lands too)."""
+    eps, pub = worker_pub
+    seen: list[tuple[str, int | None, int | None, int | None]] = []
+
+    def record(kind: str) -> Callable[[BeingState], None]:
+        return lambda s: seen.append((kind, s.frame_seq, s.surprise_seq, s.mrr_seq))
+
+    with VisionBridge(eps) as bridge:
+        bridge.on_surprise(0.0, record("surprise"))
+        bridge.on_low_mrr(1.0, record("mrr"))
+        bridge.on_latent(record("latent"))
+        _sync(pub, lambda: bridge.stats.received)
+        for seq in range(6):
+            pub.send(topics.SURPRISE, _surprise(seq, 0.5 + seq))
+            pub.send(topics.MRR, _mrr(seq, 0.5, 0.5))
+            pub.send(topics.LATENT, _latent(seq, np.full(D, seq, np.float32)))
+        _wait(lambda: len(seen) == 18, "18 hook calls")
+        st = bridge.read_latest()
+        assert (st.frame_seq, st.surprise_seq, st.mrr_seq) == (5, 5, 5)
+        assert st.vision_prediction_surprise == 5.5
+        for seq in (6, 7):  # latent first (an older worker): its numbers follow it
+            pub.send(topics.LATENT, _latent(seq, np.full(D, seq, np.float32)))
+            pub.send(topics.SURPRISE, _surprise(seq, 0.5 + seq))
+            pub.send(topics.MRR, _mrr(seq, 0.5, 0.5))
+        _wait(lambda: bridge.read_latest().mrr_seq == 7, "the latent-first frame's MRR")
+        assert bridge.read_latest().surprise_seq == 7
+    # every hook of frames 0..5 saw the latent, surprise and MRR of one frame
+    assert {k for k, *_ in seen[:18]} == {"surprise", "mrr", "latent"}
+    assert all(f == s == m for _, f, s, m in seen[:18]), seen[:18]
 
 
 def test_semantic_and_equivariant_streams(worker_pub: Any) -> None:
