@@ -12,7 +12,8 @@ See ``docs/agent.md`` ("Use from an agent") for runnable examples.
 """
 
 from agent_bridge.arbiter import ArbiterConfig, ArbiterDecision, ArbiterHooks
-from agent_bridge.bridge import AsyncVisionBridge, BridgeStats, VisionBridge, resolve_endpoints
+from agent_bridge.async_bridge import AsyncVisionBridge
+from agent_bridge.bridge import VisionBridge, resolve_endpoints
 from agent_bridge.client import (
     AsyncIWMClient,
     BatchRolloutResult,
@@ -24,6 +25,7 @@ from agent_bridge.client import (
 )
 from agent_bridge.planner import ActionSpace, CEMPlanner, Plan, PlannerConfig, RandomShootingPlanner
 from agent_bridge.state import BeingState
+from agent_bridge.tracker import BridgeStats
 from iwm_bus.errors import IWMError, ServiceError, ServiceTimeout, StaleDataError
 
 __all__ = [

@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from iwm_bus.actions import pad_cond
+
 __all__ = ["ActionSpace", "CEMPlanner", "Plan", "PlannerConfig", "RandomShootingPlanner",
            "client_rollout_fn", "latent_cost", "model_rollout_fn"]
 
@@ -175,9 +177,8 @@ def model_rollout_fn(model: Any, patches: Any = None) -> RolloutFn:
     cond_dim = model.config.cond_dim
 
     def fn(z0: np.ndarray, cond_seqs: np.ndarray | None, action_seqs: np.ndarray | None) -> Any:
-        if cond_seqs is not None and cond_seqs.shape[-1] < cond_dim:
-            pad = np.zeros((*cond_seqs.shape[:-1], cond_dim - cond_seqs.shape[-1]), np.float32)
-            cond_seqs = np.concatenate([cond_seqs.astype(np.float32), pad], axis=-1)
+        if cond_seqs is not None:
+            cond_seqs = pad_cond(cond_seqs, cond_dim)
         roll = model.rollout(np.array(z0, np.float32)[None], patches, cond_seqs, action_seqs)
         p = roll.patches_seq
         return _Rolled(roll.z_cls_seq.float().cpu().numpy(),

@@ -1,11 +1,13 @@
-"""The shared discrete action vocabulary: an action id means the same in every game.
+"""Actions, in one place: the shared discrete vocabulary (an action id means the same in
+every game) and the checks every action passes, wherever it enters (``check_vector``,
+``check_action_id``, ``pad_cond``).
 
 The 18 ids are the ALE's full action set (gymnasium ``full_action_space=True``), so one
 model with ``num_actions=18`` takes the actions of every game of the mix. ViZDoom buttons
 are mapped onto the same ids: UP = move forward, DOWN = move backward, LEFT / RIGHT = turn
 (strafe where the scenario cannot turn), FIRE = attack; a component the scenario lacks is
 dropped, so e.g. UP in ``basic`` (no forward button) is a no-op. docs/actions.md has the
-table per scenario. Pure Python, no imports beyond the standard library::
+table per scenario. numpy only (no torch: the agent side uses it too)::
 
     from iwm_bus.actions import ACTION_NAMES, doom_buttons, doom_button_table
     ACTION_NAMES[11]                                            # 'RIGHTFIRE'
@@ -18,9 +20,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 __all__ = [
-    "ACTION_NAMES", "ALE_ENV_KWARGS", "DOOM_COMPONENTS", "NUM_ACTIONS", "VOCAB", "components",
-    "doom_button_table", "doom_buttons", "shared_action_space",
+    "ACTION_NAMES", "ALE_ENV_KWARGS", "DOOM_COMPONENTS", "NUM_ACTIONS", "VOCAB",
+    "check_action_id", "check_vector", "components", "doom_button_table", "doom_buttons",
+    "pad_cond", "shared_action_space",
 ]
 
 #: the vocabulary's name, stored in a source's ``action_space["vocab"]`` and in sessions
@@ -86,3 +91,49 @@ def doom_button_table(available: Sequence[str]) -> list[tuple[int, ...]]:
 def shared_action_space() -> dict[str, Any]:
     """A source's ``action_space`` description when it takes this vocabulary's ids."""
     return {"type": "discrete", "n": NUM_ACTIONS, "start": 0, "vocab": VOCAB}
+
+
+# ---------------------------------------------------------------- checks
+
+
+def check_vector(vector: Any, max_len: int, name: str = "vector") -> np.ndarray:
+    """A continuous action (or augmentation) vector as 1-D float32 with 1..``max_len``
+    finite values; ValueError naming ``name`` otherwise."""
+    try:
+        vec = np.asarray(vector, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be a sequence of numbers: {e}") from None
+    if vec.ndim != 1 or not 1 <= vec.shape[0] <= max_len:
+        raise ValueError(f"{name} must be 1-D with 1..{max_len} values, got shape {vec.shape}")
+    if not np.isfinite(vec).all():
+        raise ValueError(f"{name} holds NaN or inf")
+    return vec
+
+
+def check_action_id(action_id: Any, num_actions: int | None = None) -> int:
+    """A discrete action id as an int >= 0 (< ``num_actions`` when given); ValueError."""
+    if isinstance(action_id, bool) or not isinstance(action_id, (int, np.integer)):
+        raise ValueError(f"action_id must be an int, got {type(action_id).__name__}")
+    if action_id < 0 or (num_actions is not None and action_id >= num_actions):
+        bound = f"in 0..{num_actions - 1}" if num_actions is not None else ">= 0"
+        raise ValueError(f"action_id must be {bound}, got {action_id}")
+    return int(action_id)
+
+
+def pad_cond(vec: Any, cond_dim: int) -> np.ndarray:
+    """Zero-pad an action/augmentation vector (or a batch of them, last axis) to ``cond_dim``.
+
+    The seed sends short vectors such as ``[0.5, 0.3, 0.0]``; the model takes ``cond_dim``
+    (default 16). Returns float32. A vector longer than ``cond_dim`` raises ValueError.
+    """
+    arr = np.asarray(vec, dtype=np.float32)
+    if arr.ndim == 0:
+        raise ValueError(f"cond must be a vector (or a batch of vectors), got a scalar {vec!r}")
+    if arr.shape[-1] > cond_dim:
+        raise ValueError(f"cond has length {arr.shape[-1]} but cond_dim is {cond_dim}; "
+                         "the model cannot take a longer action vector")
+    if not np.isfinite(arr).all():
+        raise ValueError("cond holds NaN or inf")
+    out = np.zeros((*arr.shape[:-1], cond_dim), dtype=np.float32)
+    out[..., : arr.shape[-1]] = arr
+    return out

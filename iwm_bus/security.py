@@ -28,6 +28,8 @@ import zmq.auth
 from loguru import logger
 from zmq.auth.thread import ThreadAuthenticator
 
+from iwm_bus.logs import worth_logging
+
 __all__ = ["ClientKeys", "Gatekeeper", "ServerKeys", "check_bind", "is_loopback", "make_keys"]
 
 SERVER, WORKER, AUTHORIZED = "server", "worker", "authorized"
@@ -146,7 +148,7 @@ class Gatekeeper:
         if key in self.keys.allowed():
             return True
         self.refused += 1
-        if self.refused <= 10 or self.refused % 1000 == 0:
+        if worth_logging(self.refused):
             logger.warning("gateway: refused a peer with an unknown CURVE key {} (#{}); add "
                            "its public key to {} to allow it", key.decode(errors="replace"),
                            self.refused, self.keys.authorized)

@@ -26,6 +26,7 @@ from loguru import logger
 
 from iwm_bus import wire
 from iwm_bus.errors import WireError
+from iwm_bus.logs import worth_logging
 
 #: longest ipc path the kernel accepts (sun_path is 108 bytes with the terminating NUL)
 MAX_IPC_PATH = 107
@@ -271,7 +272,7 @@ class Subscriber:
             topic, msg = wire.unpack(frames)
         except WireError as e:
             self.decode_errors += 1
-            if self.decode_errors <= 10 or self.decode_errors % 1000 == 0:
+            if worth_logging(self.decode_errors):
                 logger.warning("dropped malformed message #{}: {}", self.decode_errors, e)
             return None
         self.received += 1

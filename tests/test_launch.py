@@ -304,6 +304,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _wait_for_ring(proc: subprocess.Popen, run_dir: Path) -> tuple[str, list[int]]:
+    """Until the sidecar's manifest names a ring that exists: the ring and the child pids."""
+    deadline = time.monotonic() + 120
+    while not (run_dir / "sidecar.json").is_file() or not (
+            ring := json.loads((run_dir / "sidecar.json").read_text()).get("ring")) or \
+            not Path(f"/dev/shm/{ring}").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "sidecar did not start"
+        time.sleep(0.2)
+    return ring, list(json.loads((run_dir / "sidecar.json").read_text())["pids"].values())
+
+
 def test_a_sigkilled_sidecars_ring_is_reclaimed(tmp_path):
     """issue 13: SIGKILL the whole sidecar (launcher, capture, worker): its ring stays in
     /dev/shm; ``--cleanup`` removes it and the run dir's leftovers, saying so in one line,
@@ -314,13 +325,8 @@ def test_a_sigkilled_sidecars_ring_is_reclaimed(tmp_path):
     proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
-        while not (run_dir / "sidecar.json").is_file() or not (
-                ring := json.loads((run_dir / "sidecar.json").read_text()).get("ring")) or \
-                not Path(f"/dev/shm/{ring}").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "sidecar did not start"
-            time.sleep(0.2)
-        pids = [proc.pid, *json.loads((run_dir / "sidecar.json").read_text())["pids"].values()]
+        ring, children = _wait_for_ring(proc, run_dir)
+        pids = [proc.pid, *children]
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
@@ -347,13 +353,7 @@ def test_children_of_a_sigkilled_launcher_stop_and_clean_up(tmp_path):
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
-        while not (run_dir / "sidecar.json").is_file() or not (
-                ring := json.loads((run_dir / "sidecar.json").read_text()).get("ring")) or \
-                not Path(f"/dev/shm/{ring}").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "sidecar did not start"
-            time.sleep(0.2)
-        children = list(json.loads((run_dir / "sidecar.json").read_text())["pids"].values())
+        ring, children = _wait_for_ring(proc, run_dir)
     finally:
         proc.kill()
         proc.wait(30)

@@ -32,8 +32,8 @@ from iwm_bus.session import SessionReader, SessionWriter, recover
 from iwm_bus.transport import Endpoints, Subscriber
 from workers.capture import CaptureConfig, run_capture
 from workers.recorder import RecorderConfig, run_recorder
-from workers.replay import ReplaySource
 from workers.sources import SourceError, SyntheticSource, open_source
+from workers.sources.replay import ReplaySource
 
 pytestmark = pytest.mark.timeout(120)
 N_FRAMES = 36
@@ -230,7 +230,7 @@ def test_record_synthetic_session(recorded: tuple[Path, RunResult]) -> None:
 def test_report_of_a_recorded_session(recorded: tuple[Path, RunResult], workdir: Path) -> None:
     from PIL import Image
 
-    from iwm_bus.session_cli import main as cli
+    from iwm_bus.session.cli import main as cli
 
     path, _ = recorded
     out = workdir / "report.png"

@@ -29,7 +29,7 @@ from iwm_bus.session import (
     SessionWriter,
     recover,
 )
-from iwm_bus.session_cli import main as cli
+from iwm_bus.session.cli import main as cli
 from iwm_bus.topics import ACTION, LATENT, MRR, SURPRISE
 from iwm_bus.wire import make_action
 from train.datasets import SessionDataset, iter_transitions, torch_dataset
@@ -417,7 +417,7 @@ def test_cli_report(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
 
 def test_cli_export_video_with_a_surprise_strip(tmp_path: Path) -> None:
     av = pytest.importorskip("av")
-    from iwm_bus.session_video import STRIP_HEIGHT
+    from iwm_bus.session.video import STRIP_HEIGHT
 
     path = write_session(tmp_path / "s.mcap", n=30)
     out = tmp_path / "s.mp4"

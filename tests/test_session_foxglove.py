@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from iwm_bus.session import SessionReader, SessionWriter, convert
-from iwm_bus.session_cli import main as cli
+from iwm_bus.session.cli import main as cli
 from iwm_bus.topics import ACTION, MRR, SURPRISE
 from iwm_bus.wire import make_action
 

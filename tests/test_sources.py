@@ -157,7 +157,7 @@ def test_replay_without_its_module_is_a_clear_error(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     session = tmp_path / "s.mcap"
     session.write_bytes(b"")
-    monkeypatch.setitem(sys.modules, "workers.replay", None)  # import fails
+    monkeypatch.setitem(sys.modules, "workers.sources.replay", None)  # import fails
     with pytest.raises(SourceError, match="ReplaySource"):
         open_source(f"replay:{session}")
 

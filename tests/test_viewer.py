@@ -22,7 +22,7 @@ import pytest
 
 from iwm_bus import topics
 from iwm_bus.session import FRAMES_TOPIC, SessionWriter
-from iwm_bus.session_cli import main as session_cli
+from iwm_bus.session.cli import main as session_cli
 from iwm_bus.transport import Endpoints, Subscriber
 from iwm_bus.wire import make_action, make_decision, pack, unpack
 from workers.sources import open_source
@@ -361,7 +361,7 @@ def test_launch_viewer_without_rerun_exits_2_in_one_line(tmp_path: Path,
 
 def test_session_view_without_rerun_exits_2(tmp_path: Path, no_rerun: dict[str, str]) -> None:
     _write_session(tmp_path / "s.mcap", 2)
-    out = subprocess.run([sys.executable, "-m", "iwm_bus.session_cli", "view",
+    out = subprocess.run([sys.executable, "-m", "iwm_bus.session.cli", "view",
                           str(tmp_path / "s.mcap"), "--save", str(tmp_path / "s.rrd")],
                          cwd=ROOT, capture_output=True, text=True, timeout=60, env=no_rerun)
     assert out.returncode == 2, out.stderr

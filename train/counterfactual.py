@@ -51,7 +51,7 @@ def branch(source: Any, frame: np.ndarray, num_actions: int = NUM_ACTIONS) -> Co
     """The next frame under each action from the current state of ``source``, which is left
     in that state.
 
-    ``source`` is an ALE ``GymSource`` (``workers.game_sources``) whose last frame is
+    ``source`` is an ALE ``GymSource`` (``workers.sources.games``) whose last frame is
     ``frame``. Each action is stepped through the unwrapped env (one ``env.step``: frameskip
     emulator frames, the same as ``GymSource.step``) from a restored clone of the state;
     wrappers and the source's episode bookkeeping are not touched.

@@ -43,6 +43,7 @@ from loguru import logger
 from iwm_bus import topics
 from iwm_bus.config import MODES, RingConfig
 from iwm_bus.errors import RingError, WireError
+from iwm_bus.logs import worth_logging
 from iwm_bus.ring import FrameRing, clock_ns
 from iwm_bus.transport import Endpoints, Publisher, Subscriber
 from iwm_bus.wire import make_action
@@ -352,7 +353,7 @@ class _CaptureLoop:
                 why = "it has neither vector nor action_id"
             if action is None:
                 self.bad_action_msgs += 1
-                if self.bad_action_msgs <= 10 or self.bad_action_msgs % 1000 == 0:
+                if worth_logging(self.bad_action_msgs):
                     logger.warning("capture: ignored agent.action seq {}: {}", msg.get("seq"), why)
                 continue
             self.action, self.action_t_ns = action, msg["t_ns"]

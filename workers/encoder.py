@@ -37,6 +37,7 @@ from iwm_bus import __version__, topics
 from iwm_bus.config import BusConfig, WorkerConfig
 from iwm_bus.errors import CheckpointError
 from iwm_bus.link import Link
+from iwm_bus.logs import Throttle
 from iwm_bus.model import IWM, create_iwm_model, load_iwm
 from iwm_bus.ring import clock_ns
 from iwm_bus.security import ClientKeys
@@ -44,7 +45,7 @@ from iwm_bus.transport import Endpoints, Publisher, Subscriber
 from workers.entry import StopFlag, stop_on_signals
 from workers.model_stream import ModelStream, StreamResult, finite, shared_input
 from workers.rpc_server import DEFAULT_BUDGET as DEFAULT_RPC_BUDGET
-from workers.rpc_server import ModelService, RPCServer, Throttle
+from workers.rpc_server import ModelService, RPCServer
 from workers.stream import Action, ActionBook, FrameReader, InlineFrames, StreamStats
 
 #: torch seed of the worker process (untrained models are built with it too)

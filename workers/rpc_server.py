@@ -18,7 +18,6 @@ and counted in ``replies_dropped`` instead of blocking the worker.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +30,7 @@ from loguru import logger
 
 from iwm_bus import rpc, topics, transport, wire
 from iwm_bus.errors import WireError
+from iwm_bus.logs import Throttle
 from iwm_bus.model import IWM
 
 #: most requests handled per ``handle_pending`` call, so frames are not starved
@@ -43,25 +43,6 @@ class RequestError(Exception):
     def __init__(self, req_id: int, message: str) -> None:
         super().__init__(message)
         self.req_id = req_id
-
-
-class Throttle:
-    """Rate-limited logging: at most one line per key every ``every_s`` seconds."""
-
-    def __init__(self, every_s: float = 5.0) -> None:
-        self.every_s = every_s
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def warning(self, key: str, message: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self._last.get(key, -math.inf) < self.every_s:
-            self._suppressed[key] = self._suppressed.get(key, 0) + 1
-            return
-        self._last[key] = now
-        more = self._suppressed.pop(key, 0)
-        suffix = f" ({more} similar suppressed)" if more else ""
-        logger.opt(depth=1).warning(message + suffix, *args)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

@@ -20,11 +20,11 @@ import torch
 from loguru import logger
 
 from iwm_bus import metrics, topics
+from iwm_bus.actions import check_action_id, pad_cond
 from iwm_bus.errors import RingError
-from iwm_bus.model import pad_cond
+from iwm_bus.logs import Throttle, worth_logging
 from iwm_bus.ring import FrameRing
 from iwm_bus.wire import make_action
-from workers.rpc_server import Throttle
 
 #: rollout horizons whose MRR is measured (rollout RPC: mrr_seq[k] is horizon k + 1)
 HORIZON = 5
@@ -95,17 +95,14 @@ class ActionBook:
     def _action_id(self, action_id: Any) -> int:
         if action_id is None or action_id == -1:
             return -1
-        if isinstance(action_id, bool) or not isinstance(action_id, int):
-            raise ValueError(f"action_id must be an int, got {action_id!r}")
+        check_action_id(action_id)  # an int >= 0 (-1 is "none", above)
         if self.num_actions == 0:
             self.ids_ignored += 1
             if self.ids_ignored == 1:
                 logger.warning("the model has no discrete action tokens (num_actions=0): "
                                "action ids are ignored, action vectors are used")
             return -1
-        if not 0 <= action_id < self.num_actions:
-            raise ValueError(f"action_id {action_id} outside [-1, {self.num_actions - 1}]")
-        return action_id
+        return check_action_id(action_id, self.num_actions)
 
     def add(self, msg: dict[str, Any]) -> None:
         """Remember a decoded ``agent.action`` message (when its action is valid)."""
@@ -327,7 +324,7 @@ class InlineFrames:
         """Hold the frame of a notice (the oldest goes beyond ``keep``)."""
         if not isinstance(pixels, np.ndarray) or pixels.ndim != 3 or pixels.dtype != np.uint8:
             self.missing += 1
-            if self.missing == 1 or self.missing % 1000 == 0:
+            if worth_logging(self.missing):
                 logger.warning("frame notice {} came without (H, W, C) uint8 pixels (#{}): a "
                                "remote worker needs the gateway's inline frames", seq,
                                self.missing)

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-import numpy as np
 import timm
 import torch
+
+from iwm_bus.actions import pad_cond
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "VARIANTS", "VARIANT_DEPTHS", "IWMConfig",
            "encoder_geometry", "pad_cond", "variant_for_depth"]
@@ -161,22 +162,3 @@ class IWMConfig:
         if unknown:
             raise ValueError(f"unknown IWMConfig keys {unknown}; known keys: {sorted(known)}")
         return cls(**dict(d))
-
-
-def pad_cond(vec: Any, cond_dim: int) -> np.ndarray:
-    """Zero-pad an action/augmentation vector (or a batch of them, last axis) to ``cond_dim``.
-
-    The seed sends short vectors such as ``[0.5, 0.3, 0.0]``; the model takes ``cond_dim``
-    (default 16). Returns float32. A vector longer than ``cond_dim`` raises ValueError.
-    """
-    arr = np.asarray(vec, dtype=np.float32)
-    if arr.ndim == 0:
-        raise ValueError(f"cond must be a vector (or a batch of vectors), got a scalar {vec!r}")
-    if arr.shape[-1] > cond_dim:
-        raise ValueError(f"cond has length {arr.shape[-1]} but cond_dim is {cond_dim}; "
-                         "the model cannot take a longer action vector")
-    if not np.isfinite(arr).all():
-        raise ValueError("cond holds NaN or inf")
-    out = np.zeros((*arr.shape[:-1], cond_dim), dtype=np.float32)
-    out[..., : arr.shape[-1]] = arr
-    return out

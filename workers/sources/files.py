@@ -19,7 +19,7 @@ import numpy as np
 
 from iwm_bus.errors import WireError
 from iwm_bus.wire import make_action
-from workers.sources import SourceError, SourceFrame, _bad_spec, _SourceBase, as_rgb_frame
+from workers.sources.base import SourceBase, SourceError, SourceFrame, as_rgb_frame, bad_spec
 
 __all__ = [
     "ACTIONS_CSV", "IMAGE_SUFFIXES", "FolderSource", "ScreenSource", "VideoSource",
@@ -33,7 +33,7 @@ _VIDEO_HINT = ("video: reads what Pillow reads (animated GIF, WebP, PNG/APNG, TI
                "folder:DIR")
 
 
-class ScreenSource(_SourceBase):
+class ScreenSource(SourceBase):
     """Desktop capture with mss: one grab per frame of ``monitor`` (0 = all monitors).
 
     Needs a display; without one the constructor raises SourceError saying "no display".
@@ -59,7 +59,7 @@ class ScreenSource(_SourceBase):
                 "folder:") from e
         if not 0 <= monitor < len(monitors):
             self._sct.close()
-            raise _bad_spec(self.spec, f"monitor {monitor} does not exist; this display has "
+            raise bad_spec(self.spec, f"monitor {monitor} does not exist; this display has "
                                        f"{len(monitors) - 1} (0 = all of them)")
         self._error_type = ScreenShotError
         self._monitor = monitors[monitor]
@@ -89,7 +89,7 @@ class ScreenSource(_SourceBase):
 # ---------------------------------------------------------------- recorded footage
 
 
-class VideoSource(_SourceBase):
+class VideoSource(SourceBase):
     """Frames of an animated image read with Pillow (GIF, WebP, PNG/APNG, TIFF).
 
     ``t_recorded_ns`` follows the per-frame durations stored in the file (None when it
@@ -105,7 +105,7 @@ class VideoSource(_SourceBase):
         try:
             self._im = Image.open(self.path)
         except UnidentifiedImageError as e:
-            raise _bad_spec(self.spec, f"Pillow cannot read {str(self.path)!r} as an image "
+            raise bad_spec(self.spec, f"Pillow cannot read {str(self.path)!r} as an image "
                                        f"({e}). {_VIDEO_HINT}") from e
         except OSError as e:
             raise SourceError(f"{self.spec}: cannot open {self.path}: {e}") from e
@@ -152,7 +152,7 @@ def _natural_key(path: Path) -> list[Any]:
             for i, part in enumerate(re.split(r"(\d+)", path.name))]
 
 
-class FolderSource(_SourceBase):
+class FolderSource(SourceBase):
     """An image sequence: the PNG/JPG files of a folder in natural order (all one size).
 
     An optional ``actions.csv`` beside them makes the source know its actions: a header row,
@@ -171,7 +171,7 @@ class FolderSource(_SourceBase):
                              if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
                             key=_natural_key)
         if not self.files:
-            raise _bad_spec(self.spec, f"no PNG/JPG images in {str(self.path)!r}")
+            raise bad_spec(self.spec, f"no PNG/JPG images in {str(self.path)!r}")
         self.size = self._check_sizes()
         csv_path = self.path / ACTIONS_CSV
         self.actions = read_actions_csv(csv_path, len(self.files)) if csv_path.exists() else {}
@@ -202,7 +202,7 @@ class FolderSource(_SourceBase):
                 raise SourceError(f"{self.spec}: cannot read {file}: {e}") from e
             if len(sizes) > 1:
                 (s0, f0), (s1, f1) = sizes.items()
-                raise _bad_spec(self.spec, f"images differ in size: {f0.name} is "
+                raise bad_spec(self.spec, f"images differ in size: {f0.name} is "
                                            f"{s0[0]}x{s0[1]}, {f1.name} is {s1[0]}x{s1[1]}")
         return next(iter(sizes))
 

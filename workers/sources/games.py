@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from iwm_bus.actions import ALE_ENV_KWARGS, doom_button_table, shared_action_space
-from workers.sources import SourceError, SourceFrame, _bad_spec, _SourceBase, as_rgb_frame
+from workers.sources.base import SourceBase, SourceError, SourceFrame, as_rgb_frame, bad_spec
 
 __all__ = ["ACTION_MODES", "GymSource", "game_kwargs"]
 
@@ -51,7 +51,7 @@ def game_kwargs(env_id: str, actions: str, env_kwargs: Mapping[str, Any] | None,
     A user kwarg that contradicts ``actions="shared"`` is a ValueError.
     """
     if actions not in ACTION_MODES:
-        raise _bad_spec(spec, f"actions must be one of {ACTION_MODES}, got {actions!r}")
+        raise bad_spec(spec, f"actions must be one of {ACTION_MODES}, got {actions!r}")
     user = dict(env_kwargs or {})
     needed: dict[str, Any] = {}
     if _is_ale(env_id):
@@ -66,7 +66,7 @@ def game_kwargs(env_id: str, actions: str, env_kwargs: Mapping[str, Any] | None,
         defaults = {}
     for key, value in needed.items():
         if key in user and user[key] != value:
-            raise _bad_spec(spec, f"env_kwargs {key}={user[key]!r} contradicts actions='shared' "
+            raise bad_spec(spec, f"env_kwargs {key}={user[key]!r} contradicts actions='shared' "
                                   f"(which needs {key}={value!r}); pass actions='native'")
     return {**defaults, **needed, **user}
 
@@ -89,7 +89,7 @@ def _import_gym(env_id: str, spec: str) -> Any:
     return gym
 
 
-class GymSource(_SourceBase):
+class GymSource(SourceBase):
     """A gymnasium environment made with ``render_mode="rgb_array"``, stepped once per frame.
 
     Discrete spaces take ``action_id``; Box spaces a ``vector`` of exactly the space's size
@@ -117,7 +117,7 @@ class GymSource(_SourceBase):
         try:
             self.env = gym.make(env_id, render_mode="rgb_array", **kwargs)
         except gym.error.Error as e:
-            raise _bad_spec(self.spec, f"gymnasium cannot make {env_id!r}: {e}") from e
+            raise bad_spec(self.spec, f"gymnasium cannot make {env_id!r}: {e}") from e
         except Exception as e:  # an engine failing to start (missing ROM, no GL, ...)
             raise SourceError(f"{self.spec}: cannot create the environment: "
                               f"{type(e).__name__}: {e}") from e
@@ -250,7 +250,7 @@ def _describe_space(space: Any, spec: str) -> tuple[str, dict[str, Any]]:
                        "low": float(np.min(space.low)), "high": float(np.max(space.high))}
     if isinstance(space, spaces.MultiBinary):
         return "multibinary", {"type": "multibinary", "n": int(np.prod(space.shape))}
-    raise _bad_spec(spec, f"action space {space} is not supported (Discrete, Box, MultiBinary)")
+    raise bad_spec(spec, f"action space {space} is not supported (Discrete, Box, MultiBinary)")
 
 
 def _is_image(value: Any) -> bool:

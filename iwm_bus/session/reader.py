@@ -77,7 +77,7 @@ from mcap.writer import Writer
 from tqdm import tqdm
 
 from iwm_bus import __version__, wire
-from iwm_bus.session_codec import (
+from iwm_bus.session.codec import (
     ACTIONS_TOPIC,
     CONVERT_META_NAME,
     END_META_NAME,
@@ -95,8 +95,8 @@ from iwm_bus.session_codec import (
     encode_frame,
     is_viewer_topic,
 )
-from iwm_bus.session_scan import _bad, _build_index, _chunk_records, _ChunkRef, _read_record
-from iwm_bus.session_writer import SessionOptions, SessionWriter
+from iwm_bus.session.scan import ChunkRef, bad, build_index, chunk_records, read_record
+from iwm_bus.session.writer import SessionOptions, SessionWriter
 from iwm_bus.topics import TOPIC_KINDS, base_topic
 
 __all__ = [
@@ -120,7 +120,7 @@ class SessionReader:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self._index = _build_index(self.path)
+        self._index = build_index(self.path)
         self.recovered = self._index.recovered
         self.problem = self._index.problem
         self._topic_ids: dict[str, set[int]] = {}
@@ -129,10 +129,10 @@ class SessionReader:
         self.metadata = self._decoded_metadata(META_NAME)
         self.end_metadata = self._decoded_metadata(END_META_NAME) or None
         if self.metadata.get("format") != "iwm-bus-session":
-            raise _bad(self.path, "is an MCAP file but not an iwm-bus session "
+            raise bad(self.path, "is an MCAP file but not an iwm-bus session "
                        f"(no {META_NAME} metadata record)")
         if self.metadata.get("format_version", 0) > FORMAT_VERSION:
-            raise _bad(self.path, f"session format {self.metadata['format_version']} is newer "
+            raise bad(self.path, f"session format {self.metadata['format_version']} is newer "
                        f"than this iwm-bus reads ({FORMAT_VERSION}); upgrade iwm-bus")
 
     def _decoded_metadata(self, name: str) -> dict[str, Any]:
@@ -144,7 +144,7 @@ class SessionReader:
                 try:
                     out[key] = json.loads(text)
                 except json.JSONDecodeError as e:
-                    raise _bad(self.path, f"metadata {name}.{key} is not JSON: {e}") from e
+                    raise bad(self.path, f"metadata {name}.{key} is not JSON: {e}") from e
         return out
 
     # ------------------------------------------------------------ counts
@@ -171,14 +171,14 @@ class SessionReader:
 
     # ------------------------------------------------------------ iteration
 
-    def _load_chunk(self, f: IO[bytes], ref: _ChunkRef) -> list[Message]:
+    def _load_chunk(self, f: IO[bytes], ref: ChunkRef) -> list[Message]:
         try:
-            got = _read_record(f, ref.offset, self._index.readable_bytes or 1 << 62)
+            got = read_record(f, ref.offset, self._index.readable_bytes or 1 << 62)
             if isinstance(got, str) or got[0] != Opcode.CHUNK:
                 raise ValueError(got if isinstance(got, str) else "no chunk record there")
-            _, records = _chunk_records(got[1])
+            _, records = chunk_records(got[1])
         except (McapError, struct.error, ValueError, zstandard.ZstdError, EOFError) as e:
-            raise _bad(self.path, f"corrupted chunk at byte {ref.offset}: {e}") from e
+            raise bad(self.path, f"corrupted chunk at byte {ref.offset}: {e}") from e
         return [r for r in records if isinstance(r, Message)]
 
     def raw_messages(self, topics: Iterable[str] | None = None, start_ns: int | None = None,
@@ -218,7 +218,7 @@ class SessionReader:
                             (end_ns is not None and msg.log_time >= end_ns):
                         continue
                     if msg.channel_id not in self._index.channels:
-                        raise _bad(self.path, f"message on unknown channel {msg.channel_id}")
+                        raise bad(self.path, f"message on unknown channel {msg.channel_id}")
                     heapq.heappush(heap, (msg.log_time, 1, offset, j, msg))
 
     def _decode(self, topic: str, msg: Message) -> Any:
@@ -227,7 +227,7 @@ class SessionReader:
                 return _frame_record(msg.data)
             return wire.unpack([topic.encode(), msg.data])[1]
         except (ValueError, TypeError, KeyError, msgpack.UnpackException) as e:
-            raise _bad(self.path, f"bad {topic} message at t={msg.log_time}: {e}") from e
+            raise bad(self.path, f"bad {topic} message at t={msg.log_time}: {e}") from e
 
     def messages(self, topics: Iterable[str] | None = None, start_ns: int | None = None,
                  end_ns: int | None = None) -> Iterator[tuple[str, int, Any]]:
@@ -250,7 +250,7 @@ class SessionReader:
         try:
             return rec.to_frame()
         except ValueError as e:
-            raise _bad(self.path, f"frame {rec.seq} does not decode: {e}") from e
+            raise bad(self.path, f"frame {rec.seq} does not decode: {e}") from e
 
     def actions(self) -> Iterator[dict[str, Any]]:
         """Recorded ``agent.action`` messages in time order."""
@@ -433,7 +433,7 @@ def _rewrite(reader: SessionReader, dest: Path, dropped: int) -> int:
                         if ch.schema_id and ch.schema_id not in schema_ids:
                             s = index.schemas.get(ch.schema_id)
                             if s is None:
-                                raise _bad(reader.path, f"channel {ch.topic!r} names missing "
+                                raise bad(reader.path, f"channel {ch.topic!r} names missing "
                                            f"schema {ch.schema_id}")
                             schema_ids[ch.schema_id] = writer.register_schema(
                                 s.name, s.encoding, s.data)
@@ -539,7 +539,7 @@ def _convert_into(reader: SessionReader, dest: Path) -> tuple[int, int, int]:
                 try:
                     kind = TOPIC_KINDS[base_topic(topic)][0]
                 except KeyError:
-                    raise _bad(reader.path, f"topic {topic!r} is not one iwm-bus records; "
+                    raise bad(reader.path, f"topic {topic!r} is not one iwm-bus records; "
                                "cannot convert it") from None
             decoded = reader._decode(topic, msg)
             w._add(topic, kind, msg.log_time, msg.data, msg.sequence, msg.publish_time)
@@ -549,7 +549,7 @@ def _convert_into(reader: SessionReader, dest: Path) -> tuple[int, int, int]:
                 try:
                     w._add_viewer_frame(decoded, msg.publish_time)
                 except ValueError as e:
-                    raise _bad(reader.path, f"frame {decoded.seq} does not decode: {e}") from e
+                    raise bad(reader.path, f"frame {decoded.seq} does not decode: {e}") from e
             else:
                 w._add_viewer_event(topic, kind, msg.log_time, decoded, msg.publish_time)
         w.frames_written = frames

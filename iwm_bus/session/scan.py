@@ -32,7 +32,7 @@ _MAX_RECORD_BYTES = 1 << 30
 
 
 @dataclass
-class _ChunkRef:
+class ChunkRef:
     # file offset of the chunk record (its opcode byte)
     offset: int
     start_ns: int
@@ -45,7 +45,7 @@ class _ChunkRef:
 class _Index:
     schemas: dict[int, Schema] = field(default_factory=dict)
     channels: dict[int, Channel] = field(default_factory=dict)
-    chunks: list[_ChunkRef] = field(default_factory=list)
+    chunks: list[ChunkRef] = field(default_factory=list)
     metadata: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
     # True when the file had no usable index and was scanned up to its last complete chunk
@@ -55,7 +55,7 @@ class _Index:
     readable_bytes: int = 0
 
 
-def _bad(path: Path, problem: str) -> SessionError:
+def bad(path: Path, problem: str) -> SessionError:
     return SessionError(f"{path}: {problem}")
 
 
@@ -79,7 +79,7 @@ def _open_indexed(f: IO[bytes], size: int) -> _Index | str:
             if not 0 < ci.chunk_start_offset < size:
                 return f"chunk index points outside the file ({ci.chunk_start_offset})"
             ids = frozenset(ci.message_index_offsets) or None
-            index.chunks.append(_ChunkRef(ci.chunk_start_offset, ci.message_start_time,
+            index.chunks.append(ChunkRef(ci.chunk_start_offset, ci.message_start_time,
                                           ci.message_end_time, ids))
         index.metadata = [(m.name, dict(m.metadata)) for m in reader.iter_metadata()]
     except (McapError, struct.error, ValueError, UnicodeDecodeError, KeyError, EOFError) as e:
@@ -87,7 +87,7 @@ def _open_indexed(f: IO[bytes], size: int) -> _Index | str:
     return index
 
 
-def _read_record(f: IO[bytes], pos: int, size: int) -> tuple[int, bytes] | str:
+def read_record(f: IO[bytes], pos: int, size: int) -> tuple[int, bytes] | str:
     """``(opcode, body)`` of the record at ``pos``, or why it is incomplete (truncated tail)."""
     f.seek(pos)
     head = f.read(_RECORD_HEADER.size)
@@ -110,7 +110,7 @@ def _read_record(f: IO[bytes], pos: int, size: int) -> tuple[int, bytes] | str:
     return opcode, f.read(length)
 
 
-def _chunk_records(body: bytes) -> tuple[Chunk, list[Any]]:
+def chunk_records(body: bytes) -> tuple[Chunk, list[Any]]:
     chunk = Chunk.read(ReadDataStream(io.BytesIO(body)))
     return chunk, breakup_chunk(chunk, validate_crc=True)
 
@@ -123,7 +123,7 @@ def _scan(path: Path, f: IO[bytes], size: int, reason: str) -> _Index:
     complete = False  # the data section's end (DataEnd) was reached
     while pos < size:
         try:
-            got = _read_record(f, pos, size)
+            got = read_record(f, pos, size)
             if isinstance(got, str):
                 stop = f"{reason}; {got}"
                 break
@@ -131,7 +131,7 @@ def _scan(path: Path, f: IO[bytes], size: int, reason: str) -> _Index:
             if pos == len(_MAGIC) and opcode != Opcode.HEADER:
                 raise ValueError(f"first record is {Opcode(opcode).name}, not HEADER")
             if opcode == Opcode.CHUNK:
-                chunk, records = _chunk_records(body)
+                chunk, records = chunk_records(body)
                 ids: set[int] = set()
                 for rec in records:
                     if isinstance(rec, Channel):
@@ -142,7 +142,7 @@ def _scan(path: Path, f: IO[bytes], size: int, reason: str) -> _Index:
                         ids.add(rec.channel_id)
                         index.counts[rec.channel_id] += 1
                 if records:
-                    index.chunks.append(_ChunkRef(pos, chunk.message_start_time,
+                    index.chunks.append(ChunkRef(pos, chunk.message_start_time,
                                                   chunk.message_end_time, frozenset(ids)))
             elif opcode == Opcode.METADATA:
                 meta = Metadata.read(ReadDataStream(io.BytesIO(body)))
@@ -155,28 +155,28 @@ def _scan(path: Path, f: IO[bytes], size: int, reason: str) -> _Index:
                 break
         except (McapError, struct.error, ValueError, UnicodeDecodeError, zstandard.ZstdError,
                 EOFError) as e:
-            raise _bad(path, f"corrupted MCAP record at byte {pos}: {e}") from e
+            raise bad(path, f"corrupted MCAP record at byte {pos}: {e}") from e
         pos += _RECORD_HEADER.size + len(body)
     if not index.chunks and not complete:
-        raise _bad(path, f"no complete chunk to read ({stop}); the recording holds nothing")
+        raise bad(path, f"no complete chunk to read ({stop}); the recording holds nothing")
     index.problem = stop
     index.readable_bytes = pos
     return index
 
 
-def _build_index(path: Path) -> _Index:
+def build_index(path: Path) -> _Index:
     try:
         size = path.stat().st_size
         f = open(path, "rb")  # noqa: SIM115 - closed below
     except FileNotFoundError:
-        raise _bad(path, "no such session file") from None
+        raise bad(path, "no such session file") from None
     except OSError as e:
-        raise _bad(path, f"cannot open: {e}") from e
+        raise bad(path, f"cannot open: {e}") from e
     with f:
         magic = f.read(len(_MAGIC))
         if magic != _MAGIC:
             what = "empty" if size == 0 else "too short" if size < len(_MAGIC) else \
                 f"starts with {magic[:8]!r}"
-            raise _bad(path, f"not an MCAP session file ({what}; expected the MCAP magic)")
+            raise bad(path, f"not an MCAP session file ({what}; expected the MCAP magic)")
         got = _open_indexed(f, size)
         return got if isinstance(got, _Index) else _scan(path, f, size, got)

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from iwm_bus.errors import SessionError
 from iwm_bus.session import FrameRecord, SessionReader
-from workers.sources import SourceError, SourceFrame, as_rgb_frame
+from workers.sources.base import SourceError, SourceFrame, as_rgb_frame
 
 __all__ = ["ReplaySource"]
 

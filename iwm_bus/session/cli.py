@@ -96,7 +96,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.dir is None and args.video is None:
         raise SessionError("export needs a folder for PNG files and/or --video OUT.mp4")
     if args.video is not None:
-        from iwm_bus.session_video import export_video
+        from iwm_bus.session.video import export_video
 
         n = export_video(args.path, args.video, overlay=args.overlay)
         print(f"{args.video}: {n} frames")

@@ -22,7 +22,7 @@ from mcap.writer import CompressionType, Writer
 
 from iwm_bus import __version__, wire
 from iwm_bus.errors import SessionError
-from iwm_bus.session_codec import (
+from iwm_bus.session.codec import (
     _FRAME_SCHEMA,
     END_META_NAME,
     FORMAT_VERSION,

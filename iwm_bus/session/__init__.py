@@ -1,0 +1,34 @@
+"""Session files: a run's frames, actions and the worker's messages in one MCAP file.
+
+``reader`` (the format, :class:`SessionReader`, ``recover``, ``convert``), ``writer``
+(:class:`SessionWriter`), ``codec`` (frame and message encodings, no files), ``scan`` (the
+index of a file, or of what a killed recorder left), ``video`` (MP4 export) and ``cli`` (the
+``iwm-session`` command, imported only by its console script).
+
+    from iwm_bus.session import SessionReader, SessionWriter
+"""
+
+from iwm_bus.session.reader import (
+    ACTIONS_TOPIC,
+    FORMAT_VERSION,
+    FRAME_ENCODINGS,
+    FRAMES_TOPIC,
+    ConvertResult,
+    Frame,
+    FrameRecord,
+    RecoverResult,
+    SessionOptions,
+    SessionReader,
+    SessionWriter,
+    Transition,
+    convert,
+    decode_frame,
+    encode_frame,
+    recover,
+)
+
+__all__ = [
+    "ACTIONS_TOPIC", "FORMAT_VERSION", "FRAME_ENCODINGS", "FRAMES_TOPIC", "ConvertResult",
+    "Frame", "FrameRecord", "RecoverResult", "SessionOptions", "SessionReader",
+    "SessionWriter", "Transition", "convert", "decode_frame", "encode_frame", "recover",
+]
