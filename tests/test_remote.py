@@ -279,3 +279,16 @@ def test_rpc_reaches_a_remote_worker_through_the_gateway(tmp_path: Path) -> None
         for p in (game, worker):
             p.terminate()
             p.wait(30)
+
+
+def test_inline_frames_are_writable_copies() -> None:
+    """A decoded inline frame is a read-only view of the message; the worker holds a copy
+    (torch warns on, and must not write through, read-only memory)."""
+    frames = InlineFrames()
+    msg = wire.unpack(wire.pack(topics.FRAME, {
+        "seq": 0, "slot": 0, "t_capture_ns": 1, "height": 4, "width": 4, "channels": 3,
+        "action": None, "pixels": np.full((4, 4, 3), 7, np.uint8), "source": None}))[1]
+    assert not msg["pixels"].flags.writeable
+    frames.add(0, msg["pixels"], 1)
+    got = frames.read(0)
+    assert isinstance(got, tuple) and got[0].flags.writeable and (got[0] == 7).all()

@@ -331,7 +331,9 @@ class InlineFrames:
             return
         if seq < self.latest_seq - self.keep:
             return
-        self._frames[seq] = (pixels, t_capture_ns)
+        # a copy: the decoded array is a read-only view of the message (torch wants writable
+        # memory), as the ring's frames are copied out of shared memory
+        self._frames[seq] = (pixels.copy(), t_capture_ns)
         self.latest_seq = max(self.latest_seq, seq)
         while len(self._frames) > self.keep:
             del self._frames[min(self._frames)]
