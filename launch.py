@@ -700,7 +700,8 @@ def reclaim_rings() -> None:
     if gone:
         logger.warning("reclaimed {} ring(s) left in /dev/shm by killed sidecars, {:.1f} MB: "
                        "{}", len(gone), sum(size for *_, size in gone) / 1e6,
-                       ", ".join(f"{name} (pid {pid})" for name, pid, _ in gone))
+                       ", ".join(f"{name} ({f'pid {pid}' if pid else 'blank'})"
+                                 for name, pid, _ in gone))
 
 
 def cleanup(run_dir: Path) -> int:

@@ -272,17 +272,19 @@ def _describe_existing(name: str) -> str:
     return f" (a FrameRing v{words[_R_VERSION]} created by pid {pid}, which is {state})"
 
 
-def reclaim_dead(prefix: str = "iwm_", shm_dir: str = "/dev/shm",
-                 idle_s: float = 0.2) -> list[tuple[str, int, int]]:
+def reclaim_dead(prefix: str = "iwm_", shm_dir: str = "/dev/shm", idle_s: float = 0.2,
+                 blank_s: float = 10.0) -> list[tuple[str, int, int]]:
     """Unlink the FrameRings named ``prefix...`` whose creator is dead; returns
-    ``(name, creator pid, bytes)`` of each one removed.
+    ``(name, creator pid, bytes)`` of each one removed (pid 0: a blank segment).
 
     A sidecar killed with SIGKILL cannot unlink its ring, and /dev/shm keeps it (RAM) until
     reboot. A segment counts as dead only when it is a FrameRing whose creator pid is gone,
     for the launcher's names ``<prefix><pid>_<hex>`` that pid is gone too (its capture may
     outlive a killed launcher for a moment), and no frame is written to it for ``idle_s``
-    (a container sharing /dev/shm sees the ring but not its writer's pid). Anything else is
-    left alone.
+    (a container sharing /dev/shm sees the ring but not its writer's pid). A segment still
+    blank (a capture killed between creating it and writing its header: no creator pid to
+    check) counts as dead when the launcher pid in its name is gone and it is older than
+    ``blank_s``. Anything else is left alone.
     """
     out = []
     try:
@@ -300,10 +302,15 @@ def reclaim_dead(prefix: str = "iwm_", shm_dir: str = "/dev/shm",
         if len(head) < _RING_HEADER_BYTES:
             continue
         words = struct.unpack_from(f"={_RING_WORDS}q", head, 0)
+        owner = name[len(prefix):].split("_", 1)[0]
+        owner_gone = owner.isdigit() and not _pid_alive(int(owner))
+        if not any(head) and owner_gone and time.time() - os.path.getmtime(path) > blank_s:
+            if FrameRing.unlink_stale(name):
+                out.append((name, 0, size))
+            continue
         if words[_R_MAGIC] != MAGIC or _pid_alive(words[_R_CREATOR_PID]):
             continue
-        owner = name[len(prefix):].split("_", 1)[0]
-        if owner.isdigit() and _pid_alive(int(owner)):
+        if owner.isdigit() and not owner_gone:
             continue
         time.sleep(idle_s)
         try:

@@ -583,3 +583,29 @@ def test_reclaim_dead_leaves_a_live_creators_ring() -> None:
     with FrameRing.create(name, slots=2, max_height=4, max_width=4):
         assert reclaim_dead(prefix="iwmlive_") == []
         assert os.path.exists(f"/dev/shm/{name}")
+
+
+def test_reclaim_dead_takes_a_blank_segment_of_a_dead_launcher() -> None:
+    """A capture killed between creating its segment and writing the header leaves it
+    blank (no creator pid): it is reclaimed once the launcher in its name is gone and it is
+    old enough, never while that launcher lives or while it is fresh."""
+    from iwm_bus.ring import reclaim_dead
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(30)
+    tag = os.urandom(3).hex()
+    old_blank = SHM / f"iwmblank_{dead.pid}_{tag}"
+    fresh_blank = SHM / f"iwmblank_{dead.pid}_{tag}f"
+    live_blank = SHM / f"iwmblank_{os.getpid()}_{tag}"
+    for path in (old_blank, fresh_blank, live_blank):
+        path.write_bytes(bytes(4096))
+    past = time.time() - 60
+    for path in (old_blank, live_blank):
+        os.utime(path, (past, past))
+    try:
+        gone = reclaim_dead(prefix="iwmblank_")
+        assert [g[0] for g in gone] == [old_blank.name]
+        assert not old_blank.exists() and fresh_blank.exists() and live_blank.exists()
+    finally:
+        for path in (old_blank, fresh_blank, live_blank):
+            path.unlink(missing_ok=True)
