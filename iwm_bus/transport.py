@@ -85,8 +85,10 @@ class Endpoints:
                                                     self.agent) if ep.startswith("ipc://")]
 
 
-def _socket(ctx: zmq.Context | None, kind: int, hwm: int,
-            secure: Callable[[zmq.Socket], None] | None = None) -> zmq.Socket:
+def new_socket(ctx: zmq.Context | None, kind: int, hwm: int = DEFAULT_HWM,
+               secure: Callable[[zmq.Socket], None] | None = None) -> zmq.Socket:
+    """A socket of ``kind`` with the bus's options: no linger, both HWMs, CURVE keys when
+    ``secure`` is given (set before any bind or connect)."""
     sock = (ctx or zmq.Context.instance()).socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, hwm)
@@ -101,7 +103,7 @@ def pub_socket(ctx: zmq.Context | None, endpoint: str, *, connect: bool = False,
                ) -> tuple[zmq.Socket, int | None]:
     """A PUB socket (of ``ctx``: sync or ``zmq.asyncio``) bound to (or connected to)
     ``endpoint``, and the inode of the ipc file it bound (for :func:`unbind_file`)."""
-    sock = _socket(ctx, zmq.PUB, hwm, secure)
+    sock = new_socket(ctx, zmq.PUB, hwm, secure)
     try:
         if connect:
             sock.connect(endpoint)
@@ -120,7 +122,7 @@ def sub_socket(ctx: zmq.Context | None, endpoints: Iterable[str], topics: Iterab
     every 20 ms, so it is connected within 20 ms of the bind (a capture's first notices are
     not missed); ``reconnect_max_ms`` > 20 backs off up to that instead (a long-lived agent
     that need not poll a stopped worker 50 times a second)."""
-    sock = _socket(ctx, zmq.SUB, hwm, secure)
+    sock = new_socket(ctx, zmq.SUB, hwm, secure)
     sock.setsockopt(zmq.RECONNECT_IVL, 20)
     if reconnect_max_ms:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, reconnect_max_ms)

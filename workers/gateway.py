@@ -34,7 +34,7 @@ from iwm_bus.errors import WireError
 from iwm_bus.link import Link
 from iwm_bus.ring import clock_ns
 from iwm_bus.security import Gatekeeper, ServerKeys, check_bind
-from iwm_bus.transport import Endpoints, Subscriber, bind, unbind_file
+from iwm_bus.transport import DEFAULT_HWM, Endpoints, Subscriber, bind, new_socket, unbind_file
 from workers.entry import StopFlag, stop_on_signals
 from workers.ring_follower import RingFollower
 
@@ -95,18 +95,9 @@ class Gateway:
                     link, link.frames, link.results, link.rpc,
                     "" if self.keys else " WITHOUT CURVE (no --keys)")
 
-    def _socket(self, kind: int, hwm: int) -> zmq.Socket:
-        sock = self._ctx.socket(kind)
+    def _remote(self, kind: int, endpoint: str, hwm: int = DEFAULT_HWM) -> zmq.Socket:
+        sock = new_socket(self._ctx, kind, hwm, self.keys.secure if self.keys else None)
         self._socks.append(sock)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, hwm)
-        sock.setsockopt(zmq.RCVHWM, hwm)
-        return sock
-
-    def _remote(self, kind: int, endpoint: str, hwm: int = 1000) -> zmq.Socket:
-        sock = self._socket(kind, hwm)
-        if self.keys is not None:
-            self.keys.secure(sock)
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as e:
@@ -114,7 +105,8 @@ class Gateway:
         return sock
 
     def _local(self, kind: int, endpoint: str) -> zmq.Socket:
-        sock = self._socket(kind, 1000)
+        sock = new_socket(self._ctx, kind)
+        self._socks.append(sock)
         self._inodes.append((endpoint, bind(sock, endpoint)))
         return sock
 

@@ -151,14 +151,10 @@ class RPCServer:
                  secure: Callable[[zmq.Socket], None] | None = None) -> None:
         self.endpoint, self.service = endpoint, service
         self._methods = service.methods()
-        self.sock = ctx.socket(zmq.DEALER if connect else zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock = transport.new_socket(ctx, zmq.DEALER if connect else zmq.ROUTER, hwm,
+                                         secure)
         if not connect:
             self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.sock.setsockopt(zmq.SNDHWM, hwm)
-        self.sock.setsockopt(zmq.RCVHWM, hwm)
-        if secure is not None:
-            secure(self.sock)
         self._inode: int | None = None
         try:
             if connect:
