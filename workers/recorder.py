@@ -23,6 +23,7 @@ drain what is queued, close the file (index, closing statistics), exit 0. Exit c
 
 from __future__ import annotations
 
+import ctypes
 import queue
 import threading
 import time
@@ -48,6 +49,11 @@ POLL_MS = 50
 #: on shutdown, keep draining the sockets this long for messages already in flight
 SHUTDOWN_DRAIN_S = 0.3
 LOG_INTERVAL_S = 10.0
+#: glibc's mallopt parameter M_MMAP_THRESHOLD
+_M_MMAP_THRESHOLD = -3
+#: blocks at least this big get a mapping of their own, handed back to the OS when freed: frame
+#: copies (a 210x160 RGB frame is 98 KiB), chunk buffers; zlib's 64 KiB PNG buffers stay below
+MMAP_THRESHOLD = 72 << 10
 
 
 @dataclass
@@ -296,8 +302,26 @@ class Recorder:
 # ---------------------------------------------------------------- process entry
 
 
+def map_large_blocks() -> bool:
+    """Have glibc map blocks of ``MMAP_THRESHOLD`` bytes or more instead of carving them out
+    of the heap; False where the C library has no ``mallopt`` (not glibc).
+
+    glibc's own threshold rises to the largest block freed so far (the first MiB chunk
+    buffer), so every frame copied out of the ring lands in the heap. When the writer falls
+    behind, the queue holds MiBs of them; once it drains, the heap gives back only what lies
+    above its highest live block, the small blocks allocated among the frames keep the rest
+    resident, and each burst ratchets the recorder's RSS up (the soak's growth, issue 13).
+    Setting the threshold also stops it rising.
+    """
+    try:
+        return bool(ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+
+
 def run_recorder(cfg: RecorderConfig, endpoints: Endpoints, ring_name: str) -> int:
     """Process entry (spawn-safe): record until SIGTERM/SIGINT; returns the exit code."""
+    map_large_blocks()  # process-wide, so here and not in Recorder
     stop = StopFlag()
     with stop_on_signals(stop, "recorder"):
         try:
