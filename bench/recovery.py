@@ -10,6 +10,7 @@ run. Issue 13 target: <= 2 s on CPU.
 
     python bench/recovery.py
     python bench/recovery.py --source gym:ALE/Breakout-v5 --kills 5
+    python bench/recovery.py --device cuda      # the GPU figure (CUDA graphs captured anew)
 """
 
 from __future__ import annotations
@@ -60,13 +61,14 @@ def _wait(sub: Subscriber, proc: subprocess.Popen, until: float,
     return first, valued
 
 
-def run(source: str, standby: bool, kills: int, settle: float) -> list[tuple[float, float]]:
+def run(source: str, standby: bool, kills: int, settle: float,
+        device: str = "cpu") -> list[tuple[float, float]]:
     with tempfile.TemporaryDirectory(prefix="iwmrec", dir="/tmp") as tmp:
         run_dir = Path(tmp) / "run"
         sub = Subscriber([Endpoints.ipc(run_dir).worker], [topics.SURPRISE])
         cmd = [sys.executable, str(ROOT / "launch.py"), "--run-dir", str(run_dir), "--quiet",
                "--source", source, "--agent", "none", "--log-level", "WARNING",
-               *([] if standby else ["--no-standby"])]
+               "--device", device, *([] if standby else ["--no-standby"])]
         proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.DEVNULL)
         out = []
         try:
@@ -91,15 +93,16 @@ def main() -> int:
     p.add_argument("--kills", type=int, default=3)
     p.add_argument("--settle", type=float, default=15.0,
                    help="seconds of normal running before each kill")
+    p.add_argument("--device", default="cpu", help="the worker's: cpu | cuda | cuda:N")
     args = p.parse_args()
     print(f"# worker SIGKILL -> next iwm.surprise at a subscriber, shipped model, {args.source}"
-          f" realtime 30 fps, {args.kills} kills each (target <= 2 s)")
+          f" realtime 30 fps, {args.device}, {args.kills} kills each (target <= 2 s on CPU)")
     header = f"{'worker restart':<24}{'first msg p50 s':>16}{'surprise p50 s':>16}{'max s':>8}"
     print(header)
     print("-" * len(header))
     rows = {}
     for name, standby in (("warm standby (default)", True), ("new process", False)):
-        times = np.array(run(args.source, standby, args.kills, args.settle))
+        times = np.array(run(args.source, standby, args.kills, args.settle, args.device))
         rows[name] = times
         print(f"{name:<24}{np.median(times[:, 0]):>16.2f}{np.median(times[:, 1]):>16.2f}"
               f"{times[:, 1].max():>8.2f}", flush=True)

@@ -39,6 +39,7 @@ from iwm_bus.config import WorkerConfig
 from iwm_bus.model import IWM, create_iwm_model, pad_cond, save_checkpoint
 from iwm_bus.ring import FrameRing, clock_ns
 from iwm_bus.transport import Endpoints, Publisher, Subscriber
+from workers import encoder as encoder_mod
 from workers.encoder import EncoderWorker, load_model, run_worker
 from workers.model_stream import MAX_GAP
 from workers.stream import HORIZON, HORIZON_EVERY, frame_key
@@ -258,6 +259,29 @@ def local_surprise(model: IWM, p_prev: np.ndarray, p: np.ndarray, cond: np.ndarr
 
 
 # ----------------------------------------------------------------------------- process tests
+
+
+def test_a_standby_warms_up_every_shape_the_per_frame_path_uses() -> None:
+    """issue 13: a standby warmed up with one encode at the model's input size and one
+    single prediction took 3.5 s to serve after a SIGKILL on an H200 (0.4 s on CPU): each
+    new input shape is a CUDA graph captured on first use. The warm-up must encode at the
+    capture's frame size (read from the ring) and predict with rollout chains too."""
+    model = tiny_model()
+    encoded: list[tuple[int, ...]] = []
+    starts: list[int] = []
+    enc, pred = model.encode, model.predict
+    model.encode = lambda f: encoded.append(np.shape(f)) or enc(f)  # type: ignore[method-assign]
+    model.predict = lambda z, *a, **k: starts.append(len(z)) or pred(z, *a, **k)  # type: ignore
+    name = f"iwm_t{uuid.uuid4().hex[:8]}"
+    with FrameRing.create(name, slots=4, max_height=96, max_width=80) as ring:
+        assert encoder_mod._ring_frame_shape(name) is None  # nothing written yet
+        ring.write(np.zeros((90, 72, 3), np.uint8))
+        shape = encoder_mod._ring_frame_shape(name)
+    assert shape == (90, 72, 3)
+    assert encoder_mod._ring_frame_shape(name) is None  # the ring is gone
+    encoder_mod._warm_up(model, "plain", shape, 32)
+    assert set(encoded) == {(90, 72, 3)}
+    assert set(starts) == {1, 2}  # the next-frame prediction alone, and with a chain
 
 
 def test_lossless_publishes_every_seq_once_and_matches_local_model(rig: Rig) -> None:
