@@ -18,8 +18,10 @@ from toy_world import write_toy_session
 from iwm_bus.model import load_checkpoint
 from train import cli, eval_cli
 from train.augment import COND_LAYOUT, AugConfig, apply_views, cond_vector, sample_params
+from train.config import RunConfig
 from train.data import FrameStore, batch_indices
 from train.masks import sample_masks
+from train.trainer import Trainer
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -86,6 +88,38 @@ def test_augmentation_parameters_round_trip_into_the_conditioning_vector() -> No
     assert torch.allclose(src_g[:, 0], src_g[:, 1]) and not torch.allclose(src, src_g)
 
 
+def test_batched_crops_and_blurs_are_torchvisions_per_image() -> None:
+    """The views are made for the whole batch at once; each image must still be what
+    torchvision's resized_crop + flip and gaussian_blur make of it (the per-image loop
+    they replace): a box off by a pixel, a flip of the wrong images or a kernel of the
+    wrong size would break this."""
+    import math
+
+    import torchvision.transforms.v2.functional as TF
+
+    from train.augment import _blur, _crop
+
+    gen = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 256, (48, 40, 40, 3), dtype=torch.uint8, generator=gen)
+    p = sample_params(gen, 48, AugConfig())
+    assert p.flip.any() and not p.flip.all() and p.blur.any() and not p.blur.all()
+    got = _crop(img, p)
+    for i in range(48):
+        top, left, h, w = (p.crop[i] * 40).tolist()
+        ref = TF.resized_crop(img[i].permute(2, 0, 1), int(top), int(left), max(1, round(h)),
+                              max(1, round(w)), [40, 40], antialias=True)
+        ref = (TF.horizontal_flip(ref) if p.flip[i] else ref).float() / 255
+        torch.testing.assert_close(got[i], ref, atol=1.01 / 255, rtol=0)  # uint8 rounding
+        assert (got[i] - ref).abs().mean() < 0.35 / 255  # mostly the same level
+    x = torch.rand(48, 3, 40, 40, generator=gen)
+    blurred = _blur(x, p.sigma, p.blur)
+    for i in range(48):
+        sig = float(p.sigma[i])
+        k = max(3, 2 * math.ceil(3 * sig) + 1)
+        ref = TF.gaussian_blur(x[i], [k, k], [sig, sig]) if p.blur[i] else x[i]
+        torch.testing.assert_close(blurred[i], ref, atol=1e-5, rtol=0)
+
+
 def test_masks_are_disjoint_blocks_of_equal_length() -> None:
     ctx, tgt = sample_masks(torch.Generator().manual_seed(0), 8, 8)
     assert ctx.shape[0] == tgt.shape[0] == 8 and ctx.shape[1] >= 4 and tgt.shape[1] >= 4
@@ -110,6 +144,67 @@ def test_frame_store_links_sequences_within_episodes(sessions: Path) -> None:
         assert store.linked[s + 1] and store.linked[s + 2]
     assert 57 in starts.tolist() and 58 not in starts.tolist() and 59 not in starts.tolist()
     assert store.num_actions == 5 and set(store.session.tolist()) == {0, 1}
+
+
+def test_parallel_loading_gives_the_same_store(sessions: Path) -> None:
+    one = FrameStore.from_sessions([sessions], 32, 16)
+    two = FrameStore.from_sessions([sessions], 32, 16, workers=2)
+    for f in ("frames", "action_id", "vector", "linked", "session"):
+        assert torch.equal(getattr(one, f), getattr(two, f)), f
+    assert one.sources == two.sources
+    # max_frames cuts the same frames either way, across the file boundary (a has 120)
+    cut1 = FrameStore.from_sessions([sessions], 32, 16, max_frames=150)
+    cut2 = FrameStore.from_sessions([sessions], 32, 16, max_frames=150, workers=2)
+    assert len(cut1) == len(cut2) == 150 and torch.equal(cut1.frames, cut2.frames)
+    assert torch.equal(cut1.session, cut2.session) and cut1.session[-1] == 1
+
+
+def _trainer(sessions: Path, out: Path, views: float = 1.0, **train_kw: object) -> Trainer:
+    run = RunConfig.from_dict({
+        "model": {"variant": "custom", "encoder_name": "vit_tiny_patch16_224",
+                  "encoder_depth": 1, "img_size": 32, "patch_size": 8, "pred_depth": 1,
+                  "pred_dim": 64, "pred_heads": 2, "num_actions": 5},
+        "train": {"phase": 3, "sessions": [str(sessions)], "batch_size": 8, "steps": 4,
+                  "out_dir": str(out), "progress": False, "warmup_steps": 1, **train_kw},
+        "objective": {"views_weight": views}})
+    return Trainer(run, store=FrameStore.from_sessions([sessions], 32, 16))
+
+
+def test_prefetched_batches_train_the_same_weights(sessions: Path, tmp_path: Path) -> None:
+    plain = _trainer(sessions, tmp_path / "plain")
+    plain.run()
+    ahead = _trainer(sessions, tmp_path / "ahead")
+    ahead.prefetch = True  # what CUDA runs do: batch s+1 made on a thread during step s
+    ahead.run()
+    a, b = plain.model.state_dict(), ahead.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # and the batches really come from the thread: a broken prefetch (a batch made twice,
+    # or one step's batch reused) would change the data and the weights
+    made: list[int] = []
+    again = _trainer(sessions, tmp_path / "again")
+    again.prefetch = True
+    real = again.make_batch
+    again.make_batch = lambda step: made.append(step) or real(step)  # type: ignore[method-assign]
+    again.run()
+    assert made == [0, 1, 2, 3]
+
+
+def test_a_minutes_budget_fits_the_schedule_to_the_time_left(sessions: Path,
+                                                            tmp_path: Path) -> None:
+    t = _trainer(sessions, tmp_path / "fit", steps=1000, minutes=1.0)
+    t.step = 50
+    t.fit_to_budget(50, 10.0)  # 0.2 s a step, 50 s left of 60: 250 more steps
+    assert t.total == 300 and t.ema.total_steps == 300
+    t.fit_to_budget(50, 1.0)  # a budget that holds more than the schedule leaves it alone
+    assert t.total == 300
+    t.fit_to_budget(50, 70.0)  # over budget already: one more step, then stop
+    assert t.total == 51
+    # end to end: a budget too short for the schedule ends the run early, at a checkpoint
+    fit = _trainer(sessions, tmp_path / "run", views=0.0, steps=10_000, minutes=0.001,
+                   ckpt_every=10_000)
+    fit.run()
+    assert fit.step == fit.total < 10_000
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["extra"]["step"] == fit.step
 
 
 # ----------------------------------------------------------------------------- iwm-train
@@ -303,6 +398,15 @@ def test_export_keeps_weights_and_records_provenance(sessions: Path, tmp_path: P
     assert not all(torch.equal(v, shipped.state_dict()[k])
                    for k, v in online.state_dict().items() if k.startswith("encoder."))
     assert (tmp_path / "ship.pt").stat().st_size < 0.6 * src.stat().st_size
+    # an exported checkpoint re-stamped with an eval made elsewhere: same weights and data
+    export(tmp_path / "ship.pt", tmp_path / "stamped.pt", name="toy-v2",
+           eval_summary={"next_latent_mrr": {"model": 0.7}}, recipe="r.sh")
+    stamped = load_iwm(tmp_path / "stamped.pt")
+    assert all(torch.equal(v, stamped.state_dict()[k]) for k, v in shipped.state_dict().items())
+    assert stamped.provenance["name"] == "toy-v2" and stamped.provenance["recipe"] == "r.sh"
+    assert stamped.provenance["eval"]["next_latent_mrr"]["model"] == 0.7
+    assert stamped.provenance["data"] == shipped.provenance["data"]
+    assert stamped.provenance["step"] == info["step"]
 
 
 def test_dual_stream_training_starts_from_an_encoder_and_learns_views_with_actions(

@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass, fields
 
 import torch
-import torchvision.transforms.v2.functional as TF
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["COND_LAYOUT", "AugConfig", "AugParams", "apply_views", "cond_vector",
@@ -159,16 +159,56 @@ def color_jitter(x: Tensor, j: Tensor) -> Tensor:
     return _rgb_to_yiq_rotate(x, j[:, 3]).clamp(0, 1)
 
 
+def _crop_positions(start: Tensor, size: Tensor, s: int) -> Tensor:
+    """Where each of ``s`` output pixels samples [start, start + size) (B,) of an axis, in
+    grid_sample's normalised coordinates (B, s): ``F.interpolate(align_corners=False)``'s
+    positions, clamped inside the crop as it clamps them (crops are never larger than the
+    image, so this is upsampling, where antialiasing changes nothing)."""
+    i = torch.arange(s, dtype=torch.float32)
+    size_f = size.to(torch.float32)[:, None]
+    x = ((i[None] + 0.5) * size_f / s - 0.5).clamp(min=0)  # (B, s), in the crop
+    x = torch.minimum(x, size_f - 1) + start[:, None]  # (B, s), in the image
+    return (x + 0.5) / s * 2 - 1
+
+
 def _crop(images: Tensor, p: AugParams) -> Tensor:
-    """Shared resized crop + flip of uint8 (B, S, S, 3) -> float (B, 3, S, S) in [0, 1]."""
-    b, s = images.shape[0], images.shape[1]
-    out = torch.empty(b, 3, s, s)
-    for i in range(b):
-        top, left, h, w = (p.crop[i] * s).tolist()
-        img = images[i].permute(2, 0, 1)  # (3, S, S)
-        c = TF.resized_crop(img, int(top), int(left), max(1, round(h)), max(1, round(w)),
-                            [s, s], antialias=True)
-        out[i] = (TF.horizontal_flip(c) if p.flip[i] else c).float() / 255.0
+    """Shared resized crop + flip of uint8 (B, S, S, 3) -> float (B, 3, S, S) in [0, 1]:
+    every image in one ``grid_sample`` (a loop over images was the data-side cost of a GPU
+    step); values are rounded to uint8 levels as the uint8 resize before it did."""
+    s = images.shape[1]
+    box = p.crop * s  # (B, 4) pixels
+    top, left = box[:, 0].floor(), box[:, 1].floor()
+    h, w = box[:, 2].round().clamp(min=1), box[:, 3].round().clamp(min=1)
+    ys, xs = _crop_positions(top, h, s), _crop_positions(left, w, s)  # (B, S) each
+    xs = torch.where(p.flip[:, None], xs.flip(1), xs)
+    grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), -1)
+    img = images.permute(0, 3, 1, 2).float().contiguous()  # (B, 3, S, S)
+    out = F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.round_().clamp_(0, 255) / 255.0
+
+
+def _blur(x: Tensor, sigma: Tensor, on: Tensor) -> Tensor:
+    """Gaussian blur of the images ``on`` (B,) with their ``sigma`` (B,), as
+    ``TF.gaussian_blur`` per image (kernel 2 ceil(3 sigma) + 1, at least 3; reflect
+    padding), all at once: a separable depthwise convolution with each image's own kernel,
+    zero beyond its own radius."""
+    idx = on.nonzero().flatten()
+    if not len(idx):
+        return x
+    sig = sigma[idx].to(x.dtype)  # (n,)
+    radius = torch.ceil(3 * sig).clamp(min=1)  # (n,): (kernel size - 1) / 2
+    r = int(radius.max())
+    t = torch.arange(-r, r + 1, dtype=x.dtype)  # (2r+1,)
+    k = torch.exp(-0.5 * (t[None] / sig[:, None]) ** 2) * (t.abs()[None] <= radius[:, None])
+    k = k / k.sum(1, keepdim=True)  # (n, 2r+1)
+    sub = x[idx]  # (n, C, H, W)
+    n, c, hh, ww = sub.shape
+    kk = k.repeat_interleave(c, 0)  # (n*C, 2r+1)
+    y = F.pad(sub.reshape(1, n * c, hh, ww), (r, r, r, r), mode="reflect")
+    y = F.conv2d(y, kk[:, None, None, :], groups=n * c)  # along rows
+    y = F.conv2d(y, kk[:, None, :, None], groups=n * c)  # along columns
+    out = x.clone()
+    out[idx] = y.reshape(n, c, hh, ww)
     return out
 
 
@@ -178,9 +218,6 @@ def apply_views(images: Tensor, p: AugParams) -> tuple[Tensor, Tensor]:
     tgt = color_jitter(base, p.jitter_t)
     src = color_jitter(base, p.jitter_s)
     src = torch.where(p.gray.view(-1, 1, 1, 1), _gray(src).expand_as(src), src)
-    for i in p.blur.nonzero().flatten().tolist():
-        sig = float(p.sigma[i])
-        k = max(3, 2 * math.ceil(3 * sig) + 1)
-        src[i] = TF.gaussian_blur(src[i], [k, k], [sig, sig])
+    src = _blur(src, p.sigma, p.blur)
     src = torch.where(p.solarize.view(-1, 1, 1, 1), torch.where(src >= 0.5, 1 - src, src), src)
     return src, tgt

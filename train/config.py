@@ -74,6 +74,12 @@ class TrainConfig:
     log_every: int = 10
     # at most this many frames are loaded (0 = all)
     max_frames: int = 0
+    # session files decoded at once by spawned processes when the data loads (1 = in process)
+    load_workers: int = 1
+    # wall-clock budget of the training loop in minutes (0 = none): after FIT_AFTER steps (or a
+    # tenth of the budget) the schedule's total (LR, weight decay, EMA) is cut to the steps
+    # that fit, at most ``steps``
+    minutes: float = 0.0
     # bf16 autocast on CUDA
     amp: bool = True
     # use torch.distributed as set up by torchrun (RANK, WORLD_SIZE, LOCAL_RANK)
@@ -87,9 +93,11 @@ class TrainConfig:
             raise ValueError(f"{o}.phase must be 1 or 3, got {self.phase!r}")
         for name in ("batch_size", "epochs", "k_steps", "ckpt_every", "log_every"):
             _pos_int(o, name, getattr(self, name))
+        for name in ("load_workers",):
+            _pos_int(o, name, getattr(self, name))
         for name in ("steps", "warmup_steps", "seed", "max_frames"):
             _pos_int(o, name, getattr(self, name), 0)
-        for name in ("lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad"):
+        for name in ("lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad", "minutes"):
             _nonneg(o, name, getattr(self, name))
         if self.min_lr > self.lr:
             raise ValueError(f"{o}.min_lr={self.min_lr} must be <= lr={self.lr}")

@@ -8,6 +8,10 @@ eval summary and the action vocabulary. This is how the shipped default is made:
 
     python -m train.export --from runs/default/last.pt --eval runs/default/eval/eval.json \\
         --name iwm-default-v1 --out iwm_bus/weights/default.pt
+
+An exported checkpoint given as ``--from`` keeps its weights and provenance and takes the
+new name, eval and recipe: how a model trained on a GPU host (``train/recipes/dual_gpu.sh``)
+is stamped with the eval run here on the held-out sessions.
 """
 
 from __future__ import annotations
@@ -35,14 +39,22 @@ def export(src: str | Path, out: str | Path, *, name: str, eval_summary: dict[st
 
     payload = load_checkpoint(src)
     extra = payload["extra"]
-    run = extra.get("run_config", {})
-    tr = run.get("train", {})
-    model = load_iwm(src, "cpu", target_as_encoder=True)  # ship the EMA target encoder
-    info = {"name": name, "action_vocab": action_vocab, "step": extra.get("step"),
-            "data": {"sessions": tr.get("sessions"), "data_dirs": tr.get("data_dirs"),
-                     "phase": tr.get("phase")},
-            "run_config": run, "eval": eval_summary,
-            "recipe": recipe}
+    if "info" in extra and extra.get("kind") != "train-state":
+        # an exported checkpoint (e.g. trained on a GPU host and evaluated here): the same
+        # weights and provenance, with this name, eval and recipe
+        model = load_iwm(src, "cpu")
+        info = {**extra["info"], "name": name, "eval": eval_summary, "recipe": recipe}
+        if action_vocab:
+            info["action_vocab"] = action_vocab
+    else:
+        run = extra.get("run_config", {})
+        tr = run.get("train", {})
+        model = load_iwm(src, "cpu", target_as_encoder=True)  # ship the EMA target encoder
+        info = {"name": name, "action_vocab": action_vocab, "step": extra.get("step"),
+                "data": {"sessions": tr.get("sessions"), "data_dirs": tr.get("data_dirs"),
+                         "phase": tr.get("phase")},
+                "run_config": run, "eval": eval_summary,
+                "recipe": recipe}
     info = _plain(info)
     save_checkpoint(model, out, info=info)
     return info
@@ -50,7 +62,8 @@ def export(src: str | Path, out: str | Path, *, name: str, eval_summary: dict[st
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--from", dest="src", required=True, help="training checkpoint")
+    ap.add_argument("--from", dest="src", required=True,
+                    help="training checkpoint, or an exported one to stamp with a new eval")
     ap.add_argument("--out", required=True, help="inference checkpoint to write")
     ap.add_argument("--name", required=True, help="name reported by health and iwm.stats")
     ap.add_argument("--eval", help="eval.json written by iwm-eval")

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,9 @@ from train.masks import sample_masks
 __all__ = ["DistInfo", "Trainer", "init_model", "init_opt", "lr_at", "wd_at"]
 
 COLLAPSE_STD = 0.05  # target tokens' mean per-dimension std below this = collapsing
+# steps timed before a ``minutes`` budget fits the schedule to the time left (sooner if they
+# take over a tenth of the budget)
+FIT_AFTER = 50
 
 
 @dataclass(frozen=True)
@@ -150,13 +154,16 @@ class Trainer:
         self.total = self.tc.steps or self.tc.epochs * (self.num_samples // self.tc.batch_size)
         self.ema = self.model.make_ema(self.total)
         self.step = 0  # steps completed
+        # make the next batch on a thread while this one runs on the GPU
+        self.prefetch = self.device.type == "cuda"
 
     # -- data
 
     def load_data(self) -> FrameStore:
         tc, mc = self.tc, self.run_cfg.model
         if tc.phase == 3:
-            return FrameStore.from_sessions(tc.sessions, mc.img_size, mc.cond_dim, tc.max_frames)
+            return FrameStore.from_sessions(tc.sessions, mc.img_size, mc.cond_dim, tc.max_frames,
+                                            workers=tc.load_workers)
         stores = []
         sess = find_sessions(tc.data_dirs)
         imgs = find_images([p for p in tc.data_dirs if not str(p).endswith(".mcap")])
@@ -164,7 +171,7 @@ class Trainer:
             stores.append(FrameStore.from_images(imgs, mc.img_size, mc.cond_dim))
         if sess:
             stores.append(FrameStore.from_sessions(sess, mc.img_size, mc.cond_dim,
-                                                   tc.max_frames))
+                                                   tc.max_frames, workers=tc.load_workers))
         if not stores:
             raise DataError(f"{', '.join(tc.data_dirs)}: no PNG/JPG images or .mcap sessions")
         return FrameStore.concat(stores) if len(stores) > 1 else stores[0]
@@ -225,10 +232,11 @@ class Trainer:
 
     # -- optimisation
 
-    def train_step(self, step: int) -> dict[str, float]:
+    def train_step(self, step: int, batch: dict[str, Tensor] | None = None) -> dict[str, float]:
+        """One optimiser step on ``batch`` (made here when not given)."""
         tc = self.tc
         t0 = time.perf_counter()
-        batch = self.make_batch(step)
+        batch = batch if batch is not None else self.make_batch(step)
         t1 = time.perf_counter()
         torch.manual_seed(tc.seed * 15_485_863 + step)  # dropout etc.: a pure function of step
         lr, wd = lr_at(step, self.total, tc), wd_at(step, self.total, tc)
@@ -285,11 +293,28 @@ class Trainer:
         self.opt.load_state_dict(extra["optimizer"])
         self.ema.load_state_dict(extra["ema"])
         self.step = int(extra["step"])
+        if self.tc.minutes:  # a budgeted run's schedule is the one it fitted
+            self.total = self.ema.total_steps = int(extra.get("total_steps", self.total))
         logger.info("resumed {} at step {}", path, self.step)
 
     # -- the loop
 
+    def fit_to_budget(self, steps_done: int, seconds: float) -> None:
+        """Cut the schedule's total to the steps that fit ``tc.minutes``, given that
+        ``steps_done`` steps took ``seconds``; LR, weight decay and EMA follow the new total."""
+        per_step = seconds / max(1, steps_done)
+        left = self.tc.minutes * 60.0 - seconds
+        fitted = max(self.step + 1, self.step + int(left / per_step))
+        if fitted < self.total:
+            logger.info("{:.1f} min budget at {:.3f} s a step: the schedule ends at step {} "
+                        "instead of {}", self.tc.minutes, per_step, fitted, self.total)
+            self.total = fitted
+            self.ema.total_steps = fitted
+
     def run(self) -> dict[str, float]:
+        """Train to ``self.total`` steps. On CUDA the next batch is made on a thread while
+        this one runs on the GPU (a batch is a pure function of its step, so the order is
+        the same either way)."""
         tc, rank0 = self.tc, self.dist.rank == 0
         self.out.mkdir(parents=True, exist_ok=True)
         if rank0:
@@ -299,10 +324,26 @@ class Trainer:
         if rank0 and tc.progress:
             from tqdm import tqdm
             bar = tqdm(total=self.total, initial=self.step, unit="step", dynamic_ncols=True)
+        pool = ThreadPoolExecutor(1) if self.prefetch else None
+        ahead: Future[dict[str, Tensor]] | None = None
+        t0, first, fitted = time.perf_counter(), self.step, False
         last: dict[str, float] = {}
         try:
             while self.step < self.total:
-                last = self.train_step(self.step)
+                if pool is not None:
+                    batch = ahead.result() if ahead is not None else self.make_batch(self.step)
+                    ahead = (pool.submit(self.make_batch, self.step + 1)
+                             if self.step + 1 < self.total else None)
+                    last = self.train_step(self.step, batch)
+                else:
+                    last = self.train_step(self.step)
+                spent = time.perf_counter() - t0
+                if tc.minutes and not fitted and (self.step - first == FIT_AFTER
+                                                  or spent > tc.minutes * 6):
+                    self.fit_to_budget(self.step - first, spent)
+                    fitted = True
+                    if bar is not None:
+                        bar.total = self.total
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{last['loss']:.4f}", std=f"{last['target_std']:.3f}")
@@ -313,6 +354,8 @@ class Trainer:
                 if self.step % tc.ckpt_every == 0 or self.step == self.total:
                     self.save_all()
         finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
             if bar is not None:
                 bar.close()
             if book is not None:

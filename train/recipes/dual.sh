@@ -14,6 +14,8 @@
 #   RUNS        run folders go to $RUNS/<stream> (default: <repo>/runs)
 #   TRAIN_ARGS, EVAL_ARGS  extra iwm-train / iwm-eval flags
 #   THREADS     torch threads per run; the two runs go in parallel (default 1: 2 cores here)
+#   RECIPE      the recipe named in the exports' provenance (default this one; the eval of a
+#               GPU run, whose exports $RUNS/<stream>.pt it re-stamps: train/recipes/dual_gpu.sh)
 #
 # Presets cpu-invariant / cpu-equivariant (train/presets.py): Phase 3 on actions plus a views
 # loss on the same frames (views_weight 1), 600 steps of batch 32. The invariant predictor
@@ -36,6 +38,7 @@ RUNS="${RUNS:-$ROOT/runs}"
 TRAIN_ARGS="${TRAIN_ARGS:-}"
 EVAL_ARGS="${EVAL_ARGS:-}"
 THREADS="${THREADS:-1}"
+RECIPE="${RECIPE:-train/recipes/dual.sh}"
 CF_GAMES="${CF_GAMES:-ALE/Pong-v5,ALE/Breakout-v5,ALE/MsPacman-v5,ALE/Seaquest-v5,ALE/SpaceInvaders-v5}"
 CF_STATES="${CF_STATES:-40}"
 
@@ -57,10 +60,12 @@ fi
 
 if want eval; then
     for s in $STREAMS; do
+        src="$RUNS/$s/last.pt"  # a training run here, or the export of one made elsewhere
+        [[ -f "$src" ]] || src="$RUNS/$s.pt"
         # shellcheck disable=SC2086
-        "$PYTHON" -m train.eval_cli --model "$RUNS/$s/last.pt" --sessions "$DATA/heldout" \
+        "$PYTHON" -m train.eval_cli --model "$src" --sessions "$DATA/heldout" \
             --games "$CF_GAMES" --cf_states "$CF_STATES" --out "$RUNS/$s/eval" $EVAL_ARGS
-        "$PYTHON" -m train.export --from "$RUNS/$s/last.pt" --eval "$RUNS/$s/eval/eval.json" \
-            --name "iwm-$s-v1" --recipe train/recipes/dual.sh --out "$ROOT/iwm_bus/weights/$s.pt"
+        "$PYTHON" -m train.export --from "$src" --eval "$RUNS/$s/eval/eval.json" \
+            --name "iwm-$s-v1" --recipe "$RECIPE" --out "$ROOT/iwm_bus/weights/$s.pt"
     done
 fi
