@@ -18,8 +18,10 @@
 # the one GPU (t_forward 0.13 s, t_backward 0.16 s; t_data ~0, made ahead on a thread):
 # 879 / 864 steps of batch 256. The step is bound by kernel launches (a CPU profile counts
 # ~40k aten calls per step: a 16-layer predictor, K=2 rollouts, views, 4 heads), not by the
-# GPU's arithmetic, so a larger batch costs little more per step; since then the views are
-# made for the whole batch at once (train/augment.py), so that the data side keeps up.
+# GPU's arithmetic, so a larger batch should cost little more per step (not measured yet).
+# The data side then grows with the batch: since this run the views are made for the whole
+# batch at once (train/augment.py; on a 2-core CPU, batch 256 / 1024: blur 28 -> 7 ms /
+# 84 -> 43 ms, crop 15 -> 17 ms / 66 -> 79 ms, i.e. the crop is no faster on a CPU).
 #
 # Knobs (environment):
 #   MINUTES   training budget per stream, both running at once (default 7)
