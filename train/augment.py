@@ -173,8 +173,9 @@ def _crop_positions(start: Tensor, size: Tensor, s: int) -> Tensor:
 
 def _crop(images: Tensor, p: AugParams) -> Tensor:
     """Shared resized crop + flip of uint8 (B, S, S, 3) -> float (B, 3, S, S) in [0, 1]:
-    every image in one ``grid_sample`` (a loop over images was the data-side cost of a GPU
-    step); values are rounded to uint8 levels as the uint8 resize before it did."""
+    every image in one ``grid_sample`` (no Python loop over the batch; on a CPU it costs
+    what per-image resizes cost); values are rounded to uint8 levels as the uint8 resize
+    it replaces did."""
     s = images.shape[1]
     box = p.crop * s  # (B, 4) pixels
     top, left = box[:, 0].floor(), box[:, 1].floor()
