@@ -265,6 +265,8 @@ def test_torchrun_ddp_equals_single_process(sessions: Path, tmp_path: Path) -> N
     (["--phase", "3", "--sessions", "{sessions}", "--set", "train.nope=1"], "unknown train keys"),
     (["--phase", "3", "--sessions", "{sessions}", "--init_from", "{foreign}"], "differs"),
     (["--phase", "3", "--sessions", "{sessions}", "--batch_size", "7", "--ddp"], None),
+    (["--phase", "3", "--sessions", "{sessions}", "--ddp", "--minutes", "5"],
+     "minutes does not work with ddp"),
     (["--phase", "3", "--sessions", "{sessions}", "--set", "model.num_actions=3"],
      "action ids up to 4"),
 ])
@@ -284,7 +286,7 @@ def test_bad_input_is_one_line_and_exit_2(argv: list[str], message: str | None,
         os.environ.update(WORLD_SIZE="2", RANK="0")
         argv.remove("--ddp")
         argv += ["--set", "train.ddp=true"]
-        message = "does not divide over 2 DDP ranks"
+        message = message or "does not divide over 2 DDP ranks"
     try:
         rc = cli.main(["--preset", "cpu-tiny", *TOY, *argv, "--out_dir", str(tmp_path / "o")])
     finally:

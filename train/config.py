@@ -76,9 +76,9 @@ class TrainConfig:
     max_frames: int = 0
     # session files decoded at once by spawned processes when the data loads (1 = in process)
     load_workers: int = 1
-    # wall-clock budget of the training loop in minutes (0 = none): after FIT_AFTER steps (or a
-    # tenth of the budget) the schedule's total (LR, weight decay, EMA) is cut to the steps
-    # that fit, at most ``steps``
+    # wall-clock budget of the training loop in minutes (0 = none; not with ddp): after
+    # FIT_AFTER steps (or a tenth of the budget) the schedule's total (LR, weight decay, EMA)
+    # is cut to the steps that fit, at most ``steps``
     minutes: float = 0.0
     # bf16 autocast on CUDA
     amp: bool = True
@@ -103,6 +103,9 @@ class TrainConfig:
             raise ValueError(f"{o}.min_lr={self.min_lr} must be <= lr={self.lr}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"{o}.device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.minutes and self.ddp:  # each rank would time itself and fit its own total
+            raise ValueError(f"{o}.minutes does not work with ddp: the ranks' schedules would "
+                             "differ; give --steps instead")
         if self.phase == 1 and not self.data_dirs:
             raise ValueError(f"{o}.data_dirs is empty: Phase 1 needs image folders or sessions "
                              "(--data_dirs or IWM_DATA_DIRS)")
