@@ -8,24 +8,19 @@ index of a file, or of what a killed recorder left), ``video`` (MP4 export) and 
     from iwm_bus.session import SessionReader, SessionWriter
 """
 
-from iwm_bus.session.reader import (
+from iwm_bus.session.codec import (
     ACTIONS_TOPIC,
     FORMAT_VERSION,
     FRAME_ENCODINGS,
     FRAMES_TOPIC,
-    ConvertResult,
     Frame,
     FrameRecord,
-    RecoverResult,
-    SessionOptions,
-    SessionReader,
-    SessionWriter,
     Transition,
-    convert,
     decode_frame,
     encode_frame,
-    recover,
 )
+from iwm_bus.session.reader import ConvertResult, RecoverResult, SessionReader, convert, recover
+from iwm_bus.session.writer import SessionOptions, SessionWriter
 
 __all__ = [
     "ACTIONS_TOPIC", "FORMAT_VERSION", "FRAME_ENCODINGS", "FRAMES_TOPIC", "ConvertResult",

@@ -180,7 +180,7 @@ def _decode_action(value: Any) -> dict[str, Any] | None:
     return out
 
 
-def _wire_action(msg: Mapping[str, Any] | None) -> dict[str, Any] | None:
+def wire_action(msg: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """The nested action map ``{vector?, action_id?}`` of a wire action message."""
     if msg is None:
         return None
@@ -188,7 +188,7 @@ def _wire_action(msg: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return out or None
 
 
-def _frame_record(data: bytes) -> FrameRecord:
+def frame_record(data: bytes) -> FrameRecord:
     body = msgpack.unpackb(data, raw=False, strict_map_key=True, max_ext_len=0)
     if not isinstance(body, dict) or set(body) != set(_FRAME_FIELDS):
         keys = sorted(body) if isinstance(body, dict) else type(body).__name__

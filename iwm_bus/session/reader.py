@@ -82,28 +82,21 @@ from iwm_bus.session.codec import (
     CONVERT_META_NAME,
     END_META_NAME,
     FORMAT_VERSION,
-    FRAME_ENCODINGS,
     FRAMES_TOPIC,
     META_NAME,
     RECOVER_META_NAME,
     Frame,
     FrameRecord,
     Transition,
-    _frame_record,
-    _wire_action,
-    decode_frame,
-    encode_frame,
+    frame_record,
     is_viewer_topic,
+    wire_action,
 )
 from iwm_bus.session.scan import ChunkRef, bad, build_index, chunk_records, read_record
 from iwm_bus.session.writer import SessionOptions, SessionWriter
 from iwm_bus.topics import TOPIC_KINDS, base_topic
 
-__all__ = [
-    "FORMAT_VERSION", "FRAME_ENCODINGS", "FRAMES_TOPIC", "ACTIONS_TOPIC", "Frame",
-    "ConvertResult", "FrameRecord", "RecoverResult", "SessionOptions", "SessionReader",
-    "SessionWriter", "Transition", "convert", "decode_frame", "encode_frame", "recover",
-]
+__all__ = ["ConvertResult", "RecoverResult", "SessionReader", "convert", "recover"]
 
 
 # ---------------------------------------------------------------- reader
@@ -224,7 +217,7 @@ class SessionReader:
     def _decode(self, topic: str, msg: Message) -> Any:
         try:
             if topic == FRAMES_TOPIC:
-                return _frame_record(msg.data)
+                return frame_record(msg.data)
             return wire.unpack([topic.encode(), msg.data])[1]
         except (ValueError, TypeError, KeyError, msgpack.UnpackException) as e:
             raise bad(self.path, f"bad {topic} message at t={msg.log_time}: {e}") from e
@@ -278,7 +271,7 @@ class SessionReader:
                     linked = msg
                 latest = msg if prev is not None else None
                 continue
-            yield msg, msg.action or _wire_action(linked) or _wire_action(latest)
+            yield msg, msg.action or wire_action(linked) or wire_action(latest)
             prev, linked, latest = msg, None, None
 
     def transition_records(self, allow_gaps: bool = False) -> Iterator[
