@@ -304,12 +304,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _ring_has_header(name: str) -> bool:
+    """The segment exists and its capture has written the header (a segment killed before
+    that is blank, and reclaimed only once it is 10 s old): the magic, written last, is set."""
+    try:
+        with open(f"/dev/shm/{name}", "rb") as f:
+            return any(f.read(8))
+    except FileNotFoundError:
+        return False
+
+
 def _wait_for_ring(proc: subprocess.Popen, run_dir: Path) -> tuple[str, list[int]]:
-    """Until the sidecar's manifest names a ring that exists: the ring and the child pids."""
+    """Until the sidecar's manifest names a ring with a header: the ring and the child pids."""
     deadline = time.monotonic() + 120
     while not (run_dir / "sidecar.json").is_file() or not (
             ring := json.loads((run_dir / "sidecar.json").read_text()).get("ring")) or \
-            not Path(f"/dev/shm/{ring}").exists():
+            not _ring_has_header(ring):
         assert proc.poll() is None and time.monotonic() < deadline, "sidecar did not start"
         time.sleep(0.2)
     return ring, list(json.loads((run_dir / "sidecar.json").read_text())["pids"].values())
