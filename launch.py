@@ -30,13 +30,13 @@ from typing import Any
 import multiprocess as mp
 from loguru import logger
 
-from iwm_bus import topics
+from iwm_bus.bus import topics
+from iwm_bus.bus.link import Link
+from iwm_bus.bus.rundir import RunDir
+from iwm_bus.bus.transport import Endpoints, Subscriber
 from iwm_bus.config import MODES, VARIANTS, BusConfig, RingConfig, WorkerConfig, to_dict
 from iwm_bus.default_model import DEFAULT_CHECKPOINT
 from iwm_bus.errors import CheckpointError, RunDirBusyError
-from iwm_bus.link import Link
-from iwm_bus.rundir import RunDir
-from iwm_bus.transport import Endpoints, Subscriber
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 #: what ``iwm-launch`` with no --source plays, with the demo agent and the shipped model
@@ -204,11 +204,11 @@ class Launcher:
         """Everything that can be wrong with the input, checked before anything starts."""
         a = self.args
         if self.link is not None and self.link.keys is not None:
-            from iwm_bus.security import ClientKeys, ServerKeys
+            from iwm_bus.bus.security import ClientKeys, ServerKeys
 
             (ClientKeys if a.worker_only else ServerKeys).load(self.link.keys)
         if a.remote_worker is not None:
-            from iwm_bus.security import check_bind
+            from iwm_bus.bus.security import check_bind
 
             check_bind(self.link.host, self.link.keys is not None, a.insecure)
         if not a.remote_worker:
@@ -650,7 +650,7 @@ def _link(args: argparse.Namespace) -> Link | None:
 
 def make_keys(folder: Path) -> int:
     """``--make-keys DIR``: write the key pairs, say what goes where; the exit code."""
-    from iwm_bus.security import make_keys as write_keys
+    from iwm_bus.bus.security import make_keys as write_keys
 
     try:
         written = write_keys(folder)
@@ -690,7 +690,7 @@ def _unlink_ring(name: str) -> None:
 
 def reclaim_rings() -> None:
     """Unlink the rings of sidecars that were killed (they cannot unlink their own)."""
-    from iwm_bus.ring import reclaim_dead
+    from iwm_bus.bus.ring import reclaim_dead
 
     try:
         gone = reclaim_dead()

@@ -25,10 +25,10 @@ from loguru import logger
 from agent_bridge.bridge import MAX_ACTION_VECTOR, Target, build_action, resolve_endpoints
 from agent_bridge.state import BeingState
 from agent_bridge.tracker import BridgeStats, Callback, Hook, Tracker, check_max_age
-from iwm_bus import topics, wire
+from iwm_bus.bus import topics, wire
+from iwm_bus.bus.transport import DEFAULT_HWM, pub_socket, sub_socket, unbind_file
 from iwm_bus.errors import StaleDataError
 from iwm_bus.logs import worth_logging
-from iwm_bus.transport import DEFAULT_HWM, pub_socket, sub_socket, unbind_file
 
 __all__ = ["AsyncVisionBridge"]
 

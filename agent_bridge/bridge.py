@@ -48,13 +48,13 @@ from loguru import logger
 
 from agent_bridge.state import BeingState
 from agent_bridge.tracker import BridgeStats, Callback, Hook, Tracker, check_max_age
-from iwm_bus import topics
 from iwm_bus.actions import check_action_id, check_vector
+from iwm_bus.bus import topics
+from iwm_bus.bus.ring import clock_ns
+from iwm_bus.bus.rundir import RunDir
+from iwm_bus.bus.transport import DEFAULT_HWM, Endpoints, Publisher, sub_socket
 from iwm_bus.errors import IWMError, StaleDataError
 from iwm_bus.logs import worth_logging
-from iwm_bus.ring import clock_ns
-from iwm_bus.rundir import RunDir
-from iwm_bus.transport import DEFAULT_HWM, Endpoints, Publisher, sub_socket
 
 __all__ = ["MAX_ACTION_VECTOR", "Target", "VisionBridge", "build_action", "resolve_endpoints"]
 
@@ -326,7 +326,7 @@ class VisionBridge:
 
     def publish(self, topic: str, msg: Mapping[str, Any]) -> bool:
         """Publish another message of the agent's on its socket (e.g. ``agent.decision``,
-        ``iwm_bus.wire.make_decision``); never blocks: False when it could not be sent.
+        ``iwm_bus.bus.wire.make_decision``); never blocks: False when it could not be sent.
         ``WireError`` when ``msg`` does not fit ``topic``'s schema."""
         with self._pub_lock:
             if self._pub is None:

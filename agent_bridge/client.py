@@ -14,7 +14,7 @@ Sync and asyncio flavours with the same methods (the seed's names)::
     async with AsyncIWMClient(run_dir) as iwm:
         res = await iwm.encode_image(frame)
 
-Arguments are checked with ``iwm_bus.rpc.check_params`` against the sizes from a cached
+Arguments are checked with ``iwm_bus.bus.rpc.check_params`` against the sizes from a cached
 ``health()`` before anything is sent, so a wrong latent size or action length raises
 ``ValueError`` naming the argument. Every call has a timeout: a dead, missing or overloaded
 worker gives ``ServiceTimeout`` within it, an error reply gives ``ServiceError``. Requests carry
@@ -43,9 +43,9 @@ import zmq
 import zmq.asyncio
 
 from agent_bridge.bridge import Target, resolve_endpoints
-from iwm_bus import rpc, topics, wire
+from iwm_bus.bus import rpc, topics, wire
+from iwm_bus.bus.transport import Endpoints
 from iwm_bus.errors import ServiceError, ServiceTimeout, WireError
-from iwm_bus.transport import Endpoints
 
 __all__ = ["AsyncIWMClient", "BatchRolloutResult", "DualEncodeResult", "EncodeResult", "IWMClient",
            "PredictResult", "RolloutResult"]

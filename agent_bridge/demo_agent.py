@@ -7,7 +7,7 @@ low MRR -> escalate (here: a log line); stale vision -> wait. Actions go out on
 ``agent.action`` (discrete ids for ``gym:ALE/...``, vectors for box action spaces), where the
 capture applies them to the game and the worker conditions its predictions on them; each
 step's arbiter decision goes out just before its action on ``agent.decision``
-(``iwm_bus.wire.make_decision``), where the live viewer (``iwm-launch --viewer``) shows it.
+(``iwm_bus.bus.wire.make_decision``), where the live viewer (``iwm-launch --viewer``) shows it.
 Both leave on the agent's socket (``Endpoints.agent``) through its ``VisionBridge``.
 
     iwm-launch --source gym:ALE/Pong-v5 --agent demo --encoder vit_tiny_patch16_224 --duration 30
@@ -35,10 +35,10 @@ from loguru import logger
 
 from agent_bridge.arbiter import ArbiterConfig, ArbiterDecision, ArbiterHooks
 from agent_bridge.bridge import VisionBridge
-from iwm_bus import topics
-from iwm_bus.ring import clock_ns
-from iwm_bus.rundir import RunDir
-from iwm_bus.wire import make_decision
+from iwm_bus.bus import topics
+from iwm_bus.bus.ring import clock_ns
+from iwm_bus.bus.rundir import RunDir
+from iwm_bus.bus.wire import make_decision
 
 __all__ = ["DemoAgent", "DemoConfig", "DemoStats", "main", "run_demo_agent"]
 

@@ -39,11 +39,11 @@ from typing import Any
 import gymnasium
 import numpy as np
 
-from iwm_bus import topics
+from iwm_bus.bus import topics
+from iwm_bus.bus.ring import FrameRing
+from iwm_bus.bus.transport import Endpoints, Publisher, Subscriber
+from iwm_bus.bus.wire import make_action
 from iwm_bus.config import WorkerConfig
-from iwm_bus.ring import FrameRing
-from iwm_bus.transport import Endpoints, Publisher, Subscriber
-from iwm_bus.wire import make_action
 
 __all__ = ["IWMWrapper"]
 

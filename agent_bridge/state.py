@@ -15,7 +15,7 @@ worker's running mean reciprocal rank in ``(0, 1]``. A metric that is not known 
 first frame, or right after a gap) is ``None``, not 0: ``None`` means "no evidence".
 
 Clocks. ``t_capture_ns`` / ``t_publish_ns`` are stamped by the sidecar with the bus clock
-(``iwm_bus.ring.clock_ns``, the wall clock); ``vision_core_timestamp`` is the capture time in
+(``iwm_bus.bus.ring.clock_ns``, the wall clock); ``vision_core_timestamp`` is the capture time in
 seconds on it (comparable with ``time.time()``). Receive times ``t_*received_ns`` are this
 process's ``time.monotonic_ns()``, so ages (``age_ms``: how long ago the data arrived) never
 jump with the wall clock; ``latency_ms`` compares the capture stamp with the bus clock at
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from iwm_bus.ring import clock_ns
+from iwm_bus.bus.ring import clock_ns
 
 __all__ = ["BeingState"]
 

@@ -18,7 +18,7 @@ import numpy as np
 from loguru import logger
 
 from agent_bridge.state import BeingState
-from iwm_bus import topics, wire
+from iwm_bus.bus import topics, wire
 from iwm_bus.errors import StaleDataError, WireError
 from iwm_bus.logs import worth_logging
 

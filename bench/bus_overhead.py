@@ -43,9 +43,9 @@ import msgpack
 import numpy as np
 import zmq
 
-from iwm_bus import topics, wire
-from iwm_bus.ring import FrameRing
-from iwm_bus.transport import Endpoints, Publisher, Subscriber
+from iwm_bus.bus import topics, wire
+from iwm_bus.bus.ring import FrameRing
+from iwm_bus.bus.transport import Endpoints, Publisher, Subscriber
 
 LATENT_DIM = 768
 WAIT_MS = 10_000

@@ -27,8 +27,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from iwm_bus import topics  # noqa: E402
-from iwm_bus.transport import Endpoints, Subscriber  # noqa: E402
+from iwm_bus.bus import topics  # noqa: E402
+from iwm_bus.bus.transport import Endpoints, Subscriber  # noqa: E402
 
 EXTRA: list[str] = []  # --launch-args
 TARGETS = {"cpu": ("default", 25.0), "cuda": ("vit_base_patch16_224:core", 4.0)}

@@ -39,9 +39,9 @@ sys.path.insert(0, str(ROOT))
 
 from agent_bridge import BeingState  # noqa: E402
 from agent_bridge.arbiter import ArbiterConfig, ArbiterHooks  # noqa: E402
-from iwm_bus import topics  # noqa: E402
+from iwm_bus.bus import topics  # noqa: E402
+from iwm_bus.bus.transport import Endpoints, Subscriber  # noqa: E402
 from iwm_bus.session import SessionReader, SessionWriter  # noqa: E402
-from iwm_bus.transport import Endpoints, Subscriber  # noqa: E402
 
 WINDOW = 3  # a cut counts as seen when one of its first 3 frames escalates
 CONFIGS = {"default": ArbiterConfig(),

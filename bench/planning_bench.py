@@ -44,8 +44,8 @@ from agent_bridge.planner import (  # noqa: E402
     client_rollout_fn,
     model_rollout_fn,
 )
+from iwm_bus.bus.transport import Endpoints  # noqa: E402
 from iwm_bus.config import WorkerConfig  # noqa: E402
-from iwm_bus.transport import Endpoints  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -30,8 +30,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from iwm_bus import topics  # noqa: E402
-from iwm_bus.transport import Endpoints, Subscriber  # noqa: E402
+from iwm_bus.bus import topics  # noqa: E402
+from iwm_bus.bus.transport import Endpoints, Subscriber  # noqa: E402
 
 
 def _manifest(run_dir: Path) -> dict:

@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from iwm_bus.rundir import default_run_dir
-from iwm_bus.transport import Endpoints
+from iwm_bus.bus.rundir import default_run_dir
+from iwm_bus.bus.transport import Endpoints
 
 VARIANTS = ("core", "invariant", "equivariant", "custom")
 MODES = ("realtime", "lossless")

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import zmq
 
-from iwm_bus import rpc
+from iwm_bus.bus import rpc
+from iwm_bus.bus.rundir import LOCK, MANIFEST, RunDir, default_run_dir
+from iwm_bus.bus.transport import Endpoints, Publisher
 from iwm_bus.config import BusConfig, RingConfig, WorkerConfig, to_dict
 from iwm_bus.errors import RunDirBusyError
-from iwm_bus.rundir import LOCK, MANIFEST, RunDir, default_run_dir
-from iwm_bus.transport import Endpoints, Publisher
 
 WAIT_S = 30.0
 

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import zmq
 
-from iwm_bus import topics, wire
+from iwm_bus.bus import topics, wire
+from iwm_bus.bus.rundir import RunDir
+from iwm_bus.bus.transport import Endpoints, Subscriber
 from iwm_bus.default_model import default_checkpoint
-from iwm_bus.rundir import RunDir
-from iwm_bus.transport import Endpoints, Subscriber
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--untrained", "--encoder", "vit_tiny_patch16_224", "--img-size", "32"]

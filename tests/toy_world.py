@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from iwm_bus.bus.wire import make_action
 from iwm_bus.session import SessionWriter
-from iwm_bus.wire import make_action
 
 SIZE, SQ, STEP = 32, 8, 4
 MOVES = {0: (0, 0), 1: (-STEP, 0), 2: (STEP, 0), 3: (0, -STEP), 4: (0, STEP)}

@@ -58,10 +58,10 @@ LINK_OVER_BYTES = 1 << 20
 #: Fast files only: the worker-process tests of test_encoder.py and the 11 s training-loss
 #: test are left out (both are covered by the in-process tests selected here).
 GROUPS: dict[str, tuple[tuple[str, str], ...]] = {
-    "stream": (("tests/test_encoder.py", r"model_stream|latent_bank"),),
+    "stream": (("tests/worker/test_encoder.py", r"model_stream|latent_bank"),),
     "metrics": (("tests/test_metrics.py", r""),),
-    "model": (("tests/test_model.py", r""),
-              ("tests/test_model_training.py", r"^(?!test_loss_decreases)")),
+    "model": (("tests/model/test_model.py", r""),
+              ("tests/training/test_model_training.py", r"^(?!test_loss_decreases)")),
 }
 
 

@@ -25,7 +25,7 @@ at the end waits up to ``drain_timeout_s`` for the last frame to be processed.
 Exit codes (``run_capture`` returns them, ``workers.entry.exit_with`` exits with them): 0 after the end
 of the source / ``frames`` / ``duration`` or on SIGTERM/SIGINT; 2 when nothing could start
 (bad spec, frame larger than the ring, ring name taken, endpoint in use); 1 on a failure while
-running. Timestamps are ``iwm_bus.ring.clock_ns`` (the wall clock), as the ring uses.
+running. Timestamps are ``iwm_bus.bus.ring.clock_ns`` (the wall clock), as the ring uses.
 """
 
 from __future__ import annotations
@@ -40,13 +40,13 @@ import numpy as np
 import zmq
 from loguru import logger
 
-from iwm_bus import topics
+from iwm_bus.bus import topics
+from iwm_bus.bus.ring import FrameRing, clock_ns
+from iwm_bus.bus.transport import Endpoints, Publisher, Subscriber
+from iwm_bus.bus.wire import make_action
 from iwm_bus.config import MODES, RingConfig
 from iwm_bus.errors import RingError, WireError
 from iwm_bus.logs import worth_logging
-from iwm_bus.ring import FrameRing, clock_ns
-from iwm_bus.transport import Endpoints, Publisher, Subscriber
-from iwm_bus.wire import make_action
 from workers.entry import StopFlag, stop_on_signals
 from workers.sources import Source, SourceError, SourceFrame, check_spec, open_source
 

@@ -33,15 +33,16 @@ import torch
 import zmq
 from loguru import logger
 
-from iwm_bus import __version__, topics
+from iwm_bus import __version__
+from iwm_bus.bus import topics
+from iwm_bus.bus.link import Link
+from iwm_bus.bus.ring import FrameRing, clock_ns
+from iwm_bus.bus.security import ClientKeys
+from iwm_bus.bus.transport import Endpoints, Publisher, Subscriber
 from iwm_bus.config import BusConfig, WorkerConfig
 from iwm_bus.errors import CheckpointError, RingError
-from iwm_bus.link import Link
 from iwm_bus.logs import Throttle
 from iwm_bus.model import IWM, create_iwm_model, load_iwm
-from iwm_bus.ring import FrameRing, clock_ns
-from iwm_bus.security import ClientKeys
-from iwm_bus.transport import Endpoints, Publisher, Subscriber
 from workers.entry import StopFlag, stop_on_signals
 from workers.model_stream import ModelStream, StreamResult, finite, shared_input
 from workers.rpc_server import DEFAULT_BUDGET as DEFAULT_RPC_BUDGET

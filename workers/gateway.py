@@ -2,7 +2,7 @@
 
 A worker on another machine cannot attach the shared-memory ring. In its place the game
 machine runs this process (``iwm-launch --remote-worker [HOST:]PORT``); it binds the three
-ports of :class:`iwm_bus.link.Link` and makes a remote worker look local to everyone else:
+ports of :class:`iwm_bus.bus.link.Link` and makes a remote worker look local to everyone else:
 
 * **frames out**: for each local ``iwm.frame`` notice it reads the frame from the ring and
   publishes the notice again with ``pixels`` inline (plus frames whose notice it missed,
@@ -16,7 +16,7 @@ ports of :class:`iwm_bus.link.Link` and makes a remote worker look local to ever
   DEALER sockets connect to; requests are shared among the connected workers.
 
 With a key folder every tcp socket is a CURVE server and only workers whose public key is in
-``authorized/`` get through (:class:`iwm_bus.security.Gatekeeper` logs and counts refusals).
+``authorized/`` get through (:class:`iwm_bus.bus.security.Gatekeeper` logs and counts refusals).
 ``iwm.stats`` (source ``gateway``) goes out on the local worker endpoint once a second.
 """
 
@@ -29,12 +29,12 @@ from typing import Any
 import zmq
 from loguru import logger
 
-from iwm_bus import topics, wire
+from iwm_bus.bus import topics, wire
+from iwm_bus.bus.link import Link
+from iwm_bus.bus.ring import clock_ns
+from iwm_bus.bus.security import Gatekeeper, ServerKeys, check_bind
+from iwm_bus.bus.transport import DEFAULT_HWM, Endpoints, Subscriber, bind, new_socket, unbind_file
 from iwm_bus.errors import WireError
-from iwm_bus.link import Link
-from iwm_bus.ring import clock_ns
-from iwm_bus.security import Gatekeeper, ServerKeys, check_bind
-from iwm_bus.transport import DEFAULT_HWM, Endpoints, Subscriber, bind, new_socket, unbind_file
 from workers.entry import StopFlag, stop_on_signals
 from workers.ring_follower import RingFollower
 

@@ -35,10 +35,10 @@ from typing import Any
 import zmq
 from loguru import logger
 
-from iwm_bus import topics
+from iwm_bus.bus import topics
+from iwm_bus.bus.transport import Endpoints, Subscriber
 from iwm_bus.errors import SessionError
 from iwm_bus.session import FRAME_ENCODINGS, SessionOptions, SessionWriter
-from iwm_bus.transport import Endpoints, Subscriber
 from workers.entry import StopFlag, stop_on_signals
 from workers.ring_follower import RingFollower
 

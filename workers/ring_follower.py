@@ -15,8 +15,8 @@ from typing import Any
 
 from loguru import logger
 
+from iwm_bus.bus.ring import FrameRing
 from iwm_bus.errors import RingError
-from iwm_bus.ring import FrameRing
 
 __all__ = ["FrameRead", "RingFollower"]
 

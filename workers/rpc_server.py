@@ -3,7 +3,7 @@
 A client (DEALER) sends ``wire.pack("iwm.rpc", {"kind": "rpc_request", "id": n, "method": m,
 "params": {...}})``; the ROUTER sees ``[identity, topic, payload]``. Every request gets exactly
 one reply ``[identity, topic, payload]`` with the request's id, ``ok`` and either a ``result``
-map or an ``error`` string (see :mod:`iwm_bus.rpc` for the method table). A request that
+map or an ``error`` string (see :mod:`iwm_bus.bus.rpc` for the method table). A request that
 cannot be decoded is answered with ``ok=False`` and id ``-1`` when its id cannot be read;
 every ``ok=False`` reply is counted in ``errors``. Replies are sent with ``NOBLOCK`` and
 ``ROUTER_MANDATORY``: a reply to a client that is gone, or whose queue is full, is dropped
@@ -28,7 +28,7 @@ import torch
 import zmq
 from loguru import logger
 
-from iwm_bus import rpc, topics, transport, wire
+from iwm_bus.bus import rpc, topics, transport, wire
 from iwm_bus.errors import WireError
 from iwm_bus.logs import Throttle
 from iwm_bus.model import IWM

@@ -19,12 +19,13 @@ import numpy as np
 import torch
 from loguru import logger
 
-from iwm_bus import metrics, topics
+from iwm_bus import metrics
 from iwm_bus.actions import check_action_id, pad_cond
+from iwm_bus.bus import topics
+from iwm_bus.bus.ring import FrameRing
+from iwm_bus.bus.wire import make_action
 from iwm_bus.errors import RingError
 from iwm_bus.logs import Throttle, worth_logging
-from iwm_bus.ring import FrameRing
-from iwm_bus.wire import make_action
 
 #: rollout horizons whose MRR is measured (rollout RPC: mrr_seq[k] is horizon k + 1)
 HORIZON = 5

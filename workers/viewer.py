@@ -50,9 +50,9 @@ import numpy as np
 import zmq
 from loguru import logger
 
-from iwm_bus import topics
-from iwm_bus.transport import Endpoints, Subscriber
-from iwm_bus.wire import decision_text
+from iwm_bus.bus import topics
+from iwm_bus.bus.transport import Endpoints, Subscriber
+from iwm_bus.bus.wire import decision_text
 from workers.entry import StopFlag, stop_on_signals
 from workers.ring_follower import RingFollower
 

@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from iwm_bus.bus.topics import ACTION, MRR, SURPRISE, base_topic
 from iwm_bus.errors import SessionError
 from iwm_bus.session import FRAMES_TOPIC, SessionReader, convert, recover
-from iwm_bus.topics import ACTION, MRR, SURPRISE, base_topic
 
 
 def _fmt_info(info: dict[str, Any]) -> str:

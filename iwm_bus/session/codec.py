@@ -20,8 +20,8 @@ import msgpack
 import numpy as np
 import zstandard
 
-from iwm_bus import wire
-from iwm_bus.topics import ACTION, MRR, SURPRISE, base_topic
+from iwm_bus.bus import wire
+from iwm_bus.bus.topics import ACTION, MRR, SURPRISE, base_topic
 
 #: 1: msgpack channels only; 2: plus the viewer channels (``/viewer/...``)
 FORMAT_VERSION = 2

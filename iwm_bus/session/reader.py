@@ -10,7 +10,7 @@ closed cleanly). Data channels (MCAP topics), every payload a msgpack map (``mes
     fastest) or ``jpeg`` (lossy, ``jpeg_quality``); ``action`` is the nested action map of the
     wire schema (``{vector?, action_id?}``) that produced the frame, when the source knew it.
 ``agent.action``
-    the wire ``action`` message payload (``iwm_bus.wire``), as published on the bus.
+    the wire ``action`` message payload (``iwm_bus.bus.wire``), as published on the bus.
 ``iwm.latent``, ``iwm.surprise``, ``iwm.mrr`` (``.suffix`` too), ``iwm.stats``
     the wire payloads the worker published (optional).
 
@@ -76,7 +76,9 @@ from mcap.records import Message
 from mcap.writer import Writer
 from tqdm import tqdm
 
-from iwm_bus import __version__, wire
+from iwm_bus import __version__
+from iwm_bus.bus import wire
+from iwm_bus.bus.topics import TOPIC_KINDS, base_topic
 from iwm_bus.session.codec import (
     ACTIONS_TOPIC,
     CONVERT_META_NAME,
@@ -94,7 +96,6 @@ from iwm_bus.session.codec import (
 )
 from iwm_bus.session.scan import ChunkRef, bad, build_index, chunk_records, read_record
 from iwm_bus.session.writer import SessionOptions, SessionWriter
-from iwm_bus.topics import TOPIC_KINDS, base_topic
 
 __all__ = ["ConvertResult", "RecoverResult", "SessionReader", "convert", "recover"]
 

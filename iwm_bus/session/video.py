@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from iwm_bus.bus.topics import SURPRISE
 from iwm_bus.errors import SessionError
 from iwm_bus.session import SessionReader
-from iwm_bus.topics import SURPRISE
 
 __all__ = ["STRIP_HEIGHT", "export_video", "surprise_strip"]
 

@@ -20,7 +20,9 @@ from typing import IO, Any
 import msgpack
 from mcap.writer import CompressionType, Writer
 
-from iwm_bus import __version__, wire
+from iwm_bus import __version__
+from iwm_bus.bus import wire
+from iwm_bus.bus.topics import ACTION, FRAME, RPC, TOPIC_KINDS, base_topic
 from iwm_bus.errors import SessionError
 from iwm_bus.session.codec import (
     _FRAME_SCHEMA,
@@ -41,7 +43,6 @@ from iwm_bus.session.codec import (
     plot_topic,
     viewer_image,
 )
-from iwm_bus.topics import ACTION, FRAME, RPC, TOPIC_KINDS, base_topic
 
 
 @dataclass(frozen=True)
@@ -219,7 +220,7 @@ class SessionWriter:
     def write_event(self, topic: str, t_ns: int, msg: Mapping[str, Any]) -> None:
         """Append a wire message on ``topic`` (``iwm.surprise``, ``iwm.latent``, ...).
 
-        ``msg`` is validated with ``iwm_bus.wire.pack``; ``WireError`` if it does not fit.
+        ``msg`` is validated with ``iwm_bus.bus.wire.pack``; ``WireError`` if it does not fit.
         """
         _, payload = wire.pack(topic, msg)  # WireError for unknown topics, bad messages
         if base_topic(topic) in (RPC, FRAME):

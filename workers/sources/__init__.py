@@ -9,7 +9,7 @@ A source is chosen by a spec string (``SPEC_FORMS``; docs/sources.md has example
     src.close()
 
 ``step`` takes the agent's latest action as a wire action map (``{"vector": f32 array,
-"action_id": int}``, see ``iwm_bus.wire.make_action``) or None when no agent is connected,
+"action_id": int}``, see ``iwm_bus.bus.wire.make_action``) or None when no agent is connected,
 in which case the source's default policy acts (seeded, so runs repeat). A malformed action
 is logged (rate-limited), counted in ``bad_actions`` and replaced by the default policy; it
 never stops the source. Sources that know which action produced a frame (synthetic, gym,

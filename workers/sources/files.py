@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from iwm_bus.bus.wire import make_action
 from iwm_bus.errors import WireError
-from iwm_bus.wire import make_action
 from workers.sources.base import SourceBase, SourceError, SourceFrame, as_rgb_frame, bad_spec
 
 __all__ = [

@@ -24,7 +24,7 @@ from typing import Any
 import zmq
 from loguru import logger
 
-from iwm_bus import wire
+from iwm_bus.bus import wire
 from iwm_bus.errors import WireError
 from iwm_bus.logs import worth_logging
 
@@ -93,7 +93,7 @@ def new_socket(ctx: zmq.Context | None, kind: int, hwm: int = DEFAULT_HWM,
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)
-    if secure is not None:  # CURVE keys (iwm_bus.security), set before bind / connect
+    if secure is not None:  # CURVE keys (iwm_bus.bus.security), set before bind / connect
         secure(sock)
     return sock
 

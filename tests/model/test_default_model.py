@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from test_launch import Sidecar
 
-from iwm_bus import topics
+from iwm_bus.bus import topics
 from iwm_bus.config import WorkerConfig
 from iwm_bus.default_model import DEFAULT_CHECKPOINT, default_checkpoint
 from iwm_bus.session import SessionReader, SessionWriter
 
 pytestmark = pytest.mark.timeout(240)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_shipped_checkpoint_loads_and_matches_its_eval_summary() -> None:

@@ -197,7 +197,7 @@ def test_every_game_of_the_mix_opens_with_the_shared_space(name: str, scratch: P
 def test_recipe_data_step_at_toy_size(tmp_path: Path) -> None:
     pytest.importorskip("ale_py")
     pytest.importorskip("vizdoom")
-    recipe = Path(__file__).resolve().parents[1] / "train" / "recipes" / "default.sh"
+    recipe = Path(__file__).resolve().parents[2] / "train" / "recipes" / "default.sh"
     env = {**os.environ, "STEPS": "data", "GAMES": "pong,basic", "FRAMES": "6",
            "TRAIN_SEEDS": "0", "HELDOUT_SEEDS": "1000", "JOBS": "1", "DATA": str(tmp_path),
            "PYTHON": sys.executable}

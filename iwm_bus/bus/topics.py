@@ -18,7 +18,7 @@ MRR = "iwm.mrr"  # worker -> agent: reciprocal rank of a frame's latent, and its
 STATS = "iwm.stats"  # any process -> anyone: counters and rates, about once a second
 RPC = "iwm.rpc"  # client <-> worker ROUTER socket: requests and replies
 
-#: message kind carried by each topic (see ``iwm_bus.wire``)
+#: message kind carried by each topic (see ``iwm_bus.bus.wire``)
 TOPIC_KINDS: dict[str, tuple[str, ...]] = {
     FRAME: ("frame",),
     ACTION: ("action",),

@@ -31,14 +31,14 @@ from hypothesis import strategies as st
 from agent_bridge import AsyncVisionBridge, BeingState, IWMClient, VisionBridge
 from agent_bridge.bridge import resolve_endpoints
 from agent_bridge.demo_agent import DemoAgent, DemoConfig, resolve_action_space
-from iwm_bus import topics, wire
+from iwm_bus.bus import topics, wire
+from iwm_bus.bus.ring import clock_ns
+from iwm_bus.bus.rundir import RunDir
+from iwm_bus.bus.transport import Endpoints, Publisher
 from iwm_bus.config import RingConfig, WorkerConfig
 from iwm_bus.errors import ServiceTimeout, StaleDataError
-from iwm_bus.ring import clock_ns
-from iwm_bus.rundir import RunDir
-from iwm_bus.transport import Endpoints, Publisher
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 #: generous: the CI machine may be heavily shared
 WAIT_S = 60.0
 D = 8

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from iwm_bus import topics, wire
+from iwm_bus.bus import topics, wire
 from iwm_bus.errors import WireError
 
 FUZZ = settings(max_examples=60, deadline=None,

@@ -20,16 +20,16 @@ import msgpack
 import numpy as np
 import pytest
 
-from iwm_bus import topics
+from iwm_bus.bus import topics
+from iwm_bus.bus.transport import Endpoints, Subscriber
+from iwm_bus.bus.wire import make_action, make_decision, pack, unpack
 from iwm_bus.session import FRAMES_TOPIC, SessionWriter
 from iwm_bus.session.cli import main as session_cli
-from iwm_bus.transport import Endpoints, Subscriber
-from iwm_bus.wire import make_action, make_decision, pack, unpack
 from workers.sources import open_source
 from workers.viewer import RerunLog, ViewerTarget, downscale
 
 pytestmark = pytest.mark.timeout(90)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--untrained", "--encoder", "vit_tiny_patch16_224", "--img-size", "32"]
 T0 = 5_000_000_000
 DT = 20_000_000

@@ -17,11 +17,11 @@ import pytest
 import zmq
 from PIL import Image
 
-from iwm_bus import topics
+from iwm_bus.bus import topics
+from iwm_bus.bus.ring import FrameRing, clock_ns
+from iwm_bus.bus.transport import Endpoints, Publisher, Subscriber
+from iwm_bus.bus.wire import make_action
 from iwm_bus.config import RingConfig
-from iwm_bus.ring import FrameRing, clock_ns
-from iwm_bus.transport import Endpoints, Publisher, Subscriber
-from iwm_bus.wire import make_action
 from workers.capture import CaptureConfig, run_capture
 from workers.entry import exit_with
 from workers.sources import SyntheticSource

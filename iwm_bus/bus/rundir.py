@@ -14,8 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from iwm_bus.bus.transport import Endpoints
 from iwm_bus.errors import RunDirBusyError
-from iwm_bus.transport import Endpoints
 
 MANIFEST = "sidecar.json"
 LOCK = "lock"

@@ -1,7 +1,7 @@
 #!/bin/sh
 # Run a game side and a worker side in two network namespaces joined by a veth pair:
 # game 10.77.0.1 (this namespace), worker 10.77.0.2 (namespace "gpu"). Run it under
-#   unshare -rmn --propagation private sh tests/two_netns.sh GAME_CMD WORKERS_CMD WORKERS_LOG
+#   unshare -rmn --propagation private sh tests/worker/two_netns.sh GAME_CMD WORKERS_CMD WORKERS_LOG
 # (tests/test_remote.py does). The workers command runs in the background; the exit code is
 # the game command's.
 set -e

@@ -21,6 +21,8 @@ from mcap.reader import make_reader
 from mcap.writer import Writer
 from PIL import Image
 
+from iwm_bus.bus.topics import ACTION, LATENT, MRR, SURPRISE
+from iwm_bus.bus.wire import make_action
 from iwm_bus.errors import SessionError
 from iwm_bus.session import (
     FRAMES_TOPIC,
@@ -30,12 +32,10 @@ from iwm_bus.session import (
     recover,
 )
 from iwm_bus.session.cli import main as cli
-from iwm_bus.topics import ACTION, LATENT, MRR, SURPRISE
-from iwm_bus.wire import make_action
 from train.datasets import SessionDataset, iter_transitions, torch_dataset
 
 pytestmark = pytest.mark.timeout(60)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 T0 = 5_000_000_000
 DT = 20_000_000  # 50 fps
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from iwm_bus.transport import Endpoints
+from iwm_bus.bus.transport import Endpoints
 
 __all__ = ["DEFAULT_PORT", "Link"]
 
@@ -32,7 +32,7 @@ class Link:
     host: str = "127.0.0.1"
     # base port: frames, results and rpc use port, port + 1 and port + 2
     port: int = DEFAULT_PORT
-    # CURVE key folder (iwm_bus.security); None = no encryption or authentication
+    # CURVE key folder (iwm_bus.bus.security); None = no encryption or authentication
     keys: Path | None = None
     # allow a non-loopback bind without keys (a network you trust)
     insecure: bool = False

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import zmq
 
-from iwm_bus import topics, wire
-from iwm_bus.transport import MAX_IPC_PATH, Endpoints, Publisher, Subscriber
+from iwm_bus.bus import topics, wire
+from iwm_bus.bus.transport import MAX_IPC_PATH, Endpoints, Publisher, Subscriber
 
 #: every wait in a child or in the parent ends after this long
 WAIT_S = 30.0

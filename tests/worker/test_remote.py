@@ -19,14 +19,14 @@ import pytest
 import zmq
 from conftest import find_free_port
 
-from iwm_bus import topics, wire
-from iwm_bus.link import Link
-from iwm_bus.security import ClientKeys, ServerKeys, check_bind, make_keys
+from iwm_bus.bus import topics, wire
+from iwm_bus.bus.link import Link
+from iwm_bus.bus.security import ClientKeys, ServerKeys, check_bind, make_keys
+from iwm_bus.bus.transport import Subscriber
 from iwm_bus.session import SessionReader
-from iwm_bus.transport import Subscriber
 from workers.stream import InlineFrames
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = [sys.executable, str(ROOT / "launch.py")]
 TWO_NETNS = Path(__file__).with_name("two_netns.sh")
 TINY = ["--untrained", "--encoder", "vit_tiny_patch16_224", "--img-size", "64",

@@ -34,11 +34,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from loguru import logger
 
-from iwm_bus import metrics, topics, wire
+from iwm_bus import metrics
+from iwm_bus.bus import topics, wire
+from iwm_bus.bus.ring import FrameRing, clock_ns
+from iwm_bus.bus.transport import Endpoints, Publisher, Subscriber
 from iwm_bus.config import WorkerConfig
 from iwm_bus.model import IWM, create_iwm_model, pad_cond, save_checkpoint
-from iwm_bus.ring import FrameRing, clock_ns
-from iwm_bus.transport import Endpoints, Publisher, Subscriber
 from workers import encoder as encoder_mod
 from workers.encoder import EncoderWorker, load_model, run_worker
 from workers.model_stream import MAX_GAP

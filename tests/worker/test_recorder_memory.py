@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 #: after the recorder's process entry ran: 300 Breakout-sized frame copies (~29 MiB), each
 #: followed by a small long-lived block, then the copies freed; prints the KiB still resident
@@ -23,7 +23,7 @@ _PROBE = """
 import gc, sys
 from pathlib import Path
 import numpy as np
-from iwm_bus.transport import Endpoints
+from iwm_bus.bus.transport import Endpoints
 from workers.recorder import RecorderConfig, run_recorder
 
 def rss_kib():

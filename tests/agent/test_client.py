@@ -29,10 +29,10 @@ from agent_bridge.planner import (
     RandomShootingPlanner,
     client_rollout_fn,
 )
-from iwm_bus import topics, wire
+from iwm_bus.bus import topics, wire
+from iwm_bus.bus.transport import Endpoints, bind
 from iwm_bus.config import WorkerConfig
 from iwm_bus.errors import ServiceError, ServiceTimeout
-from iwm_bus.transport import Endpoints, bind
 
 WAIT_S = 120.0  # the worker loads torch and its model first, on a possibly busy machine
 ENCODER, IMG = "vit_tiny_patch16_224", 32

@@ -20,7 +20,8 @@ from test_launch import ROOT, Sidecar
 
 from agent_bridge import ArbiterConfig, ArbiterHooks, BeingState, VisionBridge
 from agent_bridge.client import AsyncIWMClient, IWMClient
-from iwm_bus import metrics, topics
+from iwm_bus import metrics
+from iwm_bus.bus import topics
 from iwm_bus.model import create_iwm_model, load_iwm, save_checkpoint
 
 SMALL = {"encoder_name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8,

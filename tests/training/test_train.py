@@ -25,7 +25,7 @@ from train.trainer import Trainer
 
 pytestmark = pytest.mark.timeout(180)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # A toy model: ViT-Ti cut to 1 block, 32 px with 8 px patches (16 tokens), 1-layer predictor.
 TOY = ["--set", "model.variant=\"custom\"", "--set", "model.encoder_depth=1",
        "--set", "model.img_size=32", "--set", "model.pred_depth=1", "--set", "model.pred_dim=64",

@@ -24,12 +24,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from iwm_bus import topics
+from iwm_bus.bus import topics
+from iwm_bus.bus.ring import FrameRing
+from iwm_bus.bus.transport import Endpoints, Subscriber
 from iwm_bus.config import RingConfig, WorkerConfig
 from iwm_bus.errors import SessionError
-from iwm_bus.ring import FrameRing
 from iwm_bus.session import SessionReader, SessionWriter, recover
-from iwm_bus.transport import Endpoints, Subscriber
 from workers.capture import CaptureConfig, run_capture
 from workers.recorder import RecorderConfig, run_recorder
 from workers.sources import SourceError, SyntheticSource, open_source

@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from iwm_bus.bus.topics import ACTION, MRR, SURPRISE
+from iwm_bus.bus.wire import make_action
 from iwm_bus.session import SessionReader, SessionWriter, convert
 from iwm_bus.session.cli import main as cli
-from iwm_bus.topics import ACTION, MRR, SURPRISE
-from iwm_bus.wire import make_action
 
 pytestmark = pytest.mark.timeout(60)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 T0 = 5_000_000_000
 DT = 20_000_000
 

@@ -1,4 +1,4 @@
-"""Tests for iwm_bus.ring.FrameRing: real shared memory, real processes.
+"""Tests for iwm_bus.bus.ring.FrameRing: real shared memory, real processes.
 
 .venv/bin/pytest tests/test_ring.py -q
 """
@@ -24,10 +24,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from iwm_bus.bus.ring import MAX_RING_BYTES, FrameMeta, FrameRing
 from iwm_bus.errors import RingError, StaleRingError
-from iwm_bus.ring import MAX_RING_BYTES, FrameMeta, FrameRing
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHM = Path("/dev/shm")
 JOIN_S = 30.0
 
@@ -494,7 +494,7 @@ def test_torture_one_writer_many_readers(name: str) -> None:
 
 _CHILD_ATTACH = """
 import sys
-from iwm_bus.ring import FrameRing
+from iwm_bus.bus.ring import FrameRing
 name, mode = sys.argv[1], sys.argv[2]
 ring = FrameRing.attach(name)
 frame = ring.read(ring.latest_seq)
@@ -544,7 +544,7 @@ _SPAWN_SCRIPT = """
 import multiprocessing as mp
 import sys
 import numpy as np
-from iwm_bus.ring import FrameRing
+from iwm_bus.bus.ring import FrameRing
 
 def reader(name, close):
     ring = FrameRing.attach(name)
@@ -577,7 +577,7 @@ def test_spawned_readers_sharing_the_tracker_are_quiet(name: str, tmp_path: Path
 
 
 def test_reclaim_dead_leaves_a_live_creators_ring() -> None:
-    from iwm_bus.ring import reclaim_dead
+    from iwm_bus.bus.ring import reclaim_dead
 
     name = f"iwmlive_{os.getpid()}_{os.urandom(3).hex()}"
     with FrameRing.create(name, slots=2, max_height=4, max_width=4):
@@ -589,7 +589,7 @@ def test_reclaim_dead_takes_a_blank_segment_of_a_dead_launcher() -> None:
     """A capture killed between creating its segment and writing the header leaves it
     blank (no creator pid): it is reclaimed once the launcher in its name is gone and it is
     old enough, never while that launcher lives or while it is fresh."""
-    from iwm_bus.ring import reclaim_dead
+    from iwm_bus.bus.ring import reclaim_dead
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait(30)

@@ -1,0 +1,340 @@
+"""Wire schema: every bus message is ``[topic, payload]`` with a msgpack map as payload.
+
+The payload is a map ``{"v": 1, "kind": <kind>, ...fields}``. Arrays travel as a map with
+exactly the keys ``dtype`` (numpy dtype string, little-endian: ``<f4``, ``<f2``, ``<f8``,
+``|u1``, ``<i4``, ``<i8``), ``shape`` (list of ints) and ``data`` (raw bytes, C order), never
+as lists of floats and never pickled. The README's "Wire schema" section is the reference for
+subscribers in other languages; ``SCHEMA`` below is the same table in code.
+
+``pack`` validates what it sends, ``unpack`` validates what it receives; ``unpack`` raises
+``WireError`` for anything malformed and nothing else, and never allocates according to a size
+it has not checked.
+
+    frames = pack("iwm.surprise", {"seq": 7, "t_capture_ns": t, "t_publish_ns": t2,
+                                   "surprise": 0.41, "action": None, "variant": "core"})
+    topic, msg = unpack(frames)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from iwm_bus.bus.topics import TOPIC_KINDS, base_topic
+from iwm_bus.errors import WireError
+
+__all__ = ["ARRAY_KEYS", "DTYPES", "MAX_ARRAY_ELEMENTS", "MAX_DEPTH", "MAX_MESSAGE_BYTES",
+           "MAX_NDIM", "MAX_TOPIC_BYTES", "SCHEMA", "VERSION", "WireError", "decision_text",
+           "decode_array", "encode_array", "make_action", "make_decision", "pack", "unpack"]
+
+VERSION = 1
+#: largest payload accepted (a 1080p RGB frame inline is ~6 MiB)
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+#: largest single array accepted, in elements
+MAX_ARRAY_ELEMENTS = 32 * 1024 * 1024
+MAX_NDIM = 5
+MAX_TOPIC_BYTES = 256
+MAX_DEPTH = 8
+DTYPES = frozenset({"<f4", "<f2", "<f8", "|u1", "<i4", "<i8"})
+ARRAY_KEYS = frozenset({"dtype", "shape", "data"})
+
+# Field specs: type name, with a trailing "?" when the value may be nil (None).
+# "number" accepts ints and floats (decoded as float); "array" is an array map (above);
+# "action" is a nested action map; "map" is a free map (string keys, arrays decoded anywhere).
+_ACTION_FIELDS = {"vector": "array?", "action_id": "int?"}
+SCHEMA: dict[str, dict[str, str]] = {
+    # a new frame is in the ring slot `slot`; `action` is what produced it when the source
+    # knows (gym, replay); `pixels` only when the frame travels inline (remote worker)
+    "frame": {"seq": "int", "slot": "int", "t_capture_ns": "int", "height": "int",
+              "width": "int", "channels": "int", "action": "action?", "pixels": "array?",
+              "source": "str?"},
+    # an action the agent took; `vector` (float32, <= cond_dim) and/or discrete `action_id`
+    "action": {"seq": "int", "t_ns": "int", "frame_seq": "int?", "vector": "array?",
+               "action_id": "int?", "source": "str?"},
+    "latent": {"seq": "int", "t_capture_ns": "int", "t_publish_ns": "int", "z_cls": "array",
+               "patches": "array?", "variant": "str"},
+    # surprise of frame `seq` against the prediction made at frame `pred_seq` with `action`;
+    # nil surprise when there was no prediction (first frame, or after a gap); `surprise_z`
+    # the same error standardised per patch against the stream's recent errors
+    # (iwm_bus.metrics.SurpriseZ), nil while it warms up (absent from older publishers)
+    "surprise": {"seq": "int", "t_capture_ns": "int", "t_publish_ns": "int",
+                 "surprise": "number?", "surprise_z": "number?", "pred_seq": "int?",
+                 "action": "action?", "variant": "str"},
+    # reciprocal rank `rr` of frame `seq` among itself and `k` other bank latents, and the
+    # running mean `mrr`; nil when there was no prediction
+    "mrr": {"seq": "int", "t_capture_ns": "int", "t_publish_ns": "int", "rr": "number?",
+            "mrr": "number?", "k": "int", "variant": "str"},
+    # the arbiter's decision at frame `frame_seq` (nil: no fresh vision, `stale`): slow down
+    # by `delay_s` and/or prefer the wait action, escalate (to a planner / LLM); the surprise,
+    # surprise_z and running MRR it read; `reasons` "; "-joined; when the agent planned,
+    # `plan_costs` the predicted cost of each candidate (float32, (N,)) and `plan_choice` the
+    # index of the one it took
+    "decision": {"seq": "int", "t_ns": "int", "frame_seq": "int?", "slow_down": "bool",
+                 "prefer_wait": "bool", "escalate": "bool", "stale": "bool",
+                 "delay_s": "number", "temporal_coherence": "number", "surprise": "number?",
+                 "surprise_z": "number?", "mrr": "number?", "reasons": "str?",
+                 "plan_costs": "array?", "plan_choice": "int?", "source": "str?"},
+    "stats": {"t_ns": "int", "source": "str", "values": "map"},
+    "rpc_request": {"id": "int", "method": "str", "params": "map"},
+    "rpc_reply": {"id": "int", "ok": "bool", "result": "map?", "error": "str?"},
+}
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def encode_array(arr: np.ndarray) -> dict[str, Any]:
+    """An array as the wire's ``{dtype, shape, data}`` map (little-endian, C order)."""
+    arr = np.asarray(arr)
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    if arr.dtype.str not in DTYPES:
+        raise WireError(f"array dtype {arr.dtype} cannot travel; use one of {sorted(DTYPES)}")
+    if arr.ndim > MAX_NDIM:
+        raise WireError(f"array has {arr.ndim} dimensions; at most {MAX_NDIM} travel")
+    return {"dtype": arr.dtype.str, "shape": list(arr.shape),
+            "data": np.ascontiguousarray(arr).tobytes()}
+
+
+def _to_wire(value: Any, depth: int = 0) -> Any:
+    if depth > MAX_DEPTH:
+        raise WireError(f"message nests deeper than {MAX_DEPTH} levels")
+    if isinstance(value, np.ndarray):
+        return encode_array(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        return {str(k): _to_wire(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_wire(v, depth + 1) for v in value]
+    return value
+
+
+def pack(topic: str, msg: Mapping[str, Any]) -> list[bytes]:
+    """Validate ``msg`` for ``topic`` and encode it as ``[topic, payload]``.
+
+    ``msg`` holds the kind's fields (``SCHEMA``); ``kind`` may be omitted when the topic
+    carries a single kind. Numpy arrays and scalars are converted. Raises ``WireError``.
+    """
+    kinds = _topic_kinds(topic)
+    if not isinstance(msg, Mapping):
+        raise WireError(f"message for {topic!r} must be a mapping, got {type(msg).__name__}")
+    kind = msg.get("kind", kinds[0] if len(kinds) == 1 else None)
+    if kind not in kinds:
+        raise WireError(f"topic {topic!r} carries {'/'.join(kinds)} messages, not {kind!r}")
+    body = _to_wire({**msg, "v": VERSION, "kind": kind})
+    _validate(body)
+    try:  # ints beyond 64 bits, lone surrogates, objects msgpack cannot encode
+        payload = msgpack.packb(body, use_bin_type=True)
+        raw_topic = topic.encode()
+    except (TypeError, ValueError, OverflowError) as e:
+        raise WireError(f"{kind} message on {topic!r} cannot be encoded: {e}") from e
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise WireError(f"{kind} message is {len(payload)} bytes; limit {MAX_MESSAGE_BYTES}")
+    return [raw_topic, payload]
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def unpack(frames: Sequence[bytes]) -> tuple[str, dict[str, Any]]:
+    """Decode ``[topic, payload]`` into ``(topic, msg)``; arrays come back as read-only numpy.
+
+    Raises ``WireError`` (and nothing else) for any malformed input.
+    """
+    try:
+        return _unpack(frames)
+    except WireError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the contract is: only WireError escapes
+        raise WireError(f"malformed message: {type(e).__name__}: {e}") from e
+
+
+def _unpack(frames: Sequence[bytes]) -> tuple[str, dict[str, Any]]:
+    if len(frames) != 2:
+        raise WireError(f"expected 2 frames [topic, payload], got {len(frames)}")
+    raw_topic, payload = bytes(frames[0]), frames[1]
+    if len(raw_topic) > MAX_TOPIC_BYTES:
+        raise WireError(f"topic is {len(raw_topic)} bytes; limit {MAX_TOPIC_BYTES}")
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise WireError(f"payload is {len(payload)} bytes; limit {MAX_MESSAGE_BYTES}")
+    try:
+        topic = raw_topic.decode()
+    except UnicodeDecodeError as e:
+        raise WireError("topic is not UTF-8") from e
+    kinds = _topic_kinds(topic)
+    try:
+        body = msgpack.unpackb(
+            payload, raw=False, strict_map_key=True, max_bin_len=MAX_MESSAGE_BYTES,
+            max_str_len=1024 * 1024, max_array_len=65536, max_map_len=4096, max_ext_len=0)
+    except Exception as e:  # msgpack raises a zoo of types for bad bytes
+        raise WireError(f"payload on {topic!r} is not valid msgpack: {e}") from e
+    if not isinstance(body, dict):
+        raise WireError(f"payload on {topic!r} is a {type(body).__name__}, not a map")
+    _validate(body)
+    if body["kind"] not in kinds:
+        raise WireError(f"topic {topic!r} carries {'/'.join(kinds)}, got {body['kind']!r}")
+    return topic, _decode_arrays(body, 0)
+
+
+def decode_array(value: Any) -> np.ndarray:
+    """Decode a ``{dtype, shape, data}`` map into a read-only numpy array, checking sizes."""
+    if not isinstance(value, dict) or set(value) != ARRAY_KEYS:
+        raise WireError("array must be a map with exactly the keys dtype, shape, data")
+    dtype, shape, data = value["dtype"], value["shape"], value["data"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise WireError(f"array dtype {dtype!r} not allowed; one of {sorted(DTYPES)}")
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM:
+        raise WireError(f"array shape must be a list of at most {MAX_NDIM} ints")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise WireError(f"array shape {shape!r} must hold non-negative ints")
+    count = math.prod(shape)
+    if count > MAX_ARRAY_ELEMENTS:
+        raise WireError(f"array of {count} elements exceeds {MAX_ARRAY_ELEMENTS}")
+    if not isinstance(data, bytes):
+        raise WireError("array data must be bytes (msgpack bin)")
+    itemsize = np.dtype(dtype).itemsize
+    if len(data) != count * itemsize:
+        raise WireError(f"array data is {len(data)} bytes; shape {shape} of {dtype} "
+                        f"needs {count * itemsize}")
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def _decode_arrays(value: Any, depth: int) -> Any:
+    if depth > MAX_DEPTH:
+        raise WireError(f"message nests deeper than {MAX_DEPTH} levels")
+    if isinstance(value, dict):
+        if set(value) == ARRAY_KEYS:
+            return decode_array(value)
+        return {k: _decode_arrays(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode_arrays(v, depth + 1) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _topic_kinds(topic: str) -> tuple[str, ...]:
+    if not isinstance(topic, str):
+        raise WireError(f"topic must be a str, got {type(topic).__name__}")
+    try:
+        return TOPIC_KINDS[base_topic(topic)]
+    except KeyError as e:
+        raise WireError(str(e.args[0])) from None
+
+
+def _validate(body: dict[str, Any]) -> None:
+    version = body.get("v")
+    if type(version) is not int or version != VERSION:  # 1.0 and True are not 1
+        raise WireError(f"schema version {version!r} not supported (this side speaks {VERSION})")
+    kind = body.get("kind")
+    fields = SCHEMA.get(kind) if isinstance(kind, str) else None
+    if fields is None:
+        raise WireError(f"unknown message kind {kind!r}; known: {', '.join(SCHEMA)}")
+    for name, spec in fields.items():
+        _check_field(kind, name, spec, body.get(name))
+    extra = set(body) - set(fields) - {"v", "kind"}
+    if extra:
+        raise WireError(f"{kind} message has unknown fields {sorted(extra)}")
+
+
+def _check_field(kind: str, name: str, spec: str, value: Any) -> None:
+    optional = spec.endswith("?")
+    base = spec.rstrip("?")
+    where = f"{kind}.{name}"
+    if value is None:
+        if not optional:
+            raise WireError(f"{where} is missing (or nil)")
+        return
+    if base == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base == "number":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif base == "str":
+        ok = isinstance(value, str)
+    elif base == "bool":
+        ok = isinstance(value, bool)
+    elif base == "map":
+        ok = isinstance(value, dict)
+    elif base == "array":
+        try:
+            decode_array(value)
+        except WireError as e:
+            raise WireError(f"{where}: {e}") from None
+        ok = True
+    elif base == "action":
+        ok = isinstance(value, dict) and set(value) <= set(_ACTION_FIELDS)
+        if ok:
+            for sub, sub_spec in _ACTION_FIELDS.items():
+                _check_field(where, sub, sub_spec, value.get(sub))
+    else:  # pragma: no cover - a typo in SCHEMA
+        raise AssertionError(f"bad spec {spec!r} for {where}")
+    if not ok:
+        raise WireError(f"{where} must be {base}, got {type(value).__name__}")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def make_action(vector: Any = None, action_id: int | None = None) -> dict[str, Any] | None:
+    """The nested action map used in frame/surprise messages (None when there is no action)."""
+    if vector is None and action_id is None:
+        return None
+    out: dict[str, Any] = {}
+    if vector is not None:
+        vec = np.asarray(vector, dtype=np.float32)
+        if vec.ndim != 1:
+            raise WireError(f"action vector must be 1-D, got shape {vec.shape}")
+        out["vector"] = vec
+    if action_id is not None:
+        out["action_id"] = int(action_id)
+    return out
+
+
+# ---------------------------------------------------------------- agent decisions
+
+def make_decision(seq: int, t_ns: int, *, slow_down: bool, prefer_wait: bool, escalate: bool,
+                  stale: bool = False, delay_s: float = 0.0, temporal_coherence: float = 1.0,
+                  frame_seq: int | None = None, surprise: float | None = None,
+                  surprise_z: float | None = None, mrr: float | None = None,
+                  reasons: Sequence[str] = (), plan_costs: Any = None,
+                  plan_choice: int | None = None, source: str | None = None
+                  ) -> dict[str, Any]:
+    """A ``decision`` message (``agent.decision``); ``pack`` validates it. ``plan_costs``
+    becomes a 1-D float32 array; ``plan_choice`` must index it."""
+    costs = None
+    if plan_costs is not None:
+        costs = np.asarray(plan_costs, np.float32)
+        if costs.ndim != 1 or not costs.size:
+            raise WireError(f"plan_costs must be a non-empty 1-D array, got shape {costs.shape}")
+    if plan_choice is not None and (costs is None or not 0 <= plan_choice < costs.size):
+        raise WireError(f"plan_choice {plan_choice} does not index plan_costs "
+                        f"({0 if costs is None else costs.size} candidates)")
+    num = lambda x: None if x is None else float(x)  # noqa: E731
+    return {"seq": int(seq), "t_ns": int(t_ns), "frame_seq": frame_seq,
+            "slow_down": bool(slow_down), "prefer_wait": bool(prefer_wait),
+            "escalate": bool(escalate), "stale": bool(stale), "delay_s": float(delay_s),
+            "temporal_coherence": float(temporal_coherence), "surprise": num(surprise),
+            "surprise_z": num(surprise_z), "mrr": num(mrr),
+            "reasons": "; ".join(reasons) or None, "plan_costs": costs,
+            "plan_choice": plan_choice, "source": source}
+
+
+def decision_text(msg: Mapping[str, Any]) -> str:
+    """One line for a ``decision`` message: what the arbiter decided and why."""
+    did = ([f"slow down {msg['delay_s']:.2f} s"] if msg["slow_down"] else []) + (
+        ["wait"] if msg["prefer_wait"] else []) + (["ESCALATE"] if msg["escalate"] else [])
+    text = ", ".join(did) or "go on"
+    if msg.get("stale"):
+        text += " (stale vision)"
+    if msg.get("plan_costs") is not None:
+        costs = np.asarray(msg["plan_costs"])
+        choice = msg.get("plan_choice")
+        best = costs[choice] if choice is not None else costs.min()
+        text += f"; plan: {costs.size} candidates, cost {best:.4g} (min {costs.min():.4g})"
+    return text + (f": {msg['reasons']}" if msg.get("reasons") else "")
