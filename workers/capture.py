@@ -77,6 +77,7 @@ def write_frame(ring: FrameRing, pub: Publisher, pixels: np.ndarray,
     height, width, channels = pixels.shape
     seq = ring.write(pixels, t_capture_ns=t_capture)
     notice = {"seq": seq, "slot": ring.slot_of(seq), "t_capture_ns": t_capture,
+              "ring_id": ring.ring_id,
               "height": height, "width": width, "channels": channels, "action": action,
               "source": source}
     pub.send(topics.FRAME, notice)

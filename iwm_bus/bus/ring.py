@@ -9,7 +9,8 @@ copies, gets ``None`` and the miss is counted in :attr:`FrameRing.stats`.
 Layout (all header fields are native-endian int64, every slot starts on a 64-byte line)::
 
     ring header (128 B)  magic, layout version, slots, max_height, max_width, channels,
-                         slot stride, total bytes | latest published seq, creator pid
+                         slot stride, total bytes | latest published seq, creator pid,
+                         ring id
     slot i (stride B)    header (64 B): sequence word, frame seq, t_capture_ns,
                          height, width, channels, dtype code, reserved
                          pixels (max_height * max_width * channels B, padded to 64 B)
@@ -27,6 +28,10 @@ and loads are not reordered with other loads (glibc's non-temporal memcpy path e
 ``sfence``). On a weakly ordered CPU (ARM, POWER) the writer would need a release fence
 before each word store and the reader an acquire fence after the first load and before the
 second; do not use this module there without adding them.
+
+Identity. ``create`` draws a random 63-bit ``ring_id`` and the capture puts it in every frame
+notice (commaai VisionIPC's ``server_id``): a reader whose attached ring has another id than a
+notice knows the capture restarted, however the seqs compare, and re-attaches.
 
 Lifetime. Only the creator unlinks the segment (``unlink()`` or leaving its ``with``
 block). Readers attach without registering the segment with Python's resource tracker
@@ -49,6 +54,7 @@ from __future__ import annotations
 import operator
 import os
 import re
+import secrets
 import struct
 import sys
 import threading
@@ -72,7 +78,7 @@ __all__ = ["FrameMeta", "FrameRing", "RingStats", "clock_ns", "MAX_RING_BYTES", 
 clock_ns = time.time_ns  # wall clock: the same stamps travel on the bus (t_capture_ns)
 
 MAGIC = int.from_bytes(b"IWMRING\x00", "little")
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: the ring id
 #: Largest segment ``create`` accepts (slots x slot stride + header).
 MAX_RING_BYTES = 4 << 30
 MAX_NAME_LEN = 200
@@ -85,7 +91,7 @@ _DTYPE_UINT8 = 1
 _RING_HEADER_BYTES = 128
 _RING_WORDS = _RING_HEADER_BYTES // 8
 _R_MAGIC, _R_VERSION, _R_SLOTS, _R_MAX_H, _R_MAX_W, _R_CHANNELS, _R_STRIDE, _R_TOTAL = range(8)
-_R_LATEST, _R_CREATOR_PID = 8, 9
+_R_LATEST, _R_CREATOR_PID, _R_RING_ID = 8, 9, 10
 
 # Slot header: word indices (int64).
 _SLOT_HEADER_BYTES = 64
@@ -389,6 +395,7 @@ class FrameRing:
         self._closed = False
         self._stats = RingStats()
         self._map_views()
+        self._ring_id = int(self._ring_hdr[_R_RING_ID])
 
     def _map_views(self) -> None:
         lay, buf = self._layout, self._shm.buf
@@ -430,6 +437,7 @@ class FrameRing:
             raise RingError(f"cannot create shared-memory segment {name!r}: {e}") from e
         ring = cls(shm, layout, owner=True)
         ring._init_header()
+        ring._ring_id = int(ring._ring_hdr[_R_RING_ID])
         return ring
 
     def _init_header(self) -> None:
@@ -443,6 +451,7 @@ class FrameRing:
         )
         hdr[_R_LATEST] = -1
         hdr[_R_CREATOR_PID] = os.getpid()
+        hdr[_R_RING_ID] = 1 + secrets.randbelow((1 << 63) - 1)  # never 0
         hdr[_R_MAGIC] = MAGIC  # last: attach treats a zero magic as "still being created"
 
     @classmethod
@@ -509,6 +518,11 @@ class FrameRing:
     @property
     def channels(self) -> int:
         return self._layout.channels
+
+    @property
+    def ring_id(self) -> int:
+        """The random id ``create`` gave this ring (> 0); frame notices carry it."""
+        return self._ring_id
 
     @property
     def slot_bytes(self) -> int:

@@ -48,10 +48,11 @@ ARRAY_KEYS = frozenset({"dtype", "shape", "data"})
 _ACTION_FIELDS = {"vector": "array?", "action_id": "int?"}
 SCHEMA: dict[str, dict[str, str]] = {
     # a new frame is in the ring slot `slot`; `action` is what produced it when the source
-    # knows (gym, replay); `pixels` only when the frame travels inline (remote worker)
+    # knows (gym, replay); `pixels` only when the frame travels inline (remote worker);
+    # `ring_id` the ring's random id (FrameRing.ring_id): another id is another capture
     "frame": {"seq": "int", "slot": "int", "t_capture_ns": "int", "height": "int",
               "width": "int", "channels": "int", "action": "action?", "pixels": "array?",
-              "source": "str?"},
+              "source": "str?", "ring_id": "int?"},
     # an action the agent took; `vector` (float32, <= cond_dim) and/or discrete `action_id`
     "action": {"seq": "int", "t_ns": "int", "frame_seq": "int?", "vector": "array?",
                "action_id": "int?", "source": "str?"},

@@ -216,6 +216,19 @@ def test_attach_missing_ring(name: str) -> None:
         FrameRing.attach(name)
 
 
+def test_ring_id_is_the_creators_and_new_per_ring(name: str) -> None:
+    """A reader sees its creator's id, and a ring re-created under the same name (a restarted
+    capture) has another one: notices carry it so that readers tell the two apart."""
+    ids = []
+    for _ in range(2):
+        with FrameRing.create(name, 2, 4, 4) as ring:
+            reader = FrameRing.attach(name)
+            assert reader.ring_id == ring.ring_id > 0
+            ids.append(ring.ring_id)
+            reader.close()
+    assert ids[0] != ids[1]
+
+
 def _raw_segment(name: str, size: int, head: bytes = b"") -> SharedMemory:
     shm = SharedMemory(name=name, create=True, size=size)
     shm.buf[: len(head)] = head
@@ -243,7 +256,7 @@ def test_attach_foreign_segment(name: str, size: int, head: bytes, message: str)
 @pytest.mark.parametrize(
     ("word", "value", "message"),
     [
-        (1, 99, r"layout version 99, this code reads 1"),
+        (1, 99, r"layout version 99, this code reads 2"),
         (7, 12345, r"total 12345 bytes"),
         (2, 1, r"corrupt header: slots must be >= 2"),
     ],
