@@ -4,13 +4,15 @@ side by side with a bare memcpy and the seed guide's HTTP/base64/JSON design.
     .venv/bin/python bench/bus_overhead.py
     .venv/bin/python bench/bus_overhead.py --iters 1000 --sizes 640x480,1920x1080
     .venv/bin/python bench/bus_overhead.py --iters 300 --http-iters 100 --breakdown
+    taskset -c 1 .venv/bin/python bench/bus_overhead.py --iters 3000 --sizes 640x480 --no-http
 
 Paths, all timed in this (the capture) process with one clock, one request in flight:
 
 * memcpy: ``np.copyto`` of the frame into a preallocated array (the floor).
-* bus: ``FrameRing.write`` + publish an ``iwm.frame`` notice -> a worker *process* receives
-  it, reads the frame from the ring into a preallocated ``out=`` array and publishes a 768-d
-  float32 ``iwm.latent`` -> a subscriber here receives it. No model runs.
+* bus: ``FrameRing.write`` + publish an ``iwm.frame`` notice (the fields the capture sends,
+  ``ring_id`` included) -> a worker *process* receives it, reads the frame from the ring into
+  a preallocated ``out=`` array with its metadata (as ``workers.ring_reader`` does) and
+  publishes a 768-d float32 ``iwm.latent`` -> a subscriber here receives it. No model runs.
 * bare: the same round trip as a bare prototype: the frame copied into a plain numpy buffer
   on /dev/shm, a tiny msgpack notice on a pyzmq PUB -> a worker process copies the frame
   into a preallocated array and publishes ``{seq, z_cls}`` (768 float32 bytes) via msgpack
@@ -23,7 +25,9 @@ Paths, all timed in this (the capture) process with one clock, one request in fl
 
 ``--breakdown`` adds where the bus p50 goes: medians of the ring write (capture), ring read
 (worker), wire pack + decode (both sides), and the remainder: ZeroMQ sends and hops (I/O
-threads, kernel, wake-ups) plus any wait for a CPU.
+threads, kernel, wake-ups) plus any wait for a CPU. Only then does the bus path run step
+timers (a few µs a round trip that the bare path does not run): read ``bus/bare`` from a
+run without ``--breakdown``.
 """
 
 import argparse
@@ -44,7 +48,7 @@ import numpy as np
 import zmq
 
 from iwm_bus.bus import topics, wire
-from iwm_bus.bus.ring import FrameRing
+from iwm_bus.bus.ring import FrameRing, clock_ns
 from iwm_bus.bus.transport import Endpoints, Publisher, Subscriber
 
 LATENT_DIM = 768
@@ -65,8 +69,10 @@ class PathTimes:
 # ------------------------------------------------------------------ worker process (bus)
 
 
-def worker_main(ring_name: str, eps: Endpoints, ready: Any, stop: Any, report: Any) -> None:
-    """Receive frame notices, read each frame from the ring, publish a latent per frame."""
+def worker_main(ring_name: str, eps: Endpoints, ready: Any, stop: Any, report: Any,
+                timed: bool) -> None:
+    """Receive frame notices, read each frame from the ring, publish a latent per frame;
+    ``timed``: also time each step (``--breakdown``)."""
     ring = FrameRing.attach(ring_name)
     out = np.zeros(ring.max_height * ring.max_width * ring.channels, np.uint8)  # prefaulted
     latent = np.random.default_rng(0).standard_normal(LATENT_DIM).astype(np.float32)
@@ -75,33 +81,61 @@ def worker_main(ring_name: str, eps: Endpoints, ready: Any, stop: Any, report: A
     try:
         with Subscriber([eps.capture], [topics.FRAME]) as sub, Publisher(eps.worker) as pub:
             ready.set()
-            while True:
-                got, decode_ns = _recv_timed(sub, 100)
-                if got is None:
-                    if stop.is_set():
-                        break
-                    continue
-                msg = got[1]
-                t0 = time.monotonic_ns()
-                frame = ring.read(msg["seq"], out=out)
-                t1 = time.monotonic_ns()
-                misses += frame is None
-                frames = wire.pack(topics.LATENT, {
-                    "seq": msg["seq"], "t_capture_ns": msg["t_capture_ns"], "t_publish_ns": t1,
-                    "z_cls": latent, "variant": "bench" if frame is not None else "miss"})
-                t2 = time.monotonic_ns()
-                pub.send_frames(frames)
-                t3 = time.monotonic_ns()
-                st = stages.setdefault(f"{msg['width']}x{msg['height']}",
-                                       {k: [] for k in WORKER_STAGES})
-                for key, ns in zip(WORKER_STAGES, (decode_ns, t1 - t0, t2 - t1, t3 - t2),
-                                   strict=True):
-                    st[key].append(ns)
+            serve = _serve_timed if timed else _serve
+            misses = serve(ring, sub, pub, out, latent, stop, stages)
     finally:
         report.put({"stages": {size: {k: _median_ms(v) for k, v in st.items()}
                                for size, st in stages.items()},
                     "misses": misses, "ring": ring.stats.as_dict()})
         ring.close()
+
+
+def _serve(ring: FrameRing, sub: Subscriber, pub: Publisher, out: np.ndarray,
+           latent: np.ndarray, stop: Any, stages: dict[str, Any]) -> int:
+    """The worker's per-frame path and nothing else (no timers); returns the ring misses."""
+    misses = 0
+    while True:
+        if not sub.sock.poll(100, zmq.POLLIN):
+            if stop.is_set():
+                return misses
+            continue
+        got = sub.decode(sub.sock.recv_multipart(zmq.NOBLOCK))
+        if got is None:
+            continue
+        msg = got[1]
+        frame = ring.read(msg["seq"], out=out, with_meta=True)  # as workers.ring_reader does
+        misses += frame is None
+        pub.send(topics.LATENT, {
+            "seq": msg["seq"], "t_capture_ns": msg["t_capture_ns"], "t_publish_ns": clock_ns(),
+            "z_cls": latent, "variant": "bench" if frame is not None else "miss"})
+
+
+def _serve_timed(ring: FrameRing, sub: Subscriber, pub: Publisher, out: np.ndarray,
+                 latent: np.ndarray, stop: Any, stages: dict[str, Any]) -> int:
+    """``_serve`` with each step timed into ``stages`` (``--breakdown``)."""
+    misses = 0
+    while True:
+        got, decode_ns = _recv_timed(sub, 100)
+        if got is None:
+            if stop.is_set():
+                return misses
+            continue
+        msg = got[1]
+        t0 = time.monotonic_ns()
+        frame = ring.read(msg["seq"], out=out, with_meta=True)
+        t1 = time.monotonic_ns()
+        misses += frame is None
+        frames = wire.pack(topics.LATENT, {
+            "seq": msg["seq"], "t_capture_ns": msg["t_capture_ns"], "t_publish_ns": t1,
+            "z_cls": latent, "variant": "bench" if frame is not None else "miss"})
+        t2 = time.monotonic_ns()
+        pub.send_frames(frames)
+        t3 = time.monotonic_ns()
+        size = f"{msg['width']}x{msg['height']}"
+        if size not in stages:
+            stages[size] = {k: [] for k in WORKER_STAGES}
+        for key, ns in zip(WORKER_STAGES, (decode_ns, t1 - t0, t2 - t1, t3 - t2), strict=True):
+            stages[size][key].append(ns)
 
 
 WORKER_STAGES = ("w_decode", "w_read", "w_pack", "w_send")
@@ -122,15 +156,39 @@ def _recv_timed(sub: Subscriber, timeout_ms: int) -> tuple[Any, int]:
     return got, time.monotonic_ns() - t
 
 
-def _bus_round_trip(ring: FrameRing, pub: Publisher, sub: Subscriber, frame: np.ndarray,
-                    stages: dict[str, list[int]]) -> int:
+def _notice(ring: FrameRing, seq: int, frame: np.ndarray, t_capture_ns: int) -> dict[str, Any]:
+    """The ``iwm.frame`` notice, with the fields ``workers.capture.write_frame`` sends."""
+    return {"seq": seq, "slot": ring.slot_of(seq), "t_capture_ns": t_capture_ns,
+            "ring_id": ring.ring_id, "height": frame.shape[0], "width": frame.shape[1],
+            "channels": frame.shape[2], "action": None, "source": "bench"}
+
+
+def _bus_round_trip(ring: FrameRing, pub: Publisher, sub: Subscriber, frame: np.ndarray) -> int:
     """One round trip; returns its duration in ns (raises on a lost or missed frame)."""
     t0 = time.monotonic_ns()
     seq = ring.write(frame, t_capture_ns=t0)
+    pub.send(topics.FRAME, _notice(ring, seq, frame, t0))
+    deadline = t0 + WAIT_MS * 1_000_000
+    while True:
+        if sub.sock.poll(WAIT_MS, zmq.POLLIN):
+            got = sub.decode(sub.sock.recv_multipart(zmq.NOBLOCK))
+            if got is not None and got[1]["seq"] == seq:
+                break
+        if time.monotonic_ns() > deadline:
+            raise TimeoutError(f"no latent for frame {seq} within {WAIT_MS} ms ({sub})")
     t1 = time.monotonic_ns()
-    frames = wire.pack(topics.FRAME, {
-        "seq": seq, "slot": ring.slot_of(seq), "t_capture_ns": t0, "height": frame.shape[0],
-        "width": frame.shape[1], "channels": frame.shape[2], "source": "bench"})
+    if got[1]["variant"] == "miss":
+        raise RuntimeError(f"worker could not read frame {seq} from the ring")
+    return t1 - t0
+
+
+def _bus_round_trip_timed(ring: FrameRing, pub: Publisher, sub: Subscriber,
+                          frame: np.ndarray, stages: dict[str, list[int]]) -> int:
+    """``_bus_round_trip`` with each step timed into ``stages`` (``--breakdown``)."""
+    t0 = time.monotonic_ns()
+    seq = ring.write(frame, t_capture_ns=t0)
+    t1 = time.monotonic_ns()
+    frames = wire.pack(topics.FRAME, _notice(ring, seq, frame, t0))
     t2 = time.monotonic_ns()
     pub.send_frames(frames)
     t3 = time.monotonic_ns()
@@ -152,8 +210,9 @@ def _bus_round_trip(ring: FrameRing, pub: Publisher, sub: Subscriber, frame: np.
 class BusPath:
     """The ring + bus round trip with its worker process (``with BusPath(frames) as bus``)."""
 
-    def __init__(self, frames: list[np.ndarray]) -> None:
+    def __init__(self, frames: list[np.ndarray], timed: bool = False) -> None:
         self.frames = frames
+        self.timed = timed  # time each step (--breakdown); off, the path runs no timers
         self.stages = [{k: [] for k in CAPTURE_STAGES} for _ in frames]  # per frame size
         self.worker: dict[str, Any] = {}  # the worker's report, after close
 
@@ -169,9 +228,10 @@ class BusPath:
         try:
             self.pub = Publisher(eps.capture)
             self.sub = Subscriber([eps.worker], [topics.LATENT])
-            self.proc = ctx.Process(target=worker_main, daemon=True, args=(
-                self.ring.name, eps, self.ready, self.stop, self.report))
-            self.proc.start()
+            proc = ctx.Process(target=worker_main, daemon=True, args=(
+                self.ring.name, eps, self.ready, self.stop, self.report, self.timed))
+            proc.start()
+            self.proc = proc  # only a started process: close() joins it
             if not self.ready.wait(60):
                 raise TimeoutError("bench worker did not start within 60 s")
             _connect(self.ring, self.pub, self.sub, self.frames[0])
@@ -181,8 +241,11 @@ class BusPath:
         return self
 
     def round_trip(self, i: int, timed: bool = True) -> int:
-        return _bus_round_trip(self.ring, self.pub, self.sub, self.frames[i],
-                               self.stages[i] if timed else {k: [] for k in CAPTURE_STAGES})
+        """One round trip (ns); ``timed=False``: a warm-up, its step times not kept."""
+        if not self.timed:
+            return _bus_round_trip(self.ring, self.pub, self.sub, self.frames[i])
+        return _bus_round_trip_timed(self.ring, self.pub, self.sub, self.frames[i],
+                                     self.stages[i] if timed else {k: [] for k in CAPTURE_STAGES})
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -214,9 +277,7 @@ def _connect(ring: FrameRing, pub: Publisher, sub: Subscriber, frame: np.ndarray
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         seq = ring.write(frame)
-        pub.send(topics.FRAME, {"seq": seq, "slot": ring.slot_of(seq), "t_capture_ns": 0,
-                                "height": frame.shape[0], "width": frame.shape[1],
-                                "channels": frame.shape[2], "source": "bench"})
+        pub.send(topics.FRAME, _notice(ring, seq, frame, 0))
         got = sub.recv(timeout_ms=100)
         if got is not None:
             while sub.recv(timeout_ms=200) is not None:  # drain the other replies
@@ -286,9 +347,10 @@ class BarePath:
             self.sub.setsockopt(zmq.SUBSCRIBE, b"")
             self.sub.connect(reply_ep)
             ready = ctx.Event()
-            self.proc = ctx.Process(target=bare_worker_main, daemon=True, args=(
+            proc = ctx.Process(target=bare_worker_main, daemon=True, args=(
                 self.buf_path, self.size, notice_ep, reply_ep, ready, self.stop))
-            self.proc.start()
+            proc.start()
+            self.proc = proc  # only a started process: close() joins it
             if not ready.wait(60):
                 raise TimeoutError("bare worker did not start within 60 s")
             self._connect()
@@ -352,13 +414,15 @@ class BarePath:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
-def bench_bus_and_bare(frames: list[np.ndarray], iters: int, warmup: int, blocks: int = 10
+def bench_bus_and_bare(frames: list[np.ndarray], iters: int, warmup: int, blocks: int = 10,
+                       timed: bool = False
                        ) -> tuple[list[PathTimes], list[PathTimes], list[dict[str, float]],
                                   dict[str, Any]]:
-    """Bus and bare round trips for each frame size, interleaved in ``blocks`` blocks."""
+    """Bus and bare round trips for each frame size, interleaved in ``blocks`` blocks;
+    ``timed``: the bus path also times its steps (``--breakdown``)."""
     bus_t = [PathTimes() for _ in frames]
     bare_t = [PathTimes() for _ in frames]
-    with BusPath(frames) as bus, BarePath(frames) as bare:
+    with BusPath(frames, timed) as bus, BarePath(frames) as bare:
         for i in range(len(frames)):
             for _ in range(warmup):
                 bus.round_trip(i, timed=False)
@@ -489,7 +553,9 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
 
 def machine_note() -> str:
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
+            f"({usable} usable here: taskset), "
             f"load {load[0]:.2f}, Python {sys.version.split()[0]}, numpy {np.__version__}, "
             f"{platform.system()} {platform.release()}")
 
@@ -514,7 +580,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {machine_note()}")
     print(f"iters {args.iters} (http {args.http_iters or args.iters}), warmup {args.warmup}")
     memcpy = [bench_memcpy(f, args.iters, args.warmup) for f in frames]
-    bus, bare, stages, worker = bench_bus_and_bare(frames, args.iters, args.warmup)
+    bus, bare, stages, worker = bench_bus_and_bare(frames, args.iters, args.warmup,
+                                                   timed=args.breakdown)
     http = (None if args.no_http else
             bench_http(frames, args.http_iters or args.iters, min(args.warmup, 10)))
     print_table(args.sizes, memcpy, bus, bare, http)

@@ -22,7 +22,9 @@ the word itself makes one 8-byte load answer both "is it stable?" and "is it my 
 the word grows with every write to the slot, so there is no ABA. A reader loads the word,
 copies, and loads it again; any change means the frame was torn and is discarded.
 
-Memory ordering. Python/numpy issue plain loads and stores, so this relies on x86-64's
+Memory ordering. The header words are loaded and stored one at a time through an int64
+memoryview of the segment, the pixels copied by numpy: plain loads and stores, each word one
+aligned 8-byte access (as a numpy int64 element would be). So this relies on x86-64's
 TSO model: aligned 8-byte loads/stores are atomic, stores become visible in program order
 and loads are not reordered with other loads (glibc's non-temporal memcpy path ends with an
 ``sfence``). On a weakly ordered CPU (ARM, POWER) the writer would need a release fence
@@ -85,6 +87,7 @@ MAX_NAME_LEN = 200
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 _ALIGN = 64
 _DTYPE_UINT8 = 1
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 # Ring header: word indices (int64). Static layout on the first 64-byte line, the
 # frequently written "latest" on its own line so readers of the layout don't share it.
@@ -95,7 +98,6 @@ _R_LATEST, _R_CREATOR_PID, _R_RING_ID = 8, 9, 10
 
 # Slot header: word indices (int64).
 _SLOT_HEADER_BYTES = 64
-_SLOT_WORDS = _SLOT_HEADER_BYTES // 8
 _S_WORD, _S_SEQ, _S_TIME, _S_HEIGHT, _S_WIDTH, _S_CHANNELS, _S_DTYPE = range(7)
 
 _ATTACH_INIT_WAIT_S = 1.0  # how long attach waits for a creator that is still writing the header
@@ -400,20 +402,19 @@ class FrameRing:
     def _map_views(self) -> None:
         lay, buf = self._layout, self._shm.buf
         self._ring_hdr = np.ndarray((_RING_WORDS,), np.int64, buffer=buf)
-        self._slot_hdr = np.ndarray(  # (slots, 8) int64, one row per slot header
-            (lay.slots, _SLOT_WORDS),
-            np.int64,
-            buffer=buf,
-            offset=_RING_HEADER_BYTES,
-            strides=(lay.slot_stride, 8),
-        )
-        self._slot_data = np.ndarray(  # (slots, frame_bytes) uint8, one row per slot
+        slot_data = np.ndarray(  # (slots, frame_bytes) uint8, one row per slot
             (lay.slots, lay.frame_bytes),
             np.uint8,
             buffer=buf,
             offset=_RING_HEADER_BYTES + _SLOT_HEADER_BYTES,
             strides=(lay.slot_stride, 1),
         )
+        self._slot_rows = list(slot_data)  # each slot's pixels, flat
+        # The segment as int64 words: loading or storing a header word takes or gives a
+        # Python int (an aligned 8-byte load or store, as numpy's), no numpy scalar.
+        self._words = buf[: lay.total_bytes].cast("q")
+        # index in _words of each slot's sequence word (its header follows)
+        self._slot_word = [(_RING_HEADER_BYTES + i * lay.slot_stride) // 8 for i in range(lay.slots)]
 
     # ------------------------------------------------------------------ construction
 
@@ -542,7 +543,7 @@ class FrameRing:
     def latest_seq(self) -> int:
         """Seq of the newest complete frame, -1 while the ring is empty."""
         self._check_open()
-        return int(self._ring_hdr[_R_LATEST])
+        return self._words[_R_LATEST]
 
     @property
     def stats(self) -> RingStats:
@@ -567,19 +568,24 @@ class FrameRing:
         self._check_open()
         height, width = self._check_frame(frame)
         t_ns = clock_ns() if t_capture_ns is None else operator.index(t_capture_ns)
-        seq = int(self._ring_hdr[_R_LATEST]) + 1
+        if not _INT64_MIN <= t_ns <= _INT64_MAX:  # checked before the slot is touched
+            raise ValueError(f"t_capture_ns {t_ns} does not fit in int64")
+        words = self._words
+        seq = words[_R_LATEST] + 1
         slot = seq % self._slots
-        nbytes = height * width * self._channels
-        self._slot_hdr[slot, _S_WORD] = 2 * seq + 1  # odd: slot is being written
-        self._slot_hdr[slot, _S_SEQ] = seq
-        self._slot_hdr[slot, _S_TIME] = t_ns
-        self._slot_hdr[slot, _S_HEIGHT] = height
-        self._slot_hdr[slot, _S_WIDTH] = width
-        self._slot_hdr[slot, _S_CHANNELS] = self._channels
-        self._slot_hdr[slot, _S_DTYPE] = _DTYPE_UINT8
-        np.copyto(self._slot_data[slot, :nbytes].reshape(height, width, self._channels), frame)
-        self._slot_hdr[slot, _S_WORD] = 2 * seq + 2  # even: frame seq is complete
-        self._ring_hdr[_R_LATEST] = seq  # publish after the slot is stable
+        at = self._slot_word[slot]
+        channels = self._channels
+        words[at + _S_WORD] = 2 * seq + 1  # odd: slot is being written
+        words[at + _S_SEQ] = seq
+        words[at + _S_TIME] = t_ns
+        words[at + _S_HEIGHT] = height
+        words[at + _S_WIDTH] = width
+        words[at + _S_CHANNELS] = channels
+        words[at + _S_DTYPE] = _DTYPE_UINT8
+        pixels = self._slot_rows[slot][: height * width * channels]
+        np.copyto(pixels.reshape(height, width, channels), frame)
+        words[at + _S_WORD] = 2 * seq + 2  # even: frame seq is complete
+        words[_R_LATEST] = seq  # publish after the slot is stable
         self._stats.written += 1
         return seq
 
@@ -629,11 +635,13 @@ class FrameRing:
         None means the frame is not written yet (``unavailable``), already overwritten
         (``dropped``) or was overwritten while being copied (``torn``).
         """
-        self._check_open()
+        if self._closed:
+            self._check_open()
         seq = operator.index(seq)
         if out is not None:
             self._check_out(out)
-        latest = int(self._ring_hdr[_R_LATEST])
+        words = self._words
+        latest = words[_R_LATEST]
         if seq < 0 or seq > latest:
             self._stats.unavailable += 1
             return None
@@ -641,22 +649,23 @@ class FrameRing:
             self._stats.dropped += 1
             return None
         slot = seq % self._slots
-        word = int(self._slot_hdr[slot, _S_WORD])
+        at = self._slot_word[slot]
+        word = words[at + _S_WORD]  # the seqlock: loaded before the copy ...
         if word != 2 * seq + 2:
             self._count_miss(word > 2 * seq + 2)
             return None
-        height = int(self._slot_hdr[slot, _S_HEIGHT])
-        width = int(self._slot_hdr[slot, _S_WIDTH])
-        t_ns = int(self._slot_hdr[slot, _S_TIME])
+        height, width = words[at + _S_HEIGHT], words[at + _S_WIDTH]
+        t_ns = words[at + _S_TIME]
         dst = self._destination(slot, word, height, width, out)
         if dst is None:
             return None
-        np.copyto(dst, self._slot_data[slot, : dst.size].reshape(dst.shape))
-        if int(self._slot_hdr[slot, _S_WORD]) != word:  # overwritten while we copied
+        frame, flat = dst
+        np.copyto(flat, self._slot_rows[slot][: flat.size])
+        if words[at + _S_WORD] != word:  # ... and after it: overwritten while we copied
             self._stats.torn += 1
             return None
         self._stats.read += 1
-        return (dst, FrameMeta(seq, t_ns, height, width)) if with_meta else dst
+        return (frame, FrameMeta(seq, t_ns, height, width)) if with_meta else frame
 
     def _count_miss(self, overwritten: bool) -> None:
         if overwritten:
@@ -667,19 +676,21 @@ class FrameRing:
     def _check_out(self, out: Any) -> None:
         if not isinstance(out, np.ndarray) or out.dtype != np.uint8:
             raise ValueError(f"out must be a uint8 numpy array, got {_describe(out)}")
-        if not out.flags.c_contiguous or not out.flags.writeable:
+        flags = out.flags
+        if not flags.c_contiguous or not flags.writeable:
             raise ValueError("out must be C-contiguous and writeable")
 
     def _destination(
         self, slot: int, word: int, height: int, width: int, out: np.ndarray | None
-    ) -> np.ndarray | None:
-        """The (H, W, C) array to copy into; None (counted torn) if the header was torn."""
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The (H, W, C) array to copy into and a flat view of it; None (counted torn) if
+        the header was torn."""
         lay = self._layout
         nbytes = height * width * self._channels
         header_ok = 0 < height <= lay.max_height and 0 < width <= lay.max_width
         room = nbytes if out is None else out.size
         if not header_ok or room < nbytes:
-            if int(self._slot_hdr[slot, _S_WORD]) != word:  # header changed under us
+            if self._words[self._slot_word[slot] + _S_WORD] != word:  # header changed under us
                 self._stats.torn += 1
                 return None
             if not header_ok:
@@ -687,10 +698,11 @@ class FrameRing:
             raise ValueError(
                 f"out has {room} elements, frame needs {nbytes} ({height}x{width}x{self._channels})"
             )
-        shape = (height, width, self._channels)
         if out is None:
-            return np.empty(shape, np.uint8)
-        return out.reshape(-1)[:nbytes].reshape(shape)
+            frame = np.empty((height, width, self._channels), np.uint8)
+            return frame, frame.reshape(-1)
+        flat = (out if out.ndim == 1 else out.reshape(-1))[:nbytes]
+        return flat.reshape(height, width, self._channels), flat
 
     # ------------------------------------------------------------------ lifetime
 
@@ -698,10 +710,10 @@ class FrameRing:
         """Unmap the segment in this process (idempotent). Does not unlink it."""
         if self._closed:
             return
-        # Drop every numpy view first: the mapping cannot close while one is alive.
+        # Drop every view first: the mapping cannot close while one is alive.
         self._ring_hdr = np.empty((0,), np.int64)
-        self._slot_hdr = np.empty((0, _SLOT_WORDS), np.int64)
-        self._slot_data = np.empty((0, 0), np.uint8)
+        self._slot_rows = []
+        self._words.release()
         self._closed = True
         try:
             self._shm.close()

@@ -31,6 +31,9 @@ from iwm_bus.logs import worth_logging
 #: longest ipc path the kernel accepts (sun_path is 108 bytes with the terminating NUL)
 MAX_IPC_PATH = 107
 DEFAULT_HWM = 1000
+#: payloads at least this long are sent zero-copy (ZeroMQ keeps a reference, not a copy)
+_COPY_BELOW = 65536
+_NOBLOCK_MORE = zmq.NOBLOCK | zmq.SNDMORE
 
 
 @dataclass(frozen=True)
@@ -200,9 +203,12 @@ class Publisher:
         return self.send_frames(wire.pack(topic, msg))
 
     def send_frames(self, frames: list[bytes]) -> bool:
-        """Publish already packed frames without blocking."""
-        try:
-            self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=len(frames[-1]) < 65536)
+        """Publish already packed frames without blocking (large payloads without a copy)."""
+        sock, copy = self.sock, len(frames[-1]) < _COPY_BELOW
+        try:  # send_multipart's work without its per-part Python type checks
+            for part in frames[:-1]:
+                sock.send(part, _NOBLOCK_MORE, copy=copy)  # Again, if at all, on the first part
+            sock.send(frames[-1], zmq.NOBLOCK, copy=copy)
         except zmq.Again:
             self.dropped += 1
             return False

@@ -18,8 +18,8 @@ it has not checked.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
@@ -41,6 +41,8 @@ MAX_TOPIC_BYTES = 256
 MAX_DEPTH = 8
 DTYPES = frozenset({"<f4", "<f2", "<f8", "|u1", "<i4", "<i8"})
 ARRAY_KEYS = frozenset({"dtype", "shape", "data"})
+_NP_DTYPES = {name: np.dtype(name) for name in DTYPES}
+_WIRE_DTYPES = {dtype: name for name, dtype in _NP_DTYPES.items()}
 
 # Field specs: type name, with a trailing "?" when the value may be nil (None).
 # "number" accepts ints and floats (decoded as float); "array" is an array map (above);
@@ -80,6 +82,10 @@ SCHEMA: dict[str, dict[str, str]] = {
                  "surprise_z": "number?", "mrr": "number?", "reasons": "str?",
                  "plan_costs": "array?", "plan_choice": "int?", "source": "str?"},
     "stats": {"t_ns": "int", "source": "str", "values": "map"},
+    # a worker's word to the capture, with each stats tick: `notices` seen so far (0: a
+    # fresh worker, which a lossless capture re-sends a notice to), `stream` its name when
+    # it publishes a named stream
+    "ready": {"t_ns": "int", "notices": "int", "restarts": "int", "stream": "str?"},
     "rpc_request": {"id": "int", "method": "str", "params": "map"},
     "rpc_reply": {"id": "int", "ok": "bool", "result": "map?", "error": "str?"},
 }
@@ -122,13 +128,15 @@ def pack(topic: str, msg: Mapping[str, Any]) -> list[bytes]:
     carries a single kind. Numpy arrays and scalars are converted. Raises ``WireError``.
     """
     kinds = _topic_kinds(topic)
-    if not isinstance(msg, Mapping):
+    if type(msg) is not dict and not isinstance(msg, Mapping):  # (the ABC check is slow)
         raise WireError(f"message for {topic!r} must be a mapping, got {type(msg).__name__}")
     kind = msg.get("kind", kinds[0] if len(kinds) == 1 else None)
     if kind not in kinds:
         raise WireError(f"topic {topic!r} carries {'/'.join(kinds)} messages, not {kind!r}")
-    body = _to_wire({**msg, "v": VERSION, "kind": kind})
-    _validate(body)
+    body = _pack_fast(kind, {**msg, "v": VERSION, "kind": kind})
+    if body is None:  # something to convert, or to reject with the precise error
+        body = _to_wire({**msg, "v": VERSION, "kind": kind})
+        _validate(body)
     try:  # ints beyond 64 bits, lone surrogates, objects msgpack cannot encode
         payload = msgpack.packb(body, use_bin_type=True)
         raw_topic = topic.encode()
@@ -176,40 +184,44 @@ def _unpack(frames: Sequence[bytes]) -> tuple[str, dict[str, Any]]:
         raise WireError(f"payload on {topic!r} is not valid msgpack: {e}") from e
     if not isinstance(body, dict):
         raise WireError(f"payload on {topic!r} is a {type(body).__name__}, not a map")
-    _validate(body)
+    msg = _unpack_fast(body)
+    if msg is None:  # not a plain valid message: the generic path raises the precise error
+        _validate(body)
     if body["kind"] not in kinds:
         raise WireError(f"topic {topic!r} carries {'/'.join(kinds)}, got {body['kind']!r}")
-    return topic, _decode_arrays(body, 0)
+    return topic, _decode_arrays(body, 0) if msg is None else msg
 
 
 def decode_array(value: Any) -> np.ndarray:
     """Decode a ``{dtype, shape, data}`` map into a read-only numpy array, checking sizes."""
-    if not isinstance(value, dict) or set(value) != ARRAY_KEYS:
+    if not isinstance(value, dict) or value.keys() != ARRAY_KEYS:
         raise WireError("array must be a map with exactly the keys dtype, shape, data")
     dtype, shape, data = value["dtype"], value["shape"], value["data"]
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise WireError(f"array dtype {dtype!r} not allowed; one of {sorted(DTYPES)}")
     if not isinstance(shape, list) or len(shape) > MAX_NDIM:
         raise WireError(f"array shape must be a list of at most {MAX_NDIM} ints")
-    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
-        raise WireError(f"array shape {shape!r} must hold non-negative ints")
+    for n in shape:  # a loop, not all(<genexpr>): this runs for every array received
+        if not (type(n) is int or isinstance(n, int) and not isinstance(n, bool)) or n < 0:
+            raise WireError(f"array shape {shape!r} must hold non-negative ints")
     count = math.prod(shape)
     if count > MAX_ARRAY_ELEMENTS:
         raise WireError(f"array of {count} elements exceeds {MAX_ARRAY_ELEMENTS}")
     if not isinstance(data, bytes):
         raise WireError("array data must be bytes (msgpack bin)")
-    itemsize = np.dtype(dtype).itemsize
-    if len(data) != count * itemsize:
+    np_dtype = _NP_DTYPES[dtype]
+    if len(data) != count * np_dtype.itemsize:
         raise WireError(f"array data is {len(data)} bytes; shape {shape} of {dtype} "
-                        f"needs {count * itemsize}")
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+                        f"needs {count * np_dtype.itemsize}")
+    flat = np.frombuffer(data, np_dtype)  # positional: numpy parses keywords slowly
+    return flat if len(shape) == 1 else flat.reshape(shape)
 
 
 def _decode_arrays(value: Any, depth: int) -> Any:
     if depth > MAX_DEPTH:
         raise WireError(f"message nests deeper than {MAX_DEPTH} levels")
     if isinstance(value, dict):
-        if set(value) == ARRAY_KEYS:
+        if value.keys() == ARRAY_KEYS:
             return decode_array(value)
         return {k: _decode_arrays(v, depth + 1) for k, v in value.items()}
     if isinstance(value, list):
@@ -221,12 +233,22 @@ def _decode_arrays(value: Any, depth: int) -> Any:
 
 
 def _topic_kinds(topic: str) -> tuple[str, ...]:
+    kinds = _KINDS_OF_TOPIC.get(topic) if type(topic) is str else None
+    if kinds is not None:
+        return kinds
     if not isinstance(topic, str):
         raise WireError(f"topic must be a str, got {type(topic).__name__}")
     try:
-        return TOPIC_KINDS[base_topic(topic)]
+        kinds = TOPIC_KINDS[base_topic(topic)]
     except KeyError as e:
         raise WireError(str(e.args[0])) from None
+    if len(_KINDS_OF_TOPIC) < _MAX_CACHED_TOPICS:  # bounded: a peer may invent suffixes
+        _KINDS_OF_TOPIC[topic] = kinds
+    return kinds
+
+
+_MAX_CACHED_TOPICS = 256
+_KINDS_OF_TOPIC: dict[str, tuple[str, ...]] = {}
 
 
 def _validate(body: dict[str, Any]) -> None:
@@ -277,6 +299,151 @@ def _check_field(kind: str, name: str, spec: str, value: Any) -> None:
         raise AssertionError(f"bad spec {spec!r} for {where}")
     if not ok:
         raise WireError(f"{where} must be {base}, got {type(value).__name__}")
+
+
+# ---------------------------------------------------------------- the hot path
+#
+# pack and unpack first try a table built once per kind from SCHEMA: per field one dict
+# lookup and one exact-type test, each array encoded or decoded once. A message the table
+# does not take as it stands (a missing, nil or mistyped field, an unknown key, a Mapping or
+# sequence to convert, a free map on the pack side) goes the generic way above, which
+# converts, or raises the precise WireError. The table takes only what the generic path
+# accepts and builds the same message, so the two ways differ in speed only.
+
+
+class _KindTable(NamedTuple):
+    # field (and "v", "kind") -> the exact types pack takes as they are; an ndarray or an
+    # action dict is encoded afterwards
+    pack_types: dict[str, frozenset[type]]
+    # field -> the exact types unpack takes; the dicts of ``decoders`` are decoded afterwards
+    unpack_types: dict[str, frozenset[type]]
+    required: frozenset[str]
+    # (field, encode) for each array and action field: the encoded value, None to refuse
+    encoders: tuple[tuple[str, Callable[[Any], Any]], ...]
+    # (field, decode) for each array, action and map field
+    decoders: tuple[tuple[str, Callable[[Any], Any]], ...]
+
+
+def _decode_action(value: dict[str, Any]) -> dict[str, Any]:
+    if not value.keys() <= _ACTION_KEYS:
+        raise WireError("action has unknown keys")  # the generic path words it
+    out = {}
+    for key, item in value.items():
+        if item is not None:
+            if key == "vector":
+                item = decode_array(item)
+            elif type(item) is not int:
+                raise WireError("action_id is not an int")
+        out[key] = item
+    return out
+
+
+def _decode_map(value: dict[str, Any]) -> dict[str, Any]:
+    return _decode_arrays(value, 1)
+
+
+def _encode_plain(arr: np.ndarray) -> dict[str, Any] | None:
+    """``encode_array`` of an array that can travel as it is; None for anything else."""
+    dtype = _WIRE_DTYPES.get(arr.dtype)  # a dict lookup: ``arr.dtype.str`` builds a str
+    if dtype is None or arr.ndim > MAX_NDIM or arr.size > MAX_ARRAY_ELEMENTS:
+        return None
+    return {"dtype": dtype, "shape": list(arr.shape), "data": arr.tobytes()}
+
+
+def _encode_action(action: dict[str, Any]) -> dict[str, Any] | None:
+    if not action.keys() <= _ACTION_KEYS:
+        return None
+    out = {}
+    for key, item in action.items():
+        if item is not None:
+            if key == "vector":
+                if type(item) is not np.ndarray or (item := _encode_plain(item)) is None:
+                    return None
+            elif type(item) is not int:
+                return None
+        out[key] = item
+    return out
+
+
+def _build_table(fields: dict[str, str]) -> _KindTable:
+    scalar = {"int": {int}, "number": {int, float}, "str": {str}, "bool": {bool}}
+    pack_types = {"v": frozenset({int}), "kind": frozenset({str})}
+    unpack_types = dict(pack_types)
+    encoders, decoders = [], []
+    for name, spec in fields.items():
+        base, nil = spec.rstrip("?"), {type(None)} if spec.endswith("?") else set()
+        packed = {"array": {np.ndarray}, "action": {dict}, "map": set()}.get(base)
+        pack_types[name] = frozenset(scalar.get(base, packed) | nil)
+        unpack_types[name] = frozenset(scalar.get(base, {dict}) | nil)
+        if base in ("array", "action"):
+            encoders.append((name, _encode_plain if base == "array" else _encode_action))
+        if base in ("array", "action", "map"):
+            decoders.append((name, {"array": decode_array, "action": _decode_action,
+                                    "map": _decode_map}[base]))
+    required = frozenset(name for name, spec in fields.items() if not spec.endswith("?"))
+    return _KindTable(pack_types, unpack_types, required, tuple(encoders), tuple(decoders))
+
+
+_ACTION_KEYS = frozenset(_ACTION_FIELDS)
+_TABLES = {kind: _build_table(fields) for kind, fields in SCHEMA.items()}
+
+
+def _pack_fast(kind: str, body: dict[str, Any]) -> dict[str, Any] | None:
+    """``body`` ready for msgpack (arrays encoded, numpy scalars as Python ones), or None
+    when it needs the generic path. Changes ``body`` only when it returns it."""
+    table = _TABLES.get(kind)
+    if table is None:
+        return None
+    types, converted = table.pack_types, {}
+    try:
+        for name, value in body.items():
+            ok = types[name]
+            if type(value) not in ok:
+                if not isinstance(value, np.generic) or type(value := value.item()) not in ok:
+                    return None
+                converted[name] = value
+    except KeyError:  # a field this kind does not have
+        return None
+    if not body.keys() >= table.required:
+        return None
+    for name, encode in table.encoders:
+        value = body.get(name)
+        if value is not None:
+            if (value := encode(value)) is None:
+                return None
+            converted[name] = value
+    body.update(converted)
+    return body
+
+
+def _unpack_fast(body: dict[str, Any]) -> dict[str, Any] | None:
+    """``body`` (msgpack's fresh map) validated with its arrays decoded, or None when it
+    is not a plain valid message (left unchanged: the generic path words the error)."""
+    version, kind = body.get("v"), body.get("kind")
+    if type(version) is not int or version != VERSION or type(kind) is not str:
+        return None
+    table = _TABLES.get(kind)
+    if table is None:
+        return None
+    types = table.unpack_types
+    try:
+        for name, value in body.items():
+            if type(value) not in types[name]:
+                return None
+    except KeyError:  # a field this kind does not have
+        return None
+    if not body.keys() >= table.required:
+        return None
+    decoded = {}
+    for name, decode in table.decoders:
+        value = body.get(name)
+        if value is not None:
+            try:
+                decoded[name] = decode(value)
+            except WireError:
+                return None
+    body.update(decoded)
+    return body
 
 
 # ---------------------------------------------------------------- helpers

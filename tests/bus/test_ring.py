@@ -148,6 +148,57 @@ def test_read_into_out_buffer(ring: FrameRing) -> None:
         ring.read(1, out=np.empty((64, 48, 3), np.uint8).transpose(1, 0, 2))
 
 
+def test_read_without_out_returns_a_copy_the_ring_cannot_change(ring: FrameRing) -> None:
+    first = _frame(8, 8, 1)
+    got = ring.read(ring.write(first))
+    for i in range(ring.slots):  # the writer laps the ring: every slot overwritten
+        ring.write(_frame(8, 8, 2 + i))
+    np.testing.assert_array_equal(got, first)
+    assert got.flags.owndata and got.flags.writeable and got.shape == (8, 8, 3)
+
+
+def test_frame_overwritten_during_the_copy_is_torn(ring: FrameRing,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seqlock: the word is loaded again after the copy, so a writer that laps the
+    reader while it copies is caught (here the lap happens inside the reader's copy)."""
+    reader = FrameRing.attach(ring.name)
+    real_copyto, lapped = np.copyto, []
+
+    def copy_then_lap(dst: np.ndarray, src: np.ndarray, **kwargs: Any) -> None:
+        real_copyto(dst, src, **kwargs)
+        if not lapped:
+            lapped.append(True)
+            for i in range(ring.slots):
+                ring.write(_frame(8, 8, 10 + i))
+
+    try:
+        seq = ring.write(_frame(8, 8, 1))
+        monkeypatch.setattr(np, "copyto", copy_then_lap)
+        assert reader.read(seq) is None
+        monkeypatch.undo()
+        assert lapped and reader.stats.torn == 1 and reader.stats.read == 0
+        latest = reader.read(reader.latest_seq)  # the ring itself is fine
+        np.testing.assert_array_equal(latest, _frame(8, 8, 10 + ring.slots - 1))
+    finally:
+        reader.close()
+
+
+def test_capture_time_beyond_int64_is_refused_before_the_slot_is_touched(
+        ring: FrameRing) -> None:
+    reader = FrameRing.attach(ring.name)
+    try:
+        seq = ring.write(_frame(8, 8, 1), t_capture_ns=5)
+        for bad in (2**63, -(2**63) - 1):
+            with pytest.raises(ValueError, match="does not fit in int64"):
+                ring.write(_frame(8, 8, 2), t_capture_ns=bad)
+        assert ring.latest_seq == seq and ring.stats.written == 1
+        assert reader.read(seq, with_meta=True)[1].t_capture_ns == 5
+        low = ring.write(_frame(8, 8, 3), t_capture_ns=-(2**63))
+        assert reader.read(low, with_meta=True)[1].t_capture_ns == -(2**63)
+    finally:
+        reader.close()
+
+
 @pytest.mark.parametrize(
     ("frame", "message"),
     [

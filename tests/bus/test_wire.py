@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import time
 import tracemalloc
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import IntEnum
+from types import MappingProxyType
 from typing import Any
 
 import msgpack
 import numpy as np
 import pytest
+from fuzz import mutated
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -394,3 +399,131 @@ def test_deep_nesting_rejected() -> None:
     # far deeper than msgpack's own stack: 100k nested one-element arrays
     with pytest.raises(WireError):
         wire.unpack([b"iwm.stats", b"\x91" * 100_000 + b"\x01"])
+
+
+# ------------------------------------------------------------------ the per-kind tables
+
+# pack and unpack first try a table per kind (wire._pack_fast / _unpack_fast) and fall back to
+# the generic field-by-field path; the tables must take only what that path accepts, build
+# the same payload and message, and never change an error.
+
+
+@contextmanager
+def generic_only() -> Iterator[None]:
+    """pack / unpack with the per-kind tables off: every message takes the generic path."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(wire, "_pack_fast", lambda kind, body: None)
+        patch.setattr(wire, "_unpack_fast", lambda body: None)
+        yield
+
+
+def _outcome(frames: list[bytes]) -> tuple[str, Any]:
+    try:
+        return "ok", wire.unpack(frames)
+    except WireError as e:
+        return "error", str(e)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@FUZZ
+@given(data=st.data())
+def test_tables_and_generic_path_agree(kind: str, data: st.DataObject) -> None:
+    msg = data.draw(message_strategy(kind))
+    frames = wire.pack(TOPIC_OF[kind], msg)
+    with generic_only():
+        assert wire.pack(TOPIC_OF[kind], msg) == frames  # byte for byte
+    if data.draw(st.booleans()):
+        frames = mutated(data, frames)
+    got = _outcome(frames)
+    with generic_only():
+        want = _outcome(frames)
+    assert got[0] == want[0], (got, want)
+    if want[0] == "error":
+        assert got[1] == want[1]  # the same words
+    else:
+        assert got[1][0] == want[1][0]
+        assert_same(want[1][1], got[1][1])
+
+
+_Z = np.arange(768, dtype=np.float32)
+_ACT = wire.make_action([0.5, -1.0], 3)
+#: what the capture and the encoder worker send for every frame (workers/capture.py
+#: write_frame, workers/encoder.py _publish), and an agent's action
+HOT = [
+    (topics.FRAME, {"seq": 7, "slot": 3, "t_capture_ns": 10**18, "ring_id": 2**62,
+                    "height": 480, "width": 640, "channels": 3, "action": None,
+                    "source": "synthetic"}),
+    (topics.FRAME, {"seq": 7, "slot": 3, "t_capture_ns": 1, "ring_id": 1, "height": 4,
+                    "width": 4, "channels": 3, "action": _ACT, "source": "gym"}),
+    (topics.LATENT, {"seq": 7, "t_capture_ns": 1, "t_publish_ns": 2, "variant": "core",
+                     "z_cls": _Z, "patches": np.zeros((196, 768), np.float16)}),
+    (topics.LATENT + ".inv", {"seq": 7, "t_capture_ns": 1, "t_publish_ns": 2,
+                              "variant": "core", "z_cls": _Z, "patches": None}),
+    (topics.SURPRISE, {"seq": 7, "t_capture_ns": 1, "t_publish_ns": 2, "variant": "core",
+                       "surprise": 0.41, "surprise_z": None, "pred_seq": 6, "action": _ACT}),
+    (topics.MRR, {"seq": 7, "t_capture_ns": 1, "t_publish_ns": 2, "variant": "core",
+                  "rr": 0.5, "mrr": 0.25, "k": 8}),
+    (topics.ACTION, {"seq": 1, "t_ns": 5, "frame_seq": 7, "vector": _Z[:4], "action_id": None,
+                     "source": "agent"}),
+]
+
+
+@pytest.mark.parametrize(("topic", "msg"), HOT, ids=[t for t, _ in HOT])
+def test_per_frame_messages_take_the_tables(topic: str, msg: dict[str, Any]) -> None:
+    kind = topics.TOPIC_KINDS[topics.base_topic(topic)][0]
+    assert wire._pack_fast(kind, {**msg, "v": wire.VERSION, "kind": kind}) is not None
+    frames = wire.pack(topic, msg)
+    assert wire._unpack_fast(msgpack.unpackb(frames[1], raw=False)) is not None
+    got_topic, got = wire.unpack(frames)
+    assert got_topic == topic and got.pop("v") == wire.VERSION
+    assert_same({"kind": kind, **msg}, got)
+
+
+def test_numpy_scalars_travel_as_python_values() -> None:
+    msg = {"seq": np.int64(7), "t_capture_ns": np.uint32(1), "t_publish_ns": 2,
+           "surprise": np.float32(0.5), "surprise_z": np.float64(-1.5), "pred_seq": None,
+           "action": {"vector": None, "action_id": np.int16(2)}, "variant": np.str_("core")}
+    _, got = wire.unpack(wire.pack(topics.SURPRISE, msg))
+    assert (type(got["seq"]), type(got["t_capture_ns"]), type(got["surprise"])) == (
+        int, int, float)
+    assert (got["seq"], got["surprise"], got["surprise_z"]) == (7, 0.5, -1.5)
+    assert got["action"] == {"vector": None, "action_id": 2} and got["variant"] == "core"
+    with pytest.raises(WireError, match=r"surprise\.seq must be int"):  # a numpy bool is no int
+        wire.pack(topics.SURPRISE, {**msg, "seq": np.bool_(True)})
+
+
+def _latent(z: Any) -> dict[str, Any]:
+    return {"seq": 1, "t_capture_ns": 1, "t_publish_ns": 2, "z_cls": z, "variant": "core"}
+
+
+@pytest.mark.parametrize(("z", "match"), [
+    (np.zeros(3, bool), "dtype bool cannot travel"),
+    (np.zeros(3, "<c8"), "cannot travel"),
+    (np.zeros(3, "<u2"), "cannot travel"),
+    (np.zeros((1,) * (wire.MAX_NDIM + 1), "<f4"), "dimensions"),
+    (np.zeros(wire.MAX_ARRAY_ELEMENTS + 1, "|u1"), "exceeds"),
+], ids=["bool", "complex", "uint16", "ndim", "elements"])
+def test_pack_refuses_arrays_that_cannot_travel(z: np.ndarray, match: str) -> None:
+    with pytest.raises(WireError, match=match):
+        wire.pack(topics.LATENT, _latent(z))
+    frame = dict(HOT[1][1], action={"vector": z})
+    with pytest.raises(WireError, match=match):
+        wire.pack(topics.FRAME, frame)
+
+
+class _Seq(IntEnum):
+    ONE = 1
+
+
+class _Array(np.ndarray):
+    pass
+
+
+def test_pack_still_converts_what_the_tables_leave_alone() -> None:
+    z = np.arange(6, dtype=">f8").reshape(2, 3)[:, ::2]  # big-endian, not contiguous
+    cases = [_latent(z), _latent(wire.encode_array(z)), MappingProxyType(_latent(z)),
+             {**_latent(z), "seq": _Seq.ONE}, _latent(z.view(_Array))]
+    for msg in cases:
+        _, got = wire.unpack(wire.pack(topics.LATENT, msg))
+        assert got["z_cls"].dtype == np.dtype("<f8") and type(got["seq"]) is int
+        np.testing.assert_array_equal(got["z_cls"], z)
