@@ -13,6 +13,10 @@ recorder and demo agent. The launcher restarts a worker that dies (with backoff)
 status line each second, and on SIGINT / SIGTERM / end of source stops everything and leaves
 no shared memory or socket files behind. Exit status: 0 on a clean stop, 2 on bad input
 (before anything starts), 1 when a part failed.
+
+What runs is one config tree, :class:`SidecarConfig`: its fields' ``flag`` metadata are the
+flags (``parse_args``), and ``to_dict`` of it is what ``sidecar.json`` and a recording's
+metadata say was run.
 """
 
 from __future__ import annotations
@@ -23,20 +27,39 @@ import secrets
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import multiprocess as mp
 from loguru import logger
 
+from agent_bridge.demo_agent import DemoConfig
 from iwm_bus.bus import topics
 from iwm_bus.bus.link import Link
 from iwm_bus.bus.rundir import RunDir
 from iwm_bus.bus.transport import Endpoints, Subscriber
-from iwm_bus.config import MODES, VARIANTS, BusConfig, RingConfig, WorkerConfig, to_dict
+from iwm_bus.config import (
+    MODE_FLAG,
+    MODES,
+    BusConfig,
+    ConfigError,
+    RingConfig,
+    WorkerConfig,
+    add_flags,
+    check,
+    flag_error,
+    flag_values,
+    flags_of,
+    to_dict,
+)
 from iwm_bus.default_model import DEFAULT_CHECKPOINT
 from iwm_bus.errors import CheckpointError, RunDirBusyError
+from workers.capture import CaptureConfig
+from workers.recorder import RecorderConfig
+from workers.sources import check_spec
+from workers.viewer import ViewerConfig
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 #: what ``iwm-launch`` with no --source plays, with the demo agent and the shipped model
@@ -51,58 +74,78 @@ STANDBY_RETRY_S = 30.0
 #: worker exit codes that a restart cannot fix (workers/encoder.py run_worker)
 PERMANENT_EXIT_CODES = {2: "its model could not be loaded", 3: "its sockets could not be bound"}
 
+# ------------------------------------------------------------ the config tree
+
+
+@dataclass
+class SidecarConfig:
+    """Everything one ``iwm-launch`` runs: each part is the config its process takes.
+
+    A part field's ``group`` metadata is the ``--help`` group of its flags (:data:`GROUPS`).
+    """
+
+    # realtime: the worker takes the newest frame (skips counted); lossless: every frame,
+    # the capture paced by the worker. Stated here only: handed to capture and worker
+    mode: str = field(default="realtime", metadata=MODE_FLAG)
+    # the capture, with the ring's geometry; None on a --worker-only machine
+    capture: CaptureConfig | None = field(default_factory=CaptureConfig,
+                                          metadata={"group": "source"})
+    # the encoder worker (and its warm standby)
+    worker: WorkerConfig = field(default_factory=WorkerConfig, metadata={"group": "model"})
+    # run dir (ipc sockets, sidecar.json) or tcp endpoints
+    bus: BusConfig = field(default_factory=BusConfig, metadata={"group": "run"})
+    # --record, --viewer, --agent demo: the optional parts (None = not started)
+    recorder: RecorderConfig | None = field(default=None, metadata={"group": "run"})
+    viewer: ViewerConfig | None = field(default=None, metadata={"group": "run"})
+    agent: DemoConfig | None = None
+
+    def __post_init__(self) -> None:
+        check(self, "mode", str, choices=MODES)
+        for name, kind in (("capture", CaptureConfig), ("recorder", RecorderConfig),
+                           ("viewer", ViewerConfig), ("agent", DemoConfig)):
+            check(self, name, kind, optional=True)
+        check(self, "worker", WorkerConfig)
+        check(self, "bus", BusConfig)
+        # the one mode, handed down: capture and worker cannot disagree
+        self.worker = replace(self.worker, mode=self.mode)
+        if self.capture is not None:
+            self.capture = replace(self.capture, mode=self.mode)
+
+
+#: the --help groups, in order
+GROUPS = {"source": "source",
+          "model": "model (env: IWM_MODEL_VARIANT, IWM_MODEL_PATH, IWM_DEVICE)",
+          "run": "run (env: IWM_RUN_DIR, IWM_SERVICE_HOST, IWM_SERVICE_PORT)",
+          "remote": "remote worker (the GPU on another machine; README: Running the worker on "
+                    "another machine)"}
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags: :class:`SidecarConfig`'s, and the hand-written ones that are no field of
+    it (--source, --start/--end, --max-frame and --agent set several, the rest steer the
+    launcher)."""
     p = argparse.ArgumentParser(prog="iwm-launch", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_argument_group("source")
+    groups = {key: p.add_argument_group(title) for key, title in GROUPS.items()}
+    src, run, remote = groups["source"], groups["run"], groups["remote"]
     src.add_argument("--source",
                      help="synthetic[:WxH] | gym:<env id> | screen[:monitor] | video:PATH | "
                           f"folder:PATH | replay:PATH (default: {DEFAULT_SOURCE}, played by "
                           "the demo agent)")
-    src.add_argument("--fps", type=float, default=30.0, help="capture rate cap (0 = no cap)")
-    src.add_argument("--mode", choices=MODES, default="realtime",
-                     help="realtime: newest frame, skips counted; lossless: every frame")
-    src.add_argument("--frames", type=int, help="stop after N frames")
-    src.add_argument("--duration", type=float, help="stop after S seconds")
-    src.add_argument("--rate", type=float, default=1.0,
-                     help="replay speed: 1 = real time, 2 = twice as fast, 0 = as fast as "
-                          "the worker allows")
-    src.add_argument("--loop", action="store_true", help="replay/video/folder: loop")
+    remote.add_argument("--remote-worker", metavar="[HOST:]PORT",
+                        help="game machine: run no worker here; a gateway on HOST (default "
+                             "127.0.0.1) ports PORT..PORT+2 serves workers started elsewhere "
+                             "with --worker-only --connect")
+    remote.add_argument("--worker-only", action="store_true",
+                        help="GPU machine: run only the worker (and its standby), fed by the "
+                             "gateway at --connect")
+    remote.add_argument("--connect", metavar="HOST[:PORT]",
+                        help="with --worker-only: the game machine's gateway")
+    add_flags(p, SidecarConfig, groups)
     src.add_argument("--start", type=float, help="replay: start offset in seconds")
     src.add_argument("--end", type=float, help="replay: end offset in seconds")
-    src.add_argument("--seed", type=int, default=0)
-    src.add_argument("--ring-slots", type=int, default=8)
     src.add_argument("--max-frame", default="1080x1920", metavar="HxW",
                      help="largest frame the ring accepts (default 1080x1920)")
-    model = p.add_argument_group("model (env: IWM_MODEL_VARIANT, IWM_MODEL_PATH, IWM_DEVICE)")
-    model.add_argument("--variant", choices=VARIANTS)
-    model.add_argument("--model", type=Path,
-                       help="checkpoint (default: the shipped model, trained on games)")
-    model.add_argument("--dual", action="store_true",
-                       help="two streams in one worker: the shipped equivariant (control, on "
-                            "the plain topics) + invariant (semantic, iwm.*.semantic) pair")
-    model.add_argument("--semantic-model", type=Path,
-                       help="with --dual: the semantic stream's checkpoint (--model is then "
-                            "the equivariant stream's)")
-    model.add_argument("--untrained", action="store_true",
-                       help="random weights of --variant/--encoder instead (plumbing tests)")
-    model.add_argument("--device", help="cpu | cuda | cuda:N")
-    model.add_argument("--encoder", help="timm encoder, e.g. vit_tiny_patch16_224 for CPU")
-    model.add_argument("--img-size", type=int, help="encoder input size (multiple of 16)")
-    model.add_argument("--mrr-bank", type=int, default=32)
-    model.add_argument("--num-actions", type=int,
-                       help="discrete action tokens of an untrained model (default 32)")
-    model.add_argument("--patches", action="store_true", help="publish patch latents")
-    model.add_argument("--compile", action="store_true", help="torch.compile (CUDA)")
-    model.add_argument("--threads", type=int,
-                       help="torch CPU threads (default: all cores but one)")
-    run = p.add_argument_group("run (env: IWM_RUN_DIR, IWM_SERVICE_HOST, IWM_SERVICE_PORT)")
-    run.add_argument("--run-dir", type=Path, help="folder for sockets + manifest")
-    run.add_argument("--record", type=Path, help="record the session to this .mcap file")
-    run.add_argument("--viewer", nargs="?", const="spawn", metavar="SPEC",
-                     help="stream the run to Rerun: spawn (the default) a viewer, or "
-                          "save:PATH.rrd headless (needs the viewer extra)")
     run.add_argument("--agent", choices=["demo", "none"],
                      help="also start the demo agent (default: demo without --source, else none)")
     run.add_argument("--quiet", action="store_true", help="no status line")
@@ -113,21 +156,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="remove what killed sidecars left (rings in /dev/shm, the run "
                           "dir's sockets and manifest), then exit")
     run.add_argument("--log-level", default="INFO")
-    remote = p.add_argument_group(
-        "remote worker (the GPU on another machine; README: Running the worker on another "
-        "machine)")
-    remote.add_argument("--remote-worker", metavar="[HOST:]PORT",
-                        help="game machine: run no worker here; a gateway on HOST (default "
-                             "127.0.0.1) ports PORT..PORT+2 serves workers started elsewhere "
-                             "with --worker-only --connect")
-    remote.add_argument("--worker-only", action="store_true",
-                        help="GPU machine: run only the worker (and its standby), fed by the "
-                             "gateway at --connect")
-    remote.add_argument("--connect", metavar="HOST[:PORT]",
-                        help="with --worker-only: the game machine's gateway")
-    remote.add_argument("--stream", metavar="NAME",
-                        help="with --worker-only: publish as the named stream "
-                             "(iwm.*.NAME, e.g. semantic) beside another worker's")
     remote.add_argument("--keys", type=Path, metavar="DIR",
                         help="CURVE key folder (encrypted, authenticated link)")
     remote.add_argument("--insecure", action="store_true",
@@ -135,6 +163,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     remote.add_argument("--make-keys", type=Path, metavar="DIR",
                         help="write a gateway and a worker key pair into DIR, then exit")
     return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace,
+                     env: Mapping[str, str] = os.environ) -> SidecarConfig:
+    """The tree that the flags (and the ``IWM_*`` environment) describe. A bad value raises
+    a ValueError naming the flag that set it: one line, exit 2, before anything starts."""
+    flags = flags_of(SidecarConfig)
+    try:
+        return _build_config(args, flag_values(args, flags), env)
+    except ConfigError as e:
+        raise flag_error(e, args, flags) from None
+
+
+def _build_config(args: argparse.Namespace, given: dict[str, Any],
+                  env: Mapping[str, str]) -> SidecarConfig:
+    if args.semantic_model is not None and not args.dual:
+        raise ValueError("--semantic-model is the second stream's checkpoint: it needs --dual")
+    if args.dual and args.variant is not None:
+        raise ValueError("--variant does not apply with --dual (its streams are an "
+                         "equivariant and an invariant model)")
+    agent = args.agent
+    capture = None
+    if not args.worker_only:
+        if args.source is None:  # the main job: a real game, the demo agent playing it
+            agent = agent or "demo"
+        capture = _capture_config(args, given.pop("capture", {}))
+    top = {k: v for k, v in given.items() if not isinstance(v, dict)}  # the tree's own: mode
+    return SidecarConfig(
+        **top, capture=capture, worker=WorkerConfig.from_env(env, **given.get("worker", {})),
+        bus=BusConfig.from_env(env, **given.get("bus", {})),
+        recorder=RecorderConfig(**given["recorder"]) if "recorder" in given else None,
+        viewer=ViewerConfig(**given["viewer"]) if "viewer" in given else None,
+        agent=DemoConfig() if agent == "demo" else None)
+
+
+def _capture_config(args: argparse.Namespace, given: dict[str, Any]) -> CaptureConfig:
+    source = DEFAULT_SOURCE if args.source is None else args.source
+    check_spec(source)  # its own message, which lists the forms
+    options = {k: v for k, v in (("start", args.start), ("end", args.end)) if v is not None}
+    if options and not source.startswith("replay:"):
+        raise ValueError("--start/--end apply only to a replay:PATH source")
+    if given.get("rate") == 0:  # "as fast as the worker allows": no fps cap either, and a
+        given["fps"] = 0.0      # replay shows a progress bar instead of the status line
+        if source.startswith("replay:"):
+            options["progress"] = True
+    h, w = _parse_hw(args.max_frame)
+    ring = RingConfig(**given.pop("ring", {}), max_height=h, max_width=w)
+    return CaptureConfig(source=source, ring=ring, options=options, **given)
+
+
+# ------------------------------------------------------------ processes
 
 
 @dataclass
@@ -165,29 +244,15 @@ class Child:
 
 
 class Launcher:
-    """Builds the configs, starts the parts, supervises them and cleans up."""
+    """Builds the config tree, starts the parts, supervises them and cleans up."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        if args.source is None and not args.worker_only:  # the main job: a real game
-            args.source, args.agent = DEFAULT_SOURCE, args.agent or "demo"
         self.args = args
         self.link = _link(args)
-        self.replay_bar = False  # a replay at --rate 0: its progress bar, no status line
-        if args.semantic_model is not None and not args.dual:
-            raise ValueError("--semantic-model is the second stream's checkpoint: it needs --dual")
-        if args.dual and args.variant is not None:
-            raise ValueError("--variant does not apply with --dual (its streams are an "
-                             "equivariant and an invariant model)")
-        self.bus = BusConfig.from_env(run_dir=args.run_dir)
-        self.worker_cfg = WorkerConfig.from_env(
-            variant=args.variant, model_path=args.model, device=args.device,
-            encoder=args.encoder, img_size=args.img_size, mode=args.mode,
-            mrr_bank=args.mrr_bank, num_actions=args.num_actions,
-            publish_patches=args.patches or None,
-            compile=args.compile or None, threads=args.threads, untrained=args.untrained or None,
-            dual=args.dual or None, semantic_model_path=args.semantic_model, stream=args.stream)
-        h, w = _parse_hw(args.max_frame)
-        self.ring_cfg = RingConfig(slots=args.ring_slots, max_height=h, max_width=w)
+        self.cfg = cfg = config_from_args(args)
+        self.bus = cfg.bus
+        # a replay at --rate 0: its progress bar, no status line
+        self.replay_bar = cfg.capture is not None and bool(cfg.capture.options.get("progress"))
         self.ring_name = f"iwm_{os.getpid()}_{secrets.token_hex(4)}"
         self.run_dir = RunDir(self.bus.run_dir)
         self.endpoints: Endpoints = self.bus.endpoints()
@@ -221,22 +286,21 @@ class Launcher:
         self._check_source()
 
     def _check_checkpoints(self) -> None:
-        a = self.args
-        path = self.worker_cfg.checkpoint()
+        worker = self.cfg.worker
+        path = worker.checkpoint()
         paths = {"": path}
-        if self.worker_cfg.dual:
-            paths = {"equivariant stream ": path,
-                     "semantic stream ": self.worker_cfg.semantic_checkpoint()}
+        if worker.dual:
+            paths = {"equivariant stream ": path, "semantic stream ": worker.semantic_checkpoint()}
         for what, p in paths.items():
             if p is not None and not p.is_file():
                 hint = ("--semantic-model" if what.startswith("semantic") else
                         "--model / IWM_MODEL_PATH")
-                if self.worker_cfg.dual and p.parent == DEFAULT_CHECKPOINT.parent:
+                if worker.dual and p.parent == DEFAULT_CHECKPOINT.parent:
                     hint += "; the shipped pair is built by train/recipes/dual.sh"
                 raise FileNotFoundError(f"{what}checkpoint {p} does not exist ({hint})")
         given = [p for p in paths.values() if p is not None]
-        headers = checkpoint_headers(given, self.worker_cfg.variant, encoder=a.encoder,
-                                     img_size=a.img_size)
+        headers = checkpoint_headers(given, worker.variant, encoder=worker.encoder,
+                                     img_size=worker.img_size)
         self.checkpoint_info = headers[0] if headers else None
         if len(headers) == 2:
             (eq, sem) = (h["config"] for h in headers)
@@ -253,45 +317,29 @@ class Launcher:
         self.headers = list(zip(given, headers, strict=True))
 
     def _check_source(self) -> None:
-        from workers.capture import CaptureConfig
-        from workers.sources import check_spec, open_source
+        from workers.sources import open_source
 
-        a = self.args
-        check_spec(a.source)
-        if a.viewer is not None:
+        cfg, cap = self.cfg, self.cfg.capture
+        assert cap is not None  # only a --worker-only launcher has no capture
+        if cfg.viewer is not None:
             from workers.viewer import check_target
 
-            check_target(a.viewer)
-        if a.record is not None and not a.record.parent.is_dir():
-            raise FileNotFoundError(f"--record: folder {a.record.parent} does not exist")
-        for name in ("frames", "duration"):
-            value = getattr(a, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"--{name} must be positive, got {value}")
-        self.options = {k: v for k, v in (("start", a.start), ("end", a.end)) if v is not None}
-        if self.options and not a.source.startswith("replay:"):
-            raise ValueError("--start/--end apply only to a replay:PATH source")
-        # --rate 0 means "as fast as the worker allows": no fps cap either, and a replay
-        # shows a progress bar (on a terminal) instead of the status line
-        fps = 0.0 if a.rate == 0 else a.fps
-        self.replay_bar = a.rate == 0 and a.source.startswith("replay:")
-        capture_options = {**self.options, **({"progress": True} if self.replay_bar else {})}
-        self.capture_cfg = CaptureConfig(
-            source=a.source, fps=fps, mode=a.mode, frames=a.frames, duration=a.duration,
-            rate=a.rate, loop=a.loop, seed=a.seed, ring=self.ring_cfg, options=capture_options)
-        source = open_source(a.source, seed=a.seed, **self.options)
+            check_target(cfg.viewer.spec)
+        if cfg.recorder is not None and not cfg.recorder.path.parent.is_dir():
+            raise FileNotFoundError(f"--record: folder {cfg.recorder.path.parent} does not exist")
+        offsets = {k: v for k, v in cap.options.items() if k in ("start", "end")}
+        source = open_source(cap.source, seed=cap.seed, **offsets)
         try:  # probe: the frame size (checked against the ring) and the action space
             h, w, c = source.reset().pixels.shape
             self.action_space = dict(source.action_space)
         finally:
             source.close()
-        if h > self.ring_cfg.max_height or w > self.ring_cfg.max_width:
-            raise ValueError(f"source {a.source!r} gives {h}x{w} frames, larger than the ring's "
-                             f"{self.ring_cfg.max_height}x{self.ring_cfg.max_width} "
-                             "(--max-frame)")
+        if h > cap.ring.max_height or w > cap.ring.max_width:
+            raise ValueError(f"source {cap.source!r} gives {h}x{w} frames, larger than the "
+                             f"ring's {cap.ring.max_height}x{cap.ring.max_width} (--max-frame)")
         self.frame_shape = (h, w, c)
         for p, header in self.headers:
-            check_action_vocab(p, header, a.source, self.action_space)
+            check_action_vocab(p, header, cap.source, self.action_space)
 
     # ------------------------------------------------------------ start / supervise
 
@@ -306,7 +354,7 @@ class Launcher:
             assert self.link is not None
             self.endpoints = self.link.worker_endpoints()
             self.worker = Child("worker", "workers.encoder:run_worker",
-                                (self.worker_cfg, self.endpoints, ""), restart=True,
+                                (self.cfg.worker, self.endpoints, ""), restart=True,
                                 kwargs={"link": self.link})
             self.children.append(self.worker)
             self.worker.start(self.ctx)
@@ -318,27 +366,21 @@ class Launcher:
                                 (self.link, self.endpoints, self.ring_name))
         else:
             self.worker = Child("worker", "workers.encoder:run_worker",
-                                (self.worker_cfg, self.endpoints, self.ring_name), restart=True)
+                                (self.cfg.worker, self.endpoints, self.ring_name), restart=True)
         self.children.append(self.worker)
-        if self.args.record is not None:
-            from workers.recorder import RecorderConfig
-
-            rec = RecorderConfig(path=self.args.record, metadata={
-                "source": {"spec": self.args.source, "action_space": self.action_space}, "worker": to_dict(self.worker_cfg),
-                "capture": {"fps": self.args.fps, "mode": self.args.mode}})
+        cfg = self.cfg
+        if cfg.recorder is not None:
+            rec = replace(cfg.recorder, metadata=self.recording_metadata())
             self.children.append(Child("recorder", "workers.recorder:run_recorder",
                                        (rec, self.endpoints, self.ring_name)))
-        if self.args.viewer is not None:
-            from workers.viewer import ViewerConfig
-
+        if cfg.viewer is not None:
             self.children.append(Child("viewer", "workers.viewer:run_viewer",
-                                       (ViewerConfig(spec=self.args.viewer), self.endpoints,
-                                        self.ring_name)))
-        if self.args.agent == "demo":
+                                       (cfg.viewer, self.endpoints, self.ring_name)))
+        if cfg.agent is not None:
             self.children.append(Child("agent", "agent_bridge.demo_agent:run_demo_agent",
-                                       (str(self.bus.run_dir),)))
+                                       (str(self.bus.run_dir), cfg.agent)))
         self.capture = Child("capture", "workers.capture:run_capture",
-                             (self.capture_cfg, self.endpoints, self.ring_name))
+                             (cfg.capture, self.endpoints, self.ring_name))
         self.children.append(self.capture)
         for child in self.children:
             child.start(self.ctx)
@@ -378,18 +420,28 @@ class Launcher:
         self.write_manifest()
         return True
 
+    def manifest(self) -> dict[str, Any]:
+        """sidecar.json: what an agent (or an operator) needs to find every part (ring,
+        endpoints, the probed frame shape and action space, pids), and the config tree it
+        runs, ``to_dict(self.cfg)``: mode, capture, worker, bus, recorder, viewer, agent."""
+        assert self.cfg.capture is not None
+        return {"ring": self.ring_name, "endpoints": vars(self.endpoints),
+                "frame_shape": list(self.frame_shape), "action_space": self.action_space,
+                "source": self.cfg.capture.source, **to_dict(self.cfg),
+                "pids": {c.name: c.proc.pid for c in self.children if c.proc is not None},
+                "standby_pid": self.standby.proc.pid if self.standby is not None else None,
+                "restarts": {c.name: c.restarts for c in self.children if c.restart}}
+
     def write_manifest(self) -> None:
-        """sidecar.json: what an agent (or an operator) needs to find every part."""
-        if self.args.worker_only:
-            return  # the sidecar's manifest is on the game machine
-        self.run_dir.write_manifest({
-            "ring": self.ring_name, "endpoints": vars(self.endpoints),
-            "frame_shape": list(self.frame_shape), "worker": to_dict(self.worker_cfg),
-            "source": self.args.source, "mode": self.args.mode,
-            "action_space": self.action_space,
-            "pids": {c.name: c.proc.pid for c in self.children if c.proc is not None},
-            "standby_pid": self.standby.proc.pid if self.standby is not None else None,
-            "restarts": {c.name: c.restarts for c in self.children if c.restart}})
+        if not self.args.worker_only:  # else the sidecar's manifest is on the game machine
+            self.run_dir.write_manifest(self.manifest())
+
+    def recording_metadata(self) -> dict[str, Any]:
+        """What a recording says was run: the config tree, and the source's spec and probed
+        action space (a replay of it takes them from here)."""
+        assert self.cfg.capture is not None
+        return {**to_dict(self.cfg), "source": {"spec": self.cfg.capture.source,
+                                                "action_space": self.action_space}}
 
     def supervise(self) -> int:
         """Run until the capture ends, a signal arrives or the duration is over."""
@@ -444,7 +496,7 @@ class Launcher:
             if child.name == "recorder":  # the sidecar serves the agent without it
                 logger.error("recorder died ({}); going on without recording: {} holds the "
                              "session so far (opening it recovers a killed recording)",
-                             _describe_exit(child.proc.exitcode), self.args.record)
+                             _describe_exit(child.proc.exitcode), self.cfg.recorder.path)
                 self.children.remove(child)
                 self.recording_lost = True
                 return True

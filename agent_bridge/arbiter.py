@@ -46,6 +46,7 @@ import numpy as np
 from loguru import logger
 
 from agent_bridge.state import BeingState
+from iwm_bus.config import check, fail
 from iwm_bus.errors import StaleDataError
 
 __all__ = ["ESCALATE_Z", "ArbiterConfig", "ArbiterDecision", "ArbiterHooks", "TemporalCoherence"]
@@ -54,10 +55,6 @@ __all__ = ["ESCALATE_Z", "ArbiterConfig", "ArbiterDecision", "ArbiterHooks", "Te
 #: held-out play of the game mix under iwm-default-v1; the demo agent then escalates 0.57
 #: times a minute of held-out play (bench/escalation.py, docs/agent.md)
 ESCALATE_Z = 7.0
-
-
-def _bad(name: str, value: Any, why: str) -> None:
-    raise ValueError(f"ArbiterConfig.{name}={value!r}: {why}")
 
 
 @dataclass
@@ -104,38 +101,24 @@ class ArbiterConfig:
     max_metric_lag_frames: int = 5
 
     def __post_init__(self) -> None:
+        # surprise is the RMS of layer-normed latents: thresholds on it lie in (0, 2]
         for name in ("slow_down_surprise", "coherence_surprise"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not 0 < v <= 2.0:
-                _bad(name, v, "must be in (0, 2] (surprise is RMS of layer-normed latents)")
-        if not isinstance(self.escalate_mrr, (int, float)) or not 0 <= self.escalate_mrr <= 1:
-            _bad("escalate_mrr", self.escalate_mrr, "must be in [0, 1]")
-        if self.escalate_surprise is not None and (
-                not isinstance(self.escalate_surprise, (int, float))
-                or not 0 < self.escalate_surprise <= 2.0):
-            _bad("escalate_surprise", self.escalate_surprise, "must be None or in (0, 2]")
-        if self.escalate_surprise_z is not None and (
-                isinstance(self.escalate_surprise_z, bool)
-                or not isinstance(self.escalate_surprise_z, (int, float))
-                or not self.escalate_surprise_z > 0):
-            _bad("escalate_surprise_z", self.escalate_surprise_z, "must be None or > 0")
+            check(self, name, float, 0, 2.0, open_low=True)
+        check(self, "escalate_mrr", float, 0, 1)
+        check(self, "escalate_surprise_z", float, 0, open_low=True, optional=True)
+        check(self, "escalate_surprise", float, 0, 2.0, open_low=True, optional=True)
         for name in ("coherence_penalty", "coherence_recovery"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not 0 <= v <= 1:
-                _bad(name, v, "must be in [0, 1]")
-        if not 0 <= self.min_delay_s <= self.max_delay_s <= 60:
-            _bad("max_delay_s", self.max_delay_s,
-                 f"need 0 <= min_delay_s ({self.min_delay_s}) <= max_delay_s <= 60")
-        if self.wait_action_id is not None and (
-                isinstance(self.wait_action_id, bool) or not isinstance(self.wait_action_id, int)
-                or self.wait_action_id < 0):
-            _bad("wait_action_id", self.wait_action_id, "must be None or an int >= 0")
-        if not self.escalate_cooldown_s >= 0:
-            _bad("escalate_cooldown_s", self.escalate_cooldown_s, "must be >= 0")
-        if not self.max_age_ms > 0:
-            _bad("max_age_ms", self.max_age_ms, "must be > 0")
-        if not isinstance(self.max_metric_lag_frames, int) or self.max_metric_lag_frames < 0:
-            _bad("max_metric_lag_frames", self.max_metric_lag_frames, "must be an int >= 0")
+            check(self, name, float, 0, 1)
+        check(self, "min_delay_s", float, 0, 60)
+        check(self, "max_delay_s", float, 0, 60)
+        if self.max_delay_s < self.min_delay_s:
+            fail(self, "max_delay_s", f"must be >= min_delay_s ({self.min_delay_s})")
+        check(self, "prefer_wait", bool)
+        check(self, "wait_action_id", int, 0, optional=True)
+        check(self, "escalate_cooldown_s", float, 0)
+        check(self, "max_age_ms", float, 0, open_low=True)
+        check(self, "slow_down_when_stale", bool)
+        check(self, "max_metric_lag_frames", int, 0)
 
     @classmethod
     def calibrated(cls, surprises: Sequence[float] | np.ndarray, *, slow_down_pct: float = 95.0,

@@ -39,6 +39,7 @@ from iwm_bus.bus import topics
 from iwm_bus.bus.ring import clock_ns
 from iwm_bus.bus.rundir import RunDir
 from iwm_bus.bus.wire import make_decision
+from iwm_bus.config import check, fail
 
 __all__ = ["DemoAgent", "DemoConfig", "DemoStats", "main", "run_demo_agent"]
 
@@ -72,22 +73,18 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         for name in ("num_actions", "box_dim", "steps"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"DemoConfig.{name} must be None or an int >= 1, got {v!r}")
-        if isinstance(self.wait_action_id, bool) or not isinstance(self.wait_action_id, int) \
-                or self.wait_action_id < 0:
-            raise ValueError(f"DemoConfig.wait_action_id must be an int >= 0, got "
-                             f"{self.wait_action_id!r}")
-        if not 0.001 <= self.period_s <= 60:
-            raise ValueError(f"DemoConfig.period_s must be in 0.001..60, got {self.period_s}")
-        if not isinstance(self.repeat, int) or self.repeat < 1:
-            raise ValueError(f"DemoConfig.repeat must be an int >= 1, got {self.repeat!r}")
-        if self.duration_s is not None and not self.duration_s > 0:
-            raise ValueError(f"DemoConfig.duration_s must be > 0, got {self.duration_s}")
+            check(self, name, int, 1, optional=True)
+        check(self, "box_low", float)
+        check(self, "box_high", float)
         if not self.box_low < self.box_high:
-            raise ValueError(f"DemoConfig.box_low={self.box_low} must be < box_high="
-                             f"{self.box_high}")
+            fail(self, "box_low", f"must be < box_high={self.box_high}")
+        check(self, "wait_action_id", int, 0)
+        check(self, "period_s", float, 0.001, 60)
+        check(self, "repeat", int, 1)
+        check(self, "duration_s", float, 0, open_low=True, optional=True)
+        check(self, "manifest_timeout_s", float, 0, open_low=True)
+        check(self, "seed", int, 0)
+        check(self, "arbiter", ArbiterConfig)
 
 
 @dataclass

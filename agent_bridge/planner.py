@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from iwm_bus.actions import pad_cond
+from iwm_bus.config import check, fail
 
 __all__ = ["ActionSpace", "CEMPlanner", "Plan", "PlannerConfig", "RandomShootingPlanner",
            "client_rollout_fn", "latent_cost", "model_rollout_fn"]
@@ -108,32 +109,23 @@ class PlannerConfig:
     seed: int | None = 0
 
     def __post_init__(self) -> None:
-        for name, lo in [("horizon", 1), ("samples", 2), ("elites", 1), ("iterations", 1)]:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"PlannerConfig.{name} must be an int >= {lo}, got {v!r}")
-        if self.horizon > 64:
-            raise ValueError(f"PlannerConfig.horizon must be <= 64 (rollout limit), "
-                             f"got {self.horizon}")
+        check(self, "horizon", int, 1, 64)  # 64: the rollout limit
+        check(self, "samples", int, 2)
+        check(self, "elites", int, 1)
         if self.elites > self.samples:
-            raise ValueError(f"PlannerConfig.elites={self.elites} must be <= samples="
-                             f"{self.samples}")
-        if not 0 < self.min_std <= self.init_std:
-            raise ValueError(f"PlannerConfig.min_std={self.min_std} must be in (0, "
-                             f"init_std={self.init_std}]")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"PlannerConfig.momentum must be in [0, 1), got {self.momentum}")
-        if not 0 <= self.min_prob < 0.5:
-            raise ValueError(f"PlannerConfig.min_prob must be in [0, 0.5), got {self.min_prob}")
-        if self.distance not in DISTANCES:
-            raise ValueError(f"PlannerConfig.distance must be one of {DISTANCES}, got "
-                             f"{self.distance!r}")
-        if self.cost_on not in ("final", "all"):
-            raise ValueError(f"PlannerConfig.cost_on must be 'final' or 'all', got "
-                             f"{self.cost_on!r}")
+            fail(self, "elites", f"must be <= samples ({self.samples})")
+        check(self, "iterations", int, 1)
+        check(self, "init_std", float, 0, open_low=True)
+        check(self, "min_std", float, 0, open_low=True)
+        if self.min_std > self.init_std:
+            fail(self, "min_std", f"must be <= init_std ({self.init_std})")
+        check(self, "momentum", float, 0, 1, open_high=True)
+        check(self, "min_prob", float, 0, 0.5, open_high=True)
+        check(self, "distance", str, choices=DISTANCES)
+        check(self, "cost_on", str, choices=("final", "all"))
         for name in ("uncertainty_weight", "patch_weight"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"PlannerConfig.{name} must be >= 0, got {getattr(self, name)}")
+            check(self, name, float, 0)
+        check(self, "seed", int, 0, optional=True)
 
 
 @dataclass

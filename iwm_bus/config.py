@@ -1,4 +1,5 @@
-"""Configuration dataclasses, one per component, validated on construction.
+"""Configuration dataclasses, one per component, validated on construction, and the few
+helpers every config in the project uses (one validator, flags from field metadata, to_dict).
 
 Environment variables (the seed guide's ``IWM_*`` names) are read only at entry points, via
 ``BusConfig.from_env`` / ``WorkerConfig.from_env``, and the resulting objects are passed down.
@@ -9,16 +10,31 @@ Environment variables (the seed guide's ``IWM_*`` names) are read only at entry 
     IWM_RUN_DIR        run directory (ipc sockets, manifest)  (BusConfig.run_dir)
     IWM_SERVICE_HOST   host for tcp endpoints                 (BusConfig.tcp_host)
     IWM_SERVICE_PORT   base tcp port; set it to use tcp       (BusConfig.tcp_port)
+
+Validation: ``check(self, "slots", int, 2, 1024)`` in ``__post_init__`` checks the type
+before the range and raises :class:`ConfigError` (a ValueError) worded
+``RingConfig.slots=1: must be in 2..1024``; ``fail(self, name, why)`` for any other rule.
+
+Flags: a field whose metadata is ``flag("--fps", "capture rate cap")`` is a command-line
+flag of every entry point that walks its config with :func:`add_flags` (``iwm-launch`` walks
+the whole tree, ``launch.SidecarConfig``; ``python -m workers.encoder`` its worker part);
+:func:`flag_values` reads back the flags given. Type and ``store_true`` come from the
+field's annotation; argparse's default is None, so a flag not given leaves the field to the
+environment or its dataclass default.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from iwm_bus.bus.rundir import default_run_dir
 from iwm_bus.bus.transport import Endpoints
@@ -26,45 +42,215 @@ from iwm_bus.bus.transport import Endpoints
 VARIANTS = ("core", "invariant", "equivariant", "custom")
 MODES = ("realtime", "lossless")
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
+_UNSET: Any = object()
+
+# ------------------------------------------------------------------ one validator
 
 
-def _fail(cls: str, name: str, value: Any, why: str) -> None:
-    raise ValueError(f"{cls}.{name}={value!r}: {why}")
+class ConfigError(ValueError):
+    """A config field with a bad value: ``Class.field=value: why``. ``owner`` and ``name``
+    say which field, so an entry point can name the flag that set it (:func:`flag_error`)."""
+
+    def __init__(self, owner: str, name: str, value: Any, why: str) -> None:
+        super().__init__(f"{owner}.{name}={value!r}: {why}")
+        self.owner, self.name, self.value, self.why = owner, name, value, why
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across processes
+        return type(self), (self.owner, self.name, self.value, self.why)
 
 
-def _need(cls: str, name: str, value: Any, kind: type | tuple[type, ...]) -> None:
-    """Type check before range checks, so ``"8"`` fails with a ValueError, not a TypeError."""
-    if isinstance(value, bool) or not isinstance(value, kind):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        _fail(cls, name, value, f"must be {names}, got {type(value).__name__}")
+def fail(cfg: Any, name: str, why: str, value: Any = _UNSET) -> NoReturn:
+    """Raise the :class:`ConfigError` of ``cfg.name`` (its value unless ``value`` is given)."""
+    raise ConfigError(type(cfg).__name__, name, getattr(cfg, name) if value is _UNSET else value,
+                      why)
+
+
+_KIND_NAMES = {int: "an int", float: "a number", str: "a str", bool: "a bool"}
+
+
+def check(cfg: Any, name: str, kind: type | tuple[type, ...] | None = None,
+          low: float | None = None, high: float | None = None, *, choices: Iterable[Any] = (),
+          optional: bool = False, open_low: bool = False, open_high: bool = False) -> None:
+    """Validate ``cfg.name``: its type first (``float`` takes ints; a bool is never a
+    number), then ``choices`` and the range ``low..high`` (bounds inclusive unless open).
+    ``optional``: None passes."""
+    value = getattr(cfg, name)
+    if value is None and optional:
+        return
+    if kind is not None:
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        accepted = tuple(k for ks in kinds for k in ((int, float) if ks is float else (ks,)))
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, accepted):
+            names = " or ".join(_KIND_NAMES.get(k, f"a {k.__name__}") for k in kinds)
+            fail(cfg, name, f"must be {names}{' or None' if optional else ''}, got "
+                            f"{type(value).__name__}")
+    choices = tuple(choices)
+    if choices and value not in choices:
+        fail(cfg, name, f"must be one of {choices}")
+    # written so that NaN fails every range
+    too_low = low is not None and not (value > low if open_low else value >= low)
+    too_high = high is not None and not (value < high if open_high else value <= high)
+    if too_low or too_high:
+        fail(cfg, name, f"must be {_range_text(low, high, open_low, open_high)}")
+
+
+
+def _range_text(low: float | None, high: float | None, open_low: bool, open_high: bool) -> str:
+    def num(x: float) -> str:
+        return f"{x:g}" if isinstance(x, float) else str(x)
+
+    if low is not None and high is not None:
+        if not (open_low or open_high):
+            return f"in {num(low)}..{num(high)}"
+        return f"in {'(' if open_low else '['}{num(low)}, {num(high)}{')' if open_high else ']'}"
+    if low is not None:
+        return f"{'>' if open_low else '>='} {num(low)}"
+    return f"{'<' if open_high else '<='} {num(high)}"  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ flags from metadata
+
+
+def flag(name: str, help: str | None = None, *, group: str | None = None,
+         **argparse_kwargs: Any) -> dict[str, Any]:
+    """Field metadata that makes the field the flag ``name``: ``field(default=30.0,
+    metadata=flag("--fps", "capture rate cap (0 = no cap)"))``. ``group``: the entry point's
+    argparse group (else the part's, see :func:`flags_of`); other keywords (choices,
+    metavar, nargs, const) go to ``add_argument``."""
+    return {"flag": name, "help": help, "group": group, "argparse": argparse_kwargs}
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One flag of a config tree: the field at ``path`` (from the root) of ``owner``."""
+
+    name: str
+    path: tuple[str, ...]
+    owner: type
+    kind: type
+    group: str | None
+    help: str | None
+    # further add_argument keywords (choices, metavar, nargs, const)
+    argparse_kwargs: Mapping[str, Any]
+
+    @property
+    def dest(self) -> str:
+        """Its attribute in the parsed namespace: ``--img-size`` -> ``img_size``."""
+        return self.name.lstrip("-").replace("-", "_")
+
+
+def flags_of(cls: type, *, _path: tuple[str, ...] = (), _group: str | None = None
+             ) -> list[Flag]:
+    """The flags of ``cls`` and of the dataclasses in its fields (a part), in field order.
+    A part field's metadata ``{"group": key}`` puts its flags in that group."""
+    hints = typing.get_type_hints(cls)
+    out: list[Flag] = []
+    for f in dataclasses.fields(cls):
+        kind, group = _without_none(hints[f.name]), f.metadata.get("group") or _group
+        if "flag" in f.metadata:
+            out.append(Flag(f.metadata["flag"], (*_path, f.name), cls, kind, group,
+                            f.metadata["help"], f.metadata["argparse"]))
+        elif dataclasses.is_dataclass(kind):
+            out.extend(flags_of(kind, _path=(*_path, f.name), _group=group))  # type: ignore[arg-type]
+    return out
+
+
+def _without_none(hint: Any) -> Any:
+    """``X | None`` -> ``X``."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return hint
+
+
+def add_flags(parser: Any, cls: type, groups: Mapping[str, Any] | None = None) -> list[Flag]:
+    """Add the flags of ``cls`` (:func:`flags_of`) to ``parser``, each to ``groups[key]``
+    when it has a group; returns them (for :func:`flag_values`)."""
+    flags = flags_of(cls)
+    for fl in flags:
+        target = parser if fl.group is None or groups is None else groups[fl.group]
+        kw: dict[str, Any] = {"help": fl.help, "dest": fl.dest, "default": None}
+        if fl.kind is bool:
+            kw["action"] = "store_true"
+        elif fl.kind in (int, float, str, Path):
+            kw["type"] = fl.kind
+        else:
+            raise TypeError(f"{fl.owner.__name__}.{fl.path[-1]}: a flag needs a bool, int, "
+                            f"float, str or Path field, not {fl.kind}")
+        target.add_argument(fl.name, **kw, **fl.argparse_kwargs)
+    return flags
+
+
+def flag_values(args: argparse.Namespace, flags: Iterable[Flag]) -> dict[str, Any]:
+    """The flags given in ``args`` as nested field values, ``{"capture": {"fps": 10.0}}``
+    (a flag not given is absent)."""
+    out: dict[str, Any] = {}
+    for fl in flags:
+        value = getattr(args, fl.dest)
+        if value is not None:
+            node = out
+            for key in fl.path[:-1]:
+                node = node.setdefault(key, {})
+            node[fl.path[-1]] = value
+    return out
+
+
+def flag_error(e: ConfigError, args: argparse.Namespace, flags: Iterable[Flag]) -> ValueError:
+    """``e`` naming the flag that set the field, ``--frames: CaptureConfig.frames=0: ...``;
+    ``e`` itself when no flag given set it (the environment, a default)."""
+    for fl in flags:
+        if (fl.owner.__name__, fl.path[-1]) == (e.owner, e.name) and \
+                getattr(args, fl.dest) is not None:
+            return ValueError(f"{fl.name}: {e}")
+    return e
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A config (tree) as plain JSON-able data, paths as strings, for manifests and
+    recordings."""
+    return _plain(dataclasses.asdict(cfg))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+#: ``--mode``: ``SidecarConfig.mode`` of iwm-launch, which hands it to capture and worker,
+#: and the worker's own in ``python -m workers.encoder``
+MODE_FLAG = flag("--mode", "realtime: newest frame, skips counted; lossless: every frame",
+                 group="source", choices=MODES)
+
+# ------------------------------------------------------------------ the library's parts
 
 
 @dataclass
 class RingConfig:
     # number of slots; lossless pacing keeps at most slots - 1 frames in flight
-    slots: int = 8
+    slots: int = field(default=8, metadata=flag("--ring-slots"))
     # largest frame the ring holds (pixels); bigger frames are refused before start
+    # (iwm-launch --max-frame HxW sets both)
     max_height: int = 1080
     max_width: int = 1920
     # colour channels (3 = RGB)
     channels: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("slots", "max_height", "max_width"):
-            _need("RingConfig", name, getattr(self, name), int)
-        if not 2 <= self.slots <= 1024:
-            _fail("RingConfig", "slots", self.slots, "must be in 2..1024")
-        for name in ("max_height", "max_width"):
-            if not 1 <= getattr(self, name) <= 8192:
-                _fail("RingConfig", name, getattr(self, name), "must be in 1..8192")
-        if self.channels not in (1, 3, 4):
-            _fail("RingConfig", "channels", self.channels, "must be 1, 3 or 4")
+        check(self, "slots", int, 2, 1024)
+        check(self, "max_height", int, 1, 8192)
+        check(self, "max_width", int, 1, 8192)
+        check(self, "channels", int, choices=(1, 3, 4))
 
 
 @dataclass
 class BusConfig:
     # run directory for ipc sockets and the manifest (env IWM_RUN_DIR)
-    run_dir: Path = field(default_factory=default_run_dir)
+    run_dir: Path = field(default_factory=default_run_dir,
+                          metadata=flag("--run-dir", "folder for sockets + manifest"))
     # host for tcp endpoints (env IWM_SERVICE_HOST); loopback unless configured
     tcp_host: str = "127.0.0.1"
     # base tcp port (env IWM_SERVICE_PORT); None = ipc sockets in run_dir
@@ -72,10 +258,8 @@ class BusConfig:
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
-        if self.tcp_port is not None:
-            _need("BusConfig", "tcp_port", self.tcp_port, int)
-        if self.tcp_port is not None and not 1 <= self.tcp_port <= 65532:
-            _fail("BusConfig", "tcp_port", self.tcp_port, "must be in 1..65532")
+        check(self, "tcp_host", str)
+        check(self, "tcp_port", int, 1, 65532, optional=True)
 
     def endpoints(self) -> Endpoints:
         if self.tcp_port is not None:
@@ -99,92 +283,93 @@ class BusConfig:
 class WorkerConfig:
     # model variant (env IWM_MODEL_VARIANT); None = the checkpoint's (core when untrained).
     # Given explicitly, a checkpoint of another variant is refused.
-    variant: str | None = None
+    variant: str | None = field(default=None, metadata=flag("--variant", choices=VARIANTS))
     # checkpoint path (env IWM_MODEL_PATH); None = the shipped default model
-    model_path: Path | None = None
+    model_path: Path | None = field(default=None, metadata=flag(
+        "--model", "checkpoint (default: the shipped model, trained on games)"))
     # ignore the shipped default and run random weights of variant/encoder (plumbing tests;
     # a warning is logged)
-    untrained: bool = False
+    untrained: bool = field(default=False, metadata=flag(
+        "--untrained", "random weights of --variant/--encoder instead (plumbing tests)"))
     # torch device string (env IWM_DEVICE)
-    device: str = "cpu"
+    device: str = field(default="cpu", metadata=flag("--device", "cpu | cuda | cuda:N"))
     # timm encoder override (e.g. vit_tiny_patch16_224 for CPU); None = the variant's default
-    encoder: str | None = None
+    encoder: str | None = field(default=None, metadata=flag(
+        "--encoder", "timm encoder, e.g. vit_tiny_patch16_224 for CPU"))
     # encoder input size override in pixels; None = the model's default (224)
-    img_size: int | None = None
+    img_size: int | None = field(default=None, metadata=flag(
+        "--img-size", "encoder input size (multiple of 16)"))
     # discrete action tokens of an untrained model (ALE has at most 18 actions); a checkpoint
     # brings its own
-    num_actions: int = 32
-    # realtime: always the newest frame (skips counted); lossless: every frame in order
+    num_actions: int = field(default=32, metadata=flag(
+        "--num-actions", "discrete action tokens of an untrained model (default 32)"))
+    # realtime: always the newest frame (skips counted); lossless: every frame in order.
+    # iwm-launch sets it from its one --mode (launch.SidecarConfig.mode)
     mode: str = "realtime"
     # MRR candidates: the K most recent other latents
-    mrr_bank: int = 32
+    mrr_bank: int = field(default=32, metadata=flag("--mrr-bank"))
     # publish patch latents (float16) on iwm.latent as well as z_cls
-    publish_patches: bool = False
+    publish_patches: bool = field(default=False, metadata=flag(
+        "--patches", "publish patch latents"))
     # seconds between iwm.stats messages
     stats_interval_s: float = 1.0
     # torch.compile the model (CUDA)
-    compile: bool = False
+    compile: bool = field(default=False, metadata=flag("--compile", "torch.compile (CUDA)"))
     # torch CPU threads; 0 = auto (all cores but one, which is left to the capture)
-    threads: int = 0
+    threads: int = field(default=0, metadata=flag(
+        "--threads", "torch CPU threads (default: all cores but one)"))
     # two streams in one worker (issue 11): model_path is then the equivariant (control)
     # stream's checkpoint and semantic_model_path the invariant (semantic) one's; None = the
     # shipped pair (iwm_bus/weights/{equivariant,invariant}.pt)
-    dual: bool = False
-    semantic_model_path: Path | None = None
+    dual: bool = field(default=False, metadata=flag(
+        "--dual", "two streams in one worker: the shipped equivariant (control, on the plain "
+                  "topics) + invariant (semantic, iwm.*.semantic) pair"))
+    semantic_model_path: Path | None = field(default=None, metadata=flag(
+        "--semantic-model", "with --dual: the semantic stream's checkpoint (--model is then "
+                            "the equivariant stream's)"))
     # publish this (single-stream) worker's results as the named stream, on
     # ``iwm.*.<stream>`` (e.g. semantic), not on the plain topics: how a second worker on
     # another machine adds a stream beside the first (it then serves no RPC); None = plain
-    stream: str | None = None
+    stream: str | None = field(default=None, metadata=flag(
+        "--stream", "with --worker-only: publish as the named stream (iwm.*.NAME, e.g. "
+                    "semantic) beside another worker's", group="remote", metavar="NAME"))
 
     def __post_init__(self) -> None:
-        if self.variant is not None and self.variant not in VARIANTS:
-            _fail("WorkerConfig", "variant", self.variant, f"must be one of {VARIANTS}")
+        check(self, "variant", str, choices=VARIANTS, optional=True)
         if self.model_path is not None:
             self.model_path = Path(self.model_path)
             if self.untrained:
-                _fail("WorkerConfig", "untrained", self.untrained,
-                      "contradicts model_path (a checkpoint is trained weights)")
+                fail(self, "untrained", "contradicts model_path (a checkpoint is trained weights)")
         if self.semantic_model_path is not None:
             self.semantic_model_path = Path(self.semantic_model_path)
             if not self.dual:
-                _fail("WorkerConfig", "semantic_model_path", self.semantic_model_path,
-                      "is the second stream's checkpoint: set dual too")
+                fail(self, "semantic_model_path", "is the second stream's checkpoint: set dual too")
             if self.untrained:
-                _fail("WorkerConfig", "untrained", self.untrained,
-                      "contradicts semantic_model_path (a checkpoint is trained weights)")
+                fail(self, "untrained",
+                     "contradicts semantic_model_path (a checkpoint is trained weights)")
         if self.stream is not None:
             if not isinstance(self.stream, str) or not re.fullmatch(r"[a-z][a-z0-9_]{0,31}",
                                                                     self.stream):
-                _fail("WorkerConfig", "stream", self.stream,
-                      "must be a lower-case name such as semantic")
+                fail(self, "stream", "must be a lower-case name such as semantic")
             if self.dual:
-                _fail("WorkerConfig", "stream", self.stream,
-                      "names a single-stream worker's stream; a dual worker has two")
+                fail(self, "stream", "names a single-stream worker's stream; a dual worker has two")
         if self.dual and self.variant is not None:
-            _fail("WorkerConfig", "variant", self.variant,
-                  "does not apply to a dual worker (its streams are equivariant and invariant)")
-        _need("WorkerConfig", "device", self.device, str)
-        _need("WorkerConfig", "mrr_bank", self.mrr_bank, int)
-        _need("WorkerConfig", "stats_interval_s", self.stats_interval_s, (int, float))
-        if self.img_size is not None:
-            _need("WorkerConfig", "img_size", self.img_size, int)
+            fail(self, "variant",
+                 "does not apply to a dual worker (its streams are equivariant and invariant)")
+        check(self, "device", str)
         if not _DEVICE_RE.match(self.device):
-            _fail("WorkerConfig", "device", self.device, "must be cpu, cuda or cuda:N")
-        if self.mode not in MODES:
-            _fail("WorkerConfig", "mode", self.mode, f"must be one of {MODES}")
-        _need("WorkerConfig", "threads", self.threads, int)
-        if not 0 <= self.threads <= 256:
-            _fail("WorkerConfig", "threads", self.threads, "must be in 0..256 (0 = auto)")
-        _need("WorkerConfig", "num_actions", self.num_actions, int)
-        if not 0 <= self.num_actions <= 4096:
-            _fail("WorkerConfig", "num_actions", self.num_actions, "must be in 0..4096")
-        if not 1 <= self.mrr_bank <= 4096:
-            _fail("WorkerConfig", "mrr_bank", self.mrr_bank, "must be in 1..4096")
-        if self.img_size is not None and (self.img_size < 16 or self.img_size % 16):
-            _fail("WorkerConfig", "img_size", self.img_size, "must be a multiple of 16, >= 16")
-        if not 0.05 <= self.stats_interval_s <= 3600:
-            _fail("WorkerConfig", "stats_interval_s", self.stats_interval_s,
-                  "must be in 0.05..3600")
+            fail(self, "device", "must be cpu, cuda or cuda:N")
+        check(self, "encoder", str, optional=True)
+        check(self, "img_size", int, 16, optional=True)
+        if self.img_size is not None and self.img_size % 16:
+            fail(self, "img_size", "must be a multiple of 16, >= 16")
+        check(self, "num_actions", int, 0, 4096)
+        check(self, "mode", str, choices=MODES)
+        check(self, "mrr_bank", int, 1, 4096)
+        check(self, "stats_interval_s", float, 0.05, 3600)
+        check(self, "threads", int, 0, 256)
+        for name in ("untrained", "publish_patches", "compile", "dual"):
+            check(self, name, bool)
 
     def checkpoint(self) -> Path | None:
         """The checkpoint the worker loads (a dual worker's equivariant stream): ``model_path``,
@@ -224,8 +409,3 @@ def _env_int(env: Mapping[str, str], name: str) -> int:
         return int(env[name])
     except ValueError:
         raise ValueError(f"environment variable {name}={env[name]!r} must be an integer") from None
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """A config as plain JSON-able data (paths as strings), for manifests and recordings."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}

@@ -5,10 +5,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import pickle
 import stat
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +19,21 @@ import numpy as np
 import pytest
 import zmq
 
+from iwm_bus import config
 from iwm_bus.bus import rpc
 from iwm_bus.bus.rundir import LOCK, MANIFEST, RunDir, default_run_dir
 from iwm_bus.bus.transport import Endpoints, Publisher
-from iwm_bus.config import BusConfig, RingConfig, WorkerConfig, to_dict
+from iwm_bus.config import (
+    BusConfig,
+    ConfigError,
+    RingConfig,
+    WorkerConfig,
+    add_flags,
+    flag,
+    flag_error,
+    flag_values,
+    to_dict,
+)
 from iwm_bus.errors import RunDirBusyError
 
 WAIT_S = 30.0
@@ -94,6 +108,115 @@ def test_to_dict_is_json_ready(tmp_path: Path) -> None:
     assert data["model_path"] == str(tmp_path / "m.pt")
     assert json.loads(json.dumps(data)) == data
     assert to_dict(BusConfig(run_dir=tmp_path))["run_dir"] == str(tmp_path)
+
+
+@dataclass
+class Probe:
+    n: int | None = None
+    x: float = 1.0
+    on: bool = False
+
+    def __post_init__(self) -> None:
+        config.check(self, "n", int, 1, 10, optional=True)
+        config.check(self, "x", float, 0, 1, open_low=True)
+        config.check(self, "on", bool)
+
+
+@pytest.mark.parametrize("kwargs,says", [
+    ({"n": "3"}, "Probe.n='3': must be an int or None, got str"),  # type first: no TypeError
+    ({"n": True}, "Probe.n=True: must be an int or None, got bool"),
+    ({"n": 0}, "Probe.n=0: must be in 1..10"),
+    ({"x": 0}, "Probe.x=0: must be in (0, 1]"),
+    ({"x": float("nan")}, "Probe.x=nan: must be in (0, 1]"),
+    ({"x": True}, "Probe.x=True: must be a number, got bool"),
+    ({"on": 1}, "Probe.on=1: must be a bool, got int"),
+])
+def test_check_tests_the_type_before_the_range(kwargs: dict[str, Any], says: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Probe(**kwargs)
+    assert str(info.value) == says
+    assert isinstance(info.value, ValueError)
+    (name, value), = kwargs.items()
+    assert (info.value.owner, info.value.name) == ("Probe", name)
+    again = pickle.loads(pickle.dumps(info.value))  # crosses process boundaries whole
+    assert str(again) == says and again.name == name
+    assert Probe(n=None, x=1, on=True).x == 1  # None passes an optional field; ints are numbers
+
+
+def _every_part() -> list[tuple[Any, dict[str, Any], str]]:
+    """One bad value for each config class of the project: (class, kwargs, bad field)."""
+    from agent_bridge.arbiter import ArbiterConfig
+    from agent_bridge.demo_agent import DemoConfig
+    from agent_bridge.planner import PlannerConfig
+    from launch import SidecarConfig
+    from workers.capture import CaptureConfig
+    from workers.recorder import RecorderConfig
+    from workers.viewer import ViewerConfig
+
+    return [(RingConfig, {"slots": "8"}, "slots"), (BusConfig, {"tcp_port": 1.5}, "tcp_port"),
+            (WorkerConfig, {"threads": -1}, "threads"),
+            (CaptureConfig, {"seed": "0"}, "seed"), (CaptureConfig, {"loop": "yes"}, "loop"),
+            (RecorderConfig, {"path": "x.mcap", "queue_bytes": "1"}, "queue_bytes"),
+            (ViewerConfig, {"max_side": 8}, "max_side"),
+            (DemoConfig, {"period_s": "0.1"}, "period_s"), (DemoConfig, {"repeat": 0}, "repeat"),
+            (ArbiterConfig, {"escalate_mrr": "0.2"}, "escalate_mrr"),
+            (PlannerConfig, {"horizon": "5"}, "horizon"), (PlannerConfig, {"elites": 400}, "elites"),
+            (SidecarConfig, {"mode": "fast"}, "mode"), (SidecarConfig, {"worker": None}, "worker")]
+
+
+def test_every_config_uses_the_one_validator() -> None:
+    """Each part of the tree (and the agent's arbiter and planner) says ``Class.field=value:
+    why`` through one ConfigError, a type error included."""
+    for cls, kwargs, name in _every_part():
+        with pytest.raises(ConfigError) as info:
+            cls(**kwargs)
+        value = kwargs[name]
+        assert str(info.value).startswith(f"{cls.__name__}.{name}={value!r}: "), info.value
+        assert (info.value.owner, info.value.name) == (cls.__name__, name)
+
+
+@dataclass
+class Inner:
+    depth: int = field(default=3, metadata=flag("--depth", "how deep"))
+    where: Path | None = field(default=None, metadata=flag("--where", group="b"))
+    hidden: int = 0  # no flag
+
+
+@dataclass
+class Outer:
+    fast: bool = field(default=False, metadata=flag("--fast", "go fast"))
+    inner: Inner = field(default_factory=Inner, metadata={"group": "a"})
+    level: str = field(default="x", metadata=flag("--level", choices=("x", "y")))
+
+
+def test_flags_come_from_field_metadata() -> None:
+    p = argparse.ArgumentParser()
+    groups = {"a": p.add_argument_group("A"), "b": p.add_argument_group("B")}
+    flags = add_flags(p, Outer, groups)
+    assert [(f.name, f.path, f.group) for f in flags] == [
+        ("--fast", ("fast",), None), ("--depth", ("inner", "depth"), "a"),
+        ("--where", ("inner", "where"), "b"), ("--level", ("level",), None)]
+    assert [a.option_strings for a in groups["a"]._group_actions] == [["--depth"]]
+    assert flag_values(p.parse_args([]), flags) == {}  # not given: the defaults stay theirs
+    args = p.parse_args(["--fast", "--depth", "5", "--where", "/tmp/w", "--level", "y"])
+    assert flag_values(args, flags) == {"fast": True, "level": "y",
+                                        "inner": {"depth": 5, "where": Path("/tmp/w")}}
+    with pytest.raises(SystemExit):
+        p.parse_args(["--level", "z"])
+    e = ConfigError("Inner", "depth", 0, "must be >= 1")
+    assert str(flag_error(e, args, flags)) == "--depth: Inner.depth=0: must be >= 1"
+    assert flag_error(e, p.parse_args([]), flags) is e  # not set by a flag: not blamed on it
+
+
+def test_to_dict_is_json_ready_all_the_way_down(tmp_path: Path) -> None:
+    @dataclass
+    class Tree:
+        worker: WorkerConfig
+        shape: tuple[int, int] = (2, 3)
+
+    data = to_dict(Tree(WorkerConfig(model_path=tmp_path / "m.pt")))
+    assert data["worker"]["model_path"] == str(tmp_path / "m.pt") and data["shape"] == [2, 3]
+    assert json.loads(json.dumps(data)) == data
 
 
 # ------------------------------------------------------------------ run dir

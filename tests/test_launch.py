@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,10 @@ import zmq
 from iwm_bus.bus import topics, wire
 from iwm_bus.bus.rundir import RunDir
 from iwm_bus.bus.transport import Endpoints, Subscriber
+from iwm_bus.config import flag, flags_of, to_dict
 from iwm_bus.default_model import default_checkpoint
+from launch import Launcher, SidecarConfig, config_from_args, parse_args
+from workers.capture import CaptureConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--untrained", "--encoder", "vit_tiny_patch16_224", "--img-size", "32"]
@@ -231,6 +235,8 @@ def test_garbage_on_action_and_rpc_does_not_stop_the_worker():
     (["--source", "synthetic", "--model", "/nonexistent/ckpt.pt"], "/nonexistent/ckpt.pt"),
     (["--source", "synthetic:64x64", "--max-frame", "32x32"], "larger than the ring"),
     (["--source", "synthetic", "--frames", "0"], "--frames"),
+    (["--source", "synthetic", "--ring-slots", "1"], "--ring-slots: RingConfig.slots=1"),
+    (["--source", "synthetic", "--threads", "999"], "--threads: WorkerConfig.threads=999"),
     # issue 13: a foreign file, a truncated checkpoint, another encoder / size than asked
     (["--source", "synthetic", "--model", "{tmp}/passwd"], "not a torch checkpoint"),
     (["--source", "synthetic", "--model", "{tmp}/cut.pt"], "truncated or corrupt"),
@@ -286,7 +292,10 @@ def test_lossless_resumes_after_the_worker_is_killed():
     with Sidecar("--source", "synthetic:64x64", "--mode", "lossless", "--frames", str(n),
                  "--fps", "20", *TINY) as sc:
         msgs = sc.collect(lambda m: sum(x["kind"] == "latent" for x in m) >= 5, timeout=120)
-        os.kill(sc.manifest()["pids"]["worker"], signal.SIGKILL)
+        info = sc.manifest()  # the config tree that runs: one mode, in capture and worker
+        assert info["mode"] == info["capture"]["mode"] == info["worker"]["mode"] == "lossless"
+        assert info["capture"]["frames"] == n and info["worker"]["img_size"] == 32
+        os.kill(info["pids"]["worker"], signal.SIGKILL)
         msgs += sc.collect(lambda m: any(x["kind"] == "latent" and x["seq"] == n - 1
                                          for x in m), timeout=120)
         assert sc.wait(60) == 0, sc.output()
@@ -431,6 +440,9 @@ def test_killing_each_process_in_turn_during_a_recorded_lossless_replay(tmp_path
         _assert_clean(sc)
     got = SessionReader(rec)
     assert 10 <= sum(1 for _ in got.frame_records()) < 240
+    meta = got.metadata  # the recording carries the tree it was made with
+    assert meta["mode"] == meta["capture"]["mode"] == meta["worker"]["mode"] == "lossless"
+    assert meta["source"]["spec"] == "gym:ALE/Pong-v5" and meta["agent"]["repeat"] == 4
 
     with Sidecar("--source", "synthetic:64x64", "--fps", "20", "--duration", "180",
                  *TINY) as sc:
@@ -439,3 +451,129 @@ def test_killing_each_process_in_turn_during_a_recorded_lossless_replay(tmp_path
         assert sc.wait(60) == 1
         assert "capture ended" in sc.output()
         _assert_clean(sc)
+
+
+# ----------------------------------------------------------------------------- the config tree
+
+
+def _field(cfg, path):
+    for name in path:
+        cfg = getattr(cfg, name)
+    return cfg
+
+
+#: a valid value for the flags that need one (any other takes 3, 2.5, "x" or /tmp/p)
+SAMPLES = {"--device": "cuda:1", "--img-size": "32", "--ring-slots": "4", "--stream": "semantic",
+           "--viewer": "save:/tmp/v.rrd"}
+
+
+def test_every_flag_of_the_tree_sets_its_field():
+    """Each field with a flag is reachable from the command line, at its place in the tree."""
+    flags = flags_of(SidecarConfig)
+    assert {"--mode", "--fps", "--ring-slots", "--model", "--patches", "--run-dir", "--record",
+            "--viewer", "--stream"} <= {f.name for f in flags}
+    for fl in flags:
+        extra = ["--dual"] if fl.name == "--semantic-model" else []
+        extra += ["--worker-only", "--connect", "h:5570"] if fl.name == "--stream" else []
+        if fl.kind is bool:
+            argv, want = [fl.name], True
+        else:
+            text = SAMPLES.get(fl.name) or (fl.argparse_kwargs.get("choices") or [None])[-1] or {
+                int: "3", float: "2.5", str: "x"}.get(fl.kind, "/tmp/p")
+            argv, want = [fl.name, text], fl.kind(text)
+        cfg = config_from_args(parse_args(["--source", "synthetic", *argv, *extra]), env={})
+        assert _field(cfg, fl.path) == want, (fl.name, fl.path)
+
+
+@dataclass
+class NewCapture(CaptureConfig):
+    jitter: float = field(default=0.0, metadata=flag("--jitter", "a new knob"))
+
+
+@dataclass
+class NewTree(SidecarConfig):
+    capture: NewCapture | None = field(default_factory=NewCapture, metadata={"group": "source"})
+
+
+def test_a_field_added_to_a_part_gets_its_flag():
+    fl = {f.name: f for f in flags_of(NewTree)}["--jitter"]
+    assert fl.path == ("capture", "jitter") and fl.group == "source" and fl.kind is float
+    assert {f.name for f in flags_of(NewTree)} == {f.name for f in flags_of(SidecarConfig)} | {
+        "--jitter"}
+
+
+def test_the_tree_hands_its_one_mode_to_capture_and_worker():
+    from iwm_bus.config import WorkerConfig
+
+    cfg = SidecarConfig(mode="lossless", capture=CaptureConfig(mode="realtime"),
+                        worker=WorkerConfig(mode="realtime"))
+    assert cfg.capture.mode == cfg.worker.mode == "lossless"
+    assert SidecarConfig().capture.mode == SidecarConfig().worker.mode == "realtime"
+    for argv, mode in [([], "realtime"), (["--mode", "lossless"], "lossless")]:
+        cfg = config_from_args(parse_args(["--source", "synthetic", *argv]), env={})
+        assert cfg.mode == cfg.capture.mode == cfg.worker.mode == mode
+    worker_only = config_from_args(parse_args(["--worker-only", "--connect", "h:5570", "--mode",
+                                               "lossless"]), env={})
+    assert worker_only.capture is None and worker_only.worker.mode == "lossless"
+
+
+def test_flags_build_the_tree_as_the_launcher_always_did(tmp_path):
+    cfg = config_from_args(parse_args([]), env={"IWM_DEVICE": "cuda:0"})
+    assert cfg.capture.source == "gym:ALE/Breakout-v5" and cfg.agent is not None
+    assert cfg.capture.fps == 30.0 and cfg.capture.ring.max_height == 1080
+    assert cfg.worker.device == "cuda:0" and cfg.recorder is None and cfg.viewer is None
+    (tmp_path / "s.mcap").write_bytes(b"")  # the spec check only asks that it exists
+    cfg = config_from_args(parse_args(
+        ["--source", f"replay:{tmp_path}/s.mcap", "--rate", "0", "--start", "1.5", "--max-frame",
+         "64x48", "--record", str(tmp_path / "r.mcap"), "--viewer", "--device", "cpu"]),
+        env={"IWM_DEVICE": "cuda:0"})
+    assert cfg.capture.fps == 0.0 and cfg.capture.options == {"start": 1.5, "progress": True}
+    assert (cfg.capture.ring.max_height, cfg.capture.ring.max_width) == (64, 48)
+    assert cfg.recorder.path == tmp_path / "r.mcap" and cfg.viewer.spec == "spawn"
+    assert cfg.agent is None and cfg.worker.device == "cpu"  # a flag beats the environment
+
+
+def test_a_bad_value_names_its_flag_but_not_one_the_environment_set():
+    with pytest.raises(ValueError, match=r"^--device: WorkerConfig.device='gpu': "):
+        config_from_args(parse_args(["--device", "gpu"]), env={})
+    with pytest.raises(ValueError, match=r"^WorkerConfig.device='gpu': "):
+        config_from_args(parse_args([]), env={"IWM_DEVICE": "gpu"})
+
+
+def test_sidecar_json_and_the_recording_metadata_are_the_tree(tmp_path):
+    args = parse_args(["--run-dir", str(tmp_path / "run"), "--source", "synthetic:32x24",
+                       "--mode", "lossless", "--frames", "7", "--record", str(tmp_path / "r.mcap"),
+                       "--agent", "demo", *TINY])
+    launcher = Launcher(args)
+    launcher.headers = []
+    launcher._check_source()  # probes the frame shape and action space
+    tree = json.loads(json.dumps(to_dict(launcher.cfg)))
+    assert set(tree) == {"mode", "capture", "worker", "bus", "recorder", "viewer", "agent"}
+    with launcher.run_dir:
+        launcher.write_manifest()
+        manifest = launcher.run_dir.read_manifest()
+    assert {k: manifest[k] for k in tree} == tree
+    assert manifest["frame_shape"] == [24, 32, 3] and manifest["source"] == "synthetic:32x24"
+    assert manifest["capture"]["frames"] == 7 and manifest["worker"]["mode"] == "lossless"
+    meta = launcher.recording_metadata()
+    assert {k: meta[k] for k in tree if k != "source"} == tree
+    assert meta["source"] == {"spec": "synthetic:32x24", "action_space": launcher.action_space}
+
+
+def test_the_worker_command_takes_the_launchers_worker_flags(monkeypatch):
+    import workers.encoder as encoder
+
+    got = {}
+    monkeypatch.setattr(encoder, "run_worker",
+                        lambda cfg, eps, ring: got.update(cfg=cfg, eps=eps, ring=ring) or 0)
+    monkeypatch.delenv("IWM_DEVICE", raising=False)
+    assert encoder.main(["--ring", "iwm_r", "--run-dir", "/tmp/iwmw", "--mode", "lossless",
+                         "--patches", "--threads", "2", "--untrained"]) == 0
+    cfg = got["cfg"]
+    assert (cfg.mode, cfg.publish_patches, cfg.threads, cfg.untrained) == ("lossless", True, 2,
+                                                                           True)
+    assert got["ring"] == "iwm_r" and got["eps"].worker == "ipc:///tmp/iwmw/worker.sock"
+    assert encoder.main(["--ring", "r", "--publish-patches"]) == 0  # its former flag name
+    assert got["cfg"].publish_patches
+    with pytest.raises(SystemExit):  # a bad value: one usage error naming the flag
+        encoder.main(["--ring", "r", "--threads", "999"])
