@@ -12,14 +12,16 @@ PUB ``endpoints.capture`` and connects a SUB to ``endpoints.agent`` for ``agent.
 the latest action drives the source (gym envs, the synthetic square). Per frame: step the
 source → ``ring.write`` (never waits for readers) → for a replay source, re-publish the
 recorded action on ``agent.action`` → publish the notice ``{seq, slot, t_capture_ns,
-height, width, channels, action, source}`` → pace. ``iwm.stats`` (source ``capture``) goes
+height, width, channels, action, source, ring_id}`` (``action``: the source's, else the
+agent's latest: the one way an action reaches the worker) → pace. ``iwm.stats`` (source ``capture``) goes
 out once a second.
 
 Pacing: ``fps`` caps the frame rate (0 = no cap); frames that carry a recorded time (replay,
 video) follow it at ``rate`` x real time instead (``rate`` 0 = no recorded pacing, the fps
 cap applies). ``mode="lossless"`` adds a credit window on the worker's published seq (every
-``iwm.surprise`` carries the seq it processed): capture waits for a first message from the
-worker before writing, never has more than ``slots - 1`` unprocessed frames in the ring, and
+``iwm.surprise`` carries the seq it processed): capture waits for the worker's
+``iwm.ready`` before writing (and re-sends the oldest unprocessed notice to a worker whose
+``iwm.ready`` says it has seen none), never has more than ``slots - 1`` unprocessed frames in the ring, and
 at the end waits up to ``drain_timeout_s`` for the last frame to be processed.
 
 Exit codes (``run_capture`` returns them, ``workers.entry.exit_with`` exits with them): 0 after the end
@@ -34,7 +36,7 @@ import time
 from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import zmq
@@ -44,7 +46,7 @@ from iwm_bus.bus import topics
 from iwm_bus.bus.ring import FrameRing, clock_ns
 from iwm_bus.bus.transport import Endpoints, Publisher, Subscriber
 from iwm_bus.bus.wire import make_action
-from iwm_bus.config import MODES, RingConfig
+from iwm_bus.config import MODES, RingConfig, check, fail, flag
 from iwm_bus.errors import RingError, WireError
 from iwm_bus.logs import worth_logging
 from workers.entry import StopFlag, stop_on_signals
@@ -87,21 +89,26 @@ def write_frame(ring: FrameRing, pub: Publisher, pixels: np.ndarray,
 @dataclass
 class CaptureConfig:
     # source spec (workers.sources.SPEC_FORMS), e.g. synthetic:64x64, gym:ALE/Pong-v5
+    # (iwm-launch --source, which has its own default)
     source: str = "synthetic"
     # frame-rate cap in frames per second; 0 = as fast as possible
-    fps: float = 30.0
-    # realtime: never wait for the worker; lossless: credit window (slots-1) on its seq
+    fps: float = field(default=30.0, metadata=flag("--fps", "capture rate cap (0 = no cap)"))
+    # realtime: never wait for the worker; lossless: credit window (slots-1) on its seq.
+    # iwm-launch sets it from its one --mode (launch.SidecarConfig.mode)
     mode: str = "realtime"
     # stop after this many frames (None = until the source ends or a signal)
-    frames: int | None = None
+    frames: int | None = field(default=None, metadata=flag("--frames", "stop after N frames"))
     # stop after this many seconds (None = no limit)
-    duration: float | None = None
+    duration: float | None = field(default=None, metadata=flag(
+        "--duration", "stop after S seconds"))
     # recorded pacing (replay/video) by recorded timestamps: 1 = real time, 2 = 2x; 0 = off
-    rate: float = 1.0
+    rate: float = field(default=1.0, metadata=flag(
+        "--rate", "replay speed: 1 = real time, 2 = twice as fast, 0 = as fast as the worker "
+                  "allows"))
     # replay/video/folder: start over at the end
-    loop: bool = False
+    loop: bool = field(default=False, metadata=flag("--loop", "replay/video/folder: loop"))
     # seed of the source's default policy / synthetic scene / gym env
-    seed: int = 0
+    seed: int = field(default=0, metadata=flag("--seed"))
     # ring geometry: slot count and the largest frame accepted
     ring: RingConfig = field(default_factory=RingConfig)
     # lossless: at the end, wait this long for the worker to process the last frame
@@ -110,47 +117,28 @@ class CaptureConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.source, str):
-            _fail("source", self.source, "must be a source spec string")
+        check(self, "source", str)
         try:
             check_spec(self.source)
         except ValueError as e:
-            _fail("source", self.source, str(e))
-        _number("fps", self.fps, 0.0, 10_000.0)
-        if self.mode not in MODES:
-            _fail("mode", self.mode, f"must be one of {MODES}")
-        if self.frames is not None and (not _is_int(self.frames) or self.frames < 1):
-            _fail("frames", self.frames, "must be an int >= 1 or None")
-        if self.duration is not None:
-            _number("duration", self.duration, 1e-3, 1e9)
-        _number("rate", self.rate, 0.0, 1000.0)
-        if not _is_int(self.seed) or self.seed < 0:
-            _fail("seed", self.seed, "must be an int >= 0")
+            fail(self, "source", str(e))
+        check(self, "fps", float, 0.0, 10_000.0)
+        check(self, "mode", str, choices=MODES)
+        check(self, "frames", int, 1, optional=True)
+        check(self, "duration", float, 1e-3, 1e9, optional=True)
+        check(self, "rate", float, 0.0, 1000.0)
+        check(self, "loop", bool)
+        check(self, "seed", int, 0)
         if isinstance(self.ring, Mapping):
             self.ring = RingConfig(**self.ring)
-        if not isinstance(self.ring, RingConfig):
-            _fail("ring", self.ring, "must be a RingConfig")
-        _number("drain_timeout_s", self.drain_timeout_s, 0.0, 1e6)
+        check(self, "ring", RingConfig)
+        check(self, "drain_timeout_s", float, 0.0, 1e6)
         if not isinstance(self.options, Mapping) or not all(
                 isinstance(k, str) for k in self.options):
-            _fail("options", self.options, "must be a dict with str keys")
+            fail(self, "options", "must be a dict with str keys")
         self.options = dict(self.options)
         if {"seed", "loop"} & set(self.options):
-            _fail("options", self.options, "seed and loop are CaptureConfig fields")
-
-
-def _fail(name: str, value: Any, why: str) -> NoReturn:
-    raise ValueError(f"CaptureConfig.{name}={value!r}: {why}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(name: str, value: Any, low: float, high: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            low <= value <= high):
-        _fail(name, value, f"must be a number in {low:g}..{high:g}")
+            fail(self, "options", "seed and loop are CaptureConfig fields")
 
 
 # ---------------------------------------------------------------- entry points
@@ -234,7 +222,7 @@ class _CaptureLoop:
             self.pub = Publisher(endpoints.capture, ctx=self._ctx)
             self._bound_at = time.monotonic()
             self.agent = Subscriber([endpoints.agent], [topics.ACTION], ctx=self._ctx)
-            self.worker = (Subscriber([endpoints.worker], [topics.SURPRISE, topics.STATS],
+            self.worker = (Subscriber([endpoints.worker], [topics.SURPRISE, topics.READY],
                                       ctx=self._ctx) if self.lossless else None)
             stack.pop_all()
         self.seq = -1
@@ -319,7 +307,15 @@ class _CaptureLoop:
     # ------------------------------------------------------------ per frame
 
     def _emit(self, frame: SourceFrame) -> None:
-        """Write the frame into the ring, then tell the bus (replayed action first)."""
+        """Write the frame into the ring, then tell the bus (replayed action first).
+
+        The notice carries the action in force at capture time, the one way an action
+        reaches the worker: the source's when it knows what produced the frame (gym,
+        synthetic, replay), else the agent's latest ``agent.action``."""
+        action = frame.action
+        if action is None:
+            self._drain_actions()
+            action = self.action
         t_action = clock_ns()
         if getattr(self.source, "republish_actions", False) and frame.action:
             self.replayed_actions += 1  # the replayed action goes out before its frame
@@ -328,7 +324,7 @@ class _CaptureLoop:
                 "frame_seq": self.ring.latest_seq if self.ring.latest_seq >= 0 else None,
                 "source": "replay", "vector": frame.action.get("vector"),
                 "action_id": frame.action.get("action_id")})
-        notice = write_frame(self.ring, self.pub, frame.pixels, frame.action, self.cfg.source)
+        notice = write_frame(self.ring, self.pub, frame.pixels, action, self.cfg.source)
         seq = notice["seq"]
         self.seq, self.frames = seq, self.frames + 1
         if self.lossless:
@@ -404,14 +400,11 @@ class _CaptureLoop:
         got = self.worker.recv(timeout_ms=timeout_ms)
         while got is not None:
             topic, msg = got
-            if msg["kind"] == "stats" and msg["source"] != "worker":
-                got = self.worker.recv(timeout_ms=0)  # e.g. a remote worker's gateway
-                continue
             self.worker_seen = True
-            if topics.base_topic(topic) == topics.SURPRISE:
+            if msg["kind"] == "surprise":  # frame seq processed: the credit
                 variant = msg.get("variant") or topic
                 self.processed[variant] = max(self.processed.get(variant, -1), msg["seq"])
-            elif msg["values"].get("notices") == 0:  # a worker that has seen no notice yet
+            elif msg["notices"] == 0:  # iwm.ready of a worker that has seen no notice yet
                 self._fresh_worker_t = msg["t_ns"]
             else:
                 self._fresh_worker_t = None
@@ -431,7 +424,7 @@ class _CaptureLoop:
             self.pub.send(topics.FRAME, self._recent[seq])
 
     def _wait_for_worker(self) -> bool:
-        """Lossless start: block until the worker publishes anything; False when stopped."""
+        """Lossless start: block until the worker speaks (iwm.ready); False when stopped."""
         logger.info("capture: lossless: waiting for the worker on {}", self.endpoints.worker)
         started = time.monotonic()
         next_log = started + WAIT_LOG_INTERVAL_S

@@ -1,10 +1,11 @@
 """Encoder worker: ring frames -> latents, surprise and MRR on the bus, plus the RPC socket.
 
-The worker subscribes to ``iwm.frame`` notices (capture) and ``agent.action`` (capture and
-agent), reads each frame from the shared-memory FrameRing, encodes it, predicts it from the
-previous processed frame and the action taken, and publishes ``iwm.latent``, ``iwm.surprise``
-and ``iwm.mrr`` once per processed seq, in seq order, and ``iwm.stats`` every
-``stats_interval_s``. It serves health / encode / predict / rollout on a ROUTER socket
+The worker subscribes to ``iwm.frame`` notices (capture), reads each frame a notice names
+from the shared-memory FrameRing, encodes it, predicts it from the previous processed frame
+and the action on its notice (the one way an action reaches the worker: the capture puts
+the source's action, or the agent's latest ``agent.action``, on each notice), and publishes
+``iwm.surprise``, ``iwm.mrr`` and ``iwm.latent`` once per processed seq, in seq order, and
+``iwm.stats`` every ``stats_interval_s``. It serves health / encode / predict / rollout on a ROUTER socket
 (:mod:`workers.rpc_server`). docs/worker.md describes the behaviour in full.
 
 ``launch.py`` starts it as a process with :func:`run_worker`; by hand (the capture must use
@@ -45,6 +46,7 @@ from iwm_bus.logs import Throttle
 from iwm_bus.model import IWM, create_iwm_model, load_iwm
 from workers.entry import StopFlag, stop_on_signals
 from workers.model_stream import ModelStream, StreamResult, finite, shared_input
+from workers.ring_reader import FIRST, OLDER, RESTART, RingReader
 from workers.rpc_server import DEFAULT_BUDGET as DEFAULT_RPC_BUDGET
 from workers.rpc_server import ModelService, RPCServer
 from workers.stream import (
@@ -52,9 +54,9 @@ from workers.stream import (
     HORIZON_EVERY,
     Action,
     ActionBook,
-    FrameReader,
     InlineFrames,
     StreamStats,
+    rgb,
 )
 
 #: torch seed of the worker process (untrained models are built with it too)
@@ -63,14 +65,10 @@ SEED = 0
 NOTICE_KEEP = 4096
 #: pause after binding before the first iwm.stats, so subscriptions have propagated
 SETTLE_S = 0.2
-#: iwm.stats interval until the first frame notice (a late capture sees "ready" soon)
+#: iwm.ready / iwm.stats interval until the first frame notice (a late capture hears soon)
 READY_INTERVAL_S = 0.25
 #: longest idle poll (ms); bounds the reaction to a stop request
 POLL_MS = 50
-#: realtime: how long to wait for the notice of a frame already in the ring (ms)
-NOTICE_WAIT_MS = 2
-#: lossless: how long to wait for a frame's notice (its action) before going on without it
-LOSSLESS_NOTICE_WAIT_MS = 250
 #: most messages taken from one socket per loop turn
 DRAIN_BUDGET = 1000
 
@@ -177,18 +175,19 @@ class EncoderWorker:
         self._log = Throttle()
         self.actions = ActionBook(mc.cond_dim, mc.num_actions, self._log)
         self.stats = StreamStats()
-        self.reader: FrameReader | InlineFrames = (
-            InlineFrames() if link is not None else FrameReader(ring_name, self.model.device))
+        self._pinned: torch.Tensor | None = None  # the reader's buffer, pinned on CUDA
+        self.reader: RingReader | InlineFrames = (
+            InlineFrames() if link is not None
+            else RingReader(ring_name, "worker", buffer=self._staging))
         prov = self.model.provenance
         self._checkpoint_name = prov.get("name", Path(prov["path"]).name) if prov else None
+        # the notices of the frames still to process: seq -> (t_capture_ns, action)
         self._notices: dict[int, tuple[int, dict[str, Any] | None]] = {}
         self._cursor: int | None = None  # next seq not yet processed, skipped or dropped
+        self._newest: int | None = None  # the newest seq a notice named
         # lossless, restarted: go back from the first notice to the oldest frame the dead
         # worker may not have published (the capture's credit window: ring slots - 1)
         self._rewind = False
-        self._no_notice_below = 0  # the rewound frames' notices went to the dead worker
-        self._last_notice: int | None = None
-        self._last_notice_t = 0  # its t_capture_ns
         self._stop = threading.Event()
         self._t_start = time.monotonic()
         self._next_stats = 0.0
@@ -206,7 +205,6 @@ class EncoderWorker:
         self._pub: Publisher | None = None
         self._rpc: RPCServer | None = None
         self._frames_sub: Subscriber | None = None
-        self._actions_sub: Subscriber | None = None
         remote = self.link is not None
         secure = self._keys.secure if self._keys is not None else None
         try:
@@ -220,13 +218,11 @@ class EncoderWorker:
                                       secure=secure)
             self._frames_sub = Subscriber([eps.capture], [topics.FRAME], ctx=self._ctx,
                                           secure=secure)
-            self._actions_sub = Subscriber([eps.capture, eps.agent], [topics.ACTION],
-                                           ctx=self._ctx, secure=secure)
         except BaseException:
             self._close_sockets()
             raise
         self._poller = zmq.Poller()
-        for part in (self._frames_sub, self._actions_sub, self._rpc):
+        for part in (self._frames_sub, self._rpc):
             if part is not None:
                 self._poller.register(part.sock, zmq.POLLIN)
 
@@ -249,10 +245,8 @@ class EncoderWorker:
         self._publish_stats()
 
     def _poll(self, timeout_ms: int) -> None:
-        assert self._frames_sub and self._actions_sub
+        assert self._frames_sub
         events = dict(self._poller.poll(timeout_ms))
-        if self._actions_sub.sock in events:
-            self._actions_sub.drain(lambda _t, m: self.actions.add(m), DRAIN_BUDGET)
         if self._frames_sub.sock in events:
             self._frames_sub.drain(lambda _t, m: self._on_frame(m), DRAIN_BUDGET)
         if self._rpc is not None and self._rpc.sock in events:
@@ -261,28 +255,26 @@ class EncoderWorker:
 
     def _idle_ms(self) -> int:
         wait = self._next_stats - time.monotonic()
-        if self.reader.ring is None and self._cursor is not None:
+        if self._cursor is not None and not self.reader.attach():
             wait = min(wait, 0.02)  # still attaching
         return max(0, min(POLL_MS, int(wait * 1000)))
 
     def _has_work(self) -> bool:
-        ring = self.reader.ring
-        return ring is not None and self._cursor is not None and ring.latest_seq >= self._cursor
+        """A frame a notice named is still to be processed (and the ring is there)."""
+        return (self._cursor is not None and self._newest is not None
+                and self._newest >= self._cursor and self.reader.attach())
 
     # -- frame notices
 
     def _on_frame(self, msg: dict[str, Any]) -> None:
-        seq = msg["seq"]
+        """A frame notice: remember it (its capture time and action) until its frame is
+        processed; a notice of another capture starts a new stream."""
+        seq, t_capture = msg["seq"], msg["t_capture_ns"]
         self.stats.notice()
-        t_capture = msg["t_capture_ns"]
-        if self._last_notice is None or seq >= self._last_notice:
-            self._last_notice, self._last_notice_t = seq, t_capture
-        elif t_capture > self._last_notice_t:  # seq went back but time did not: new capture
-            self._restart_stream(seq)
-            self._last_notice, self._last_notice_t = seq, t_capture
-        # else: an older frame's notice re-sent by a lossless capture to a fresh worker; it is
-        # kept below while that frame is still to be processed
-        if self._cursor is None:
+        kind = self.reader.see(seq, msg.get("ring_id"), t_capture)
+        if kind == RESTART:
+            self._restart_stream()
+        if kind in (FIRST, RESTART):
             # realtime never goes below the first notice. Lossless: the first worker starts
             # at the stream's beginning (a notice sent before its subscription was connected
             # is not lost, the frame is still in the ring); a restarted one where the capture
@@ -290,22 +282,23 @@ class EncoderWorker:
             first = self.cfg.mode == "lossless" and not self.restarts
             self._cursor = 0 if first else seq
             self._rewind = self.cfg.mode == "lossless" and not first
+        assert self._cursor is not None
+        if kind != OLDER:
+            self._newest = seq
+        # an OLDER notice is one a lossless capture re-sent to a fresh worker: kept while its
+        # frame is still to be processed
         if seq >= self._cursor:
-            self._notices[seq] = (msg["t_capture_ns"], msg.get("action"))
+            self._notices[seq] = (t_capture, msg.get("action"))
             while len(self._notices) > NOTICE_KEEP:
-                self._notices.pop(next(iter(self._notices)))
+                self._notices.pop(min(self._notices))
             if isinstance(self.reader, InlineFrames):
                 self.reader.add(seq, msg.get("pixels"), t_capture)
-        self.reader.want()
 
-    def _restart_stream(self, seq: int) -> None:
-        logger.warning("frame seq went back from {} to {}: the capture restarted; "
-                       "re-attaching the ring and starting a new stream", self._last_notice, seq)
+    def _restart_stream(self) -> None:
         self.stats.stream_restarts += 1
-        self.reader.close()
         self._notices.clear()
-        self._cursor = None
-        self._rewind, self._no_notice_below = False, 0
+        self._cursor = self._newest = None
+        self._rewind = False
         for st in self.streams:
             st.clear()
 
@@ -313,7 +306,7 @@ class EncoderWorker:
 
     def _step(self) -> bool:
         """Process at most one frame; True when one was published."""
-        if self._cursor is None or not self.reader.ensure():
+        if not self._has_work():
             return False
         seq = self._next_seq()
         if seq is None:
@@ -323,66 +316,59 @@ class EncoderWorker:
         if isinstance(got, str):
             if got == "torn":
                 self.stats.torn += 1
-            else:  # "unavailable" cannot happen for seq <= latest; count it as lost
+            else:  # "unavailable" cannot happen for a seq a notice named; count it as lost
                 self.stats.dropped_overwritten += 1
             return False
-        frame, t_ring = got
-        t_capture, notice_action = notice if notice is not None else (t_ring, None)
-        self._process(seq, frame, t_capture, notice_action)
+        pixels, meta = got
+        t_capture, notice_action = notice if notice is not None else (meta.t_capture_ns, None)
+        self._process(seq, self._frame(pixels), t_capture, notice_action)
         return True
 
     def _next_seq(self) -> int | None:
-        """The seq to process now (advances the cursor past it), or None."""
-        ring = self.reader.ring
-        assert ring is not None and self._cursor is not None
-        latest = ring.latest_seq
-        if latest < self._cursor:
-            return None
+        """The seq to process now, of those the notices named (advances the cursor past
+        it): realtime the newest, lossless the next in order (frames overwritten already
+        are counted and passed over)."""
+        assert self._cursor is not None and self._newest is not None
         if self.cfg.mode == "realtime":
-            if latest not in self._notices:
-                self._poll_notices(NOTICE_WAIT_MS)  # its notice (with the action) is in flight
-                if self._cursor is None or self.reader.ring is not ring:
-                    return None  # that notice restarted the stream
-            seq = latest
+            seq = self._newest
             self.stats.skipped += seq - self._cursor
         else:
-            oldest = latest - ring.slots + 1  # older seqs are overwritten already
+            slots = self.reader.slots
             if self._rewind:  # at least once: a frame published twice beats one lost
                 self._rewind = False
-                # the notices of the frames before the newest went to the dead worker (or
-                # are here already): do not wait for them
-                self._no_notice_below = latest
-                self._cursor = max(0, oldest, self._cursor - (ring.slots - 1))
+                self._cursor = max(0, self._cursor - (slots - 1))
+            oldest = self._newest - slots + 1  # older seqs are overwritten already
             if self._cursor < oldest:
                 self.stats.dropped_overwritten += oldest - self._cursor
                 self._cursor = oldest
             seq = self._cursor
-            # the frame can be in the ring before its notice (and the action that produced it)
-            # arrives: wait for it, bounded, so a loaded machine gives the same results
-            deadline = time.monotonic() + LOSSLESS_NOTICE_WAIT_MS / 1000
-            while (seq not in self._notices and seq >= self._no_notice_below
-                   and time.monotonic() < deadline):
-                self._poll_notices(NOTICE_WAIT_MS)
-                if self._cursor is None or self.reader.ring is not ring:
-                    return None  # that notice restarted the stream
         self._cursor = seq + 1
-        while self._notices and next(iter(self._notices)) < seq:
-            self._notices.pop(next(iter(self._notices)))
+        for old in [s for s in self._notices if s < seq]:
+            del self._notices[old]
         return seq
 
-    def _poll_notices(self, timeout_ms: int) -> None:
-        assert self._frames_sub is not None
-        if self._frames_sub.sock.poll(timeout_ms, zmq.POLLIN):
-            self._frames_sub.drain(lambda _t, m: self._on_frame(m), DRAIN_BUDGET)
+    def _staging(self, nbytes: int) -> np.ndarray:
+        """The reader's reusable frame buffer: pinned on CUDA (a true async H2D copy)."""
+        if self.model.device.type == "cuda":
+            self._pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            return self._pinned.numpy()
+        return np.empty(nbytes, np.uint8)
+
+    def _frame(self, pixels: np.ndarray) -> np.ndarray | torch.Tensor:
+        """The frame as the models take it: (H, W, 3), a pinned tensor when read into the
+        pinned buffer."""
+        if self._pinned is not None and isinstance(self.reader, RingReader):
+            return rgb(self._pinned[: pixels.size].view(pixels.shape))
+        return rgb(pixels)
 
     def _process(self, seq: int, frame: Any, t_capture: int,
                  notice_action: dict[str, Any] | None) -> None:
         action = None
-        if notice_action is not None:  # the source knows what produced this frame
+        if notice_action is not None:
             action = self.actions.parse(notice_action.get("vector"),
                                         notice_action.get("action_id"), topics.FRAME)
-        if action is None:
-            action = self.actions.at(t_capture)
+        if action is None:  # none on the notice (or no notice, or a bad action)
+            action = self.actions.none
         x = shared_input([st.model for st in self.streams], frame) if len(self.streams) > 1 \
             else None  # one preprocessing for all streams
         results = [st.step(seq, frame, x, action) for st in self.streams]
@@ -418,12 +404,12 @@ class EncoderWorker:
 
     def stats_values(self) -> dict[str, Any]:
         """The counters as published in ``iwm.stats`` (the window part resets)."""
-        assert self._frames_sub and self._actions_sub
+        assert self._frames_sub
         s, rpc = self.stats, self._rpc
         return {"ready": 1, **s.take_window(), "frames": s.frames, "notices": s.notices,
                 "dropped_overwritten": s.dropped_overwritten, "torn": s.torn,
                 "skipped": s.skipped,
-                "decode_errors": self._frames_sub.decode_errors + self._actions_sub.decode_errors,
+                "decode_errors": self._frames_sub.decode_errors,
                 "notice_gaps": self._frames_sub.gaps, "actions": self.actions.received,
                 "bad_actions": self.actions.bad, "action_ids_ignored": self.actions.ids_ignored,
                 "rpc_requests": rpc.requests if rpc else 0, "rpc_errors": rpc.errors if rpc else 0,
@@ -439,10 +425,13 @@ class EncoderWorker:
 
     def _publish_stats(self) -> None:
         assert self._pub is not None
-        self._pub.send(topics.STATS, {"t_ns": clock_ns(), "source": "worker",
+        t_ns = clock_ns()
+        self._pub.send(topics.READY, {"t_ns": t_ns, "notices": self.stats.notices,
+                                      "restarts": self.restarts, "stream": self.cfg.stream})
+        self._pub.send(topics.STATS, {"t_ns": t_ns, "source": "worker",
                                       "values": self.stats_values()})
         interval = self.cfg.stats_interval_s
-        if self._last_notice is None:
+        if self._newest is None:
             interval = min(interval, READY_INTERVAL_S)
         self._next_stats = time.monotonic() + interval
 
@@ -463,7 +452,7 @@ class EncoderWorker:
     # -- lifetime
 
     def _close_sockets(self) -> None:
-        for part in (self._frames_sub, self._actions_sub, self._rpc, self._pub):
+        for part in (self._frames_sub, self._rpc, self._pub):
             if part is not None:
                 part.close()  # the publisher and RPC server remove the ipc files they bound
         self._ctx.term()
@@ -592,31 +581,26 @@ def _run_worker(cfg: WorkerConfig, endpoints: Endpoints, ring_name: str, restart
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line for running a worker by hand (see the module docstring)."""
+    """Command line for running a worker by hand (see the module docstring): iwm-launch's
+    worker and bus flags (the same field metadata, ``iwm_bus.config.add_flags``) and its
+    --mode, plus the ring's name."""
+    from iwm_bus.config import MODE_FLAG, ConfigError, add_flags, flag_error, flag_values
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run-dir", help="run directory of the sidecar (env IWM_RUN_DIR)")
     ap.add_argument("--ring", required=True, help="shared-memory ring name the capture uses")
-    ap.add_argument("--variant", help="core | invariant | equivariant (env IWM_MODEL_VARIANT)")
-    ap.add_argument("--model", help="checkpoint path (env IWM_MODEL_PATH)")
-    ap.add_argument("--device", help="cpu | cuda | cuda:N (env IWM_DEVICE)")
-    ap.add_argument("--untrained", action="store_true", default=None,
-                    help="random weights instead of the shipped default model")
-    ap.add_argument("--encoder", help="timm encoder of an untrained model")
-    ap.add_argument("--img-size", type=int, help="input size of an untrained model")
-    ap.add_argument("--mode", choices=["realtime", "lossless"])
-    ap.add_argument("--publish-patches", action="store_true", default=None)
+    ap.add_argument(MODE_FLAG["flag"], help=MODE_FLAG["help"], **MODE_FLAG["argparse"])
+    bus_flags, worker_flags = add_flags(ap, BusConfig), add_flags(ap, WorkerConfig)
+    ap.add_argument("--publish-patches", dest="patches", action="store_true", default=None,
+                    help=argparse.SUPPRESS)  # this command's former name of --patches
     args = ap.parse_args(argv)
     try:
-        bus = BusConfig.from_env(run_dir=args.run_dir)
-        cfg = WorkerConfig.from_env(variant=args.variant, model_path=args.model,
-                                    device=args.device, encoder=args.encoder,
-                                    img_size=args.img_size, mode=args.mode,
-                                    publish_patches=args.publish_patches,
-                                    untrained=args.untrained)
+        bus = BusConfig.from_env(**flag_values(args, bus_flags))
+        cfg = WorkerConfig.from_env(mode=args.mode, **flag_values(args, worker_flags))
+    except ConfigError as e:
+        ap.error(str(flag_error(e, args, [*bus_flags, *worker_flags])))
     except ValueError as e:
         ap.error(str(e))
     return run_worker(cfg, bus.endpoints(), args.ring)
-
 
 if __name__ == "__main__":
     sys.exit(main())

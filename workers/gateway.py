@@ -7,7 +7,7 @@ ports of :class:`iwm_bus.bus.link.Link` and makes a remote worker look local to 
 * **frames out**: for each local ``iwm.frame`` notice it reads the frame from the ring and
   publishes the notice again with ``pixels`` inline (plus frames whose notice it missed,
   and, when a lossless capture re-sends an older notice to a fresh worker, every frame from
-  there on); local ``agent.action`` messages are passed on unchanged.
+  there on). The notices carry the actions, so nothing else goes out.
 * **results in**: an XSUB that remote workers' PUB sockets connect to, proxied to an XPUB
   bound on the local worker endpoint, so the bridge, the capture's lossless credits, the
   recorder and the viewer subscribe exactly as to a local worker (several workers' results
@@ -36,7 +36,7 @@ from iwm_bus.bus.security import Gatekeeper, ServerKeys, check_bind
 from iwm_bus.bus.transport import DEFAULT_HWM, Endpoints, Subscriber, bind, new_socket, unbind_file
 from iwm_bus.errors import WireError
 from workers.entry import StopFlag, stop_on_signals
-from workers.ring_follower import RingFollower
+from workers.ring_reader import OLDER, RingReader
 
 __all__ = ["Gateway", "run_gateway"]
 
@@ -54,7 +54,6 @@ class GatewayStats:
     resent: int = 0  # of them, sent again for a lossless capture's fresh worker
     missed: int = 0  # frames gone from the ring before they could be read
     frames_dropped: int = 0  # not sent: the remote queue was full
-    actions: int = 0
     results: int = 0
     rpc_requests: int = 0
     rpc_replies: int = 0
@@ -68,7 +67,7 @@ class Gateway:
         self.link, self.endpoints = link, endpoints
         self.keys = ServerKeys.load(link.keys) if link.keys is not None else None
         self.stats = GatewayStats()
-        self.follower = RingFollower(ring_name, "gateway")
+        self.reader = RingReader(ring_name, "gateway")
         self._ctx = zmq.Context()
         self._gate: Gatekeeper | None = None
         self._inodes: list[tuple[str, int | None]] = []
@@ -81,8 +80,7 @@ class Gateway:
             self.rpc_back = self._remote(zmq.DEALER, link.rpc)
             self.results_out = self._local(zmq.XPUB, endpoints.worker)
             self.rpc_front = self._local(zmq.ROUTER, endpoints.rpc)
-            self.local = Subscriber([endpoints.capture, endpoints.agent],
-                                    [topics.FRAME, topics.ACTION], ctx=self._ctx)
+            self.local = Subscriber([endpoints.capture], [topics.FRAME], ctx=self._ctx)
         except BaseException:
             self.close()
             raise
@@ -144,19 +142,12 @@ class Gateway:
         return DRAIN_BUDGET
 
     def _on_local(self, topic: str, msg: dict[str, Any]) -> None:
-        if topics.base_topic(topic) == topics.ACTION:
-            self.stats.actions += 1
-            self._send(topic, msg)
-            return
-        seq, t = msg["seq"], msg["t_capture_ns"]
-        last = self.follower.last_seq
-        if last is not None and seq < last and t < self.follower.last_t:
+        seq, last = msg["seq"], self.reader.order.last_seq
+        reads = self.reader.follow(seq, msg.get("ring_id"), msg["t_capture_ns"])
+        if self.reader.kind == OLDER and last is not None and seq < last:
             self._resend(seq, last)  # a lossless capture's re-send: a fresh worker
             return
-        reads = self.follower.on_notice(seq, t_capture_ns=t)
-        if reads is None:
-            return
-        for r in reads:
+        for r in reads or ():
             if r.got is None:
                 self.stats.missed += r.why != "backfill"
                 continue
@@ -164,14 +155,11 @@ class Gateway:
             self._send_frame(msg if r.why == "notice" else None, r.seq, pixels, meta)
 
     def _resend(self, first: int, last: int) -> None:
-        ring = self.follower.ring
-        if ring is None:
-            return
         logger.info("gateway: re-sending frames {}..{} to a fresh remote worker", first, last)
         for s in range(first, last + 1):
-            got = ring.read(s, with_meta=True)
-            if got is None:
-                self.stats.missed += 1
+            got = self.reader.read(s)
+            if isinstance(got, str):
+                self.stats.missed += got != "detached"
                 continue
             self.stats.resent += 1
             self._send_frame(None, s, *got)
@@ -181,7 +169,7 @@ class Gateway:
         h, w, c = pixels.shape
         base = notice if notice is not None else {
             "seq": seq, "slot": seq, "t_capture_ns": meta.t_capture_ns, "action": None,
-            "source": None}
+            "source": None, "ring_id": self.reader.order.ring_id}
         if self._send(topics.FRAME, {**base, "height": h, "width": w, "channels": c,
                                      "pixels": pixels}):
             self.stats.frames += 1
@@ -227,7 +215,7 @@ class Gateway:
         for endpoint, inode in self._inodes:
             unbind_file(endpoint, inode)
         self._inodes.clear()
-        self.follower.close()
+        self.reader.close()
 
     def __enter__(self) -> Gateway:
         return self

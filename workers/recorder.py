@@ -37,10 +37,11 @@ from loguru import logger
 
 from iwm_bus.bus import topics
 from iwm_bus.bus.transport import Endpoints, Subscriber
+from iwm_bus.config import check, fail, flag
 from iwm_bus.errors import SessionError
 from iwm_bus.session import FRAME_ENCODINGS, SessionOptions, SessionWriter
 from workers.entry import StopFlag, stop_on_signals
-from workers.ring_follower import RingFollower
+from workers.ring_reader import RingReader
 
 __all__ = ["RecorderConfig", "Recorder", "run_recorder"]
 
@@ -59,7 +60,7 @@ MMAP_THRESHOLD = 72 << 10
 @dataclass
 class RecorderConfig:
     # session file to create (never overwritten unless overwrite)
-    path: Path
+    path: Path = field(metadata=flag("--record", "record the session to this .mcap file"))
     # png (lossless), zstd-raw (lossless, fastest) or jpeg (lossy)
     frame_encoding: str = "png"
     # record the worker's iwm.latent / iwm.surprise / iwm.mrr
@@ -87,12 +88,14 @@ class RecorderConfig:
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
-        if self.frame_encoding not in FRAME_ENCODINGS:
-            _fail("frame_encoding", self.frame_encoding, f"must be one of {FRAME_ENCODINGS}")
+        check(self, "frame_encoding", str, choices=FRAME_ENCODINGS)
+        check(self, "queue_bytes", int)
         if not 1 << 20 <= self.queue_bytes <= 64 << 30:
-            _fail("queue_bytes", self.queue_bytes, "must be in 1 MiB..64 GiB")
+            fail(self, "queue_bytes", "must be in 1 MiB..64 GiB")
+        for name in ("record_latents", "record_patches", "record_stats", "overwrite"):
+            check(self, name, bool)
         if not isinstance(self.metadata, Mapping):
-            _fail("metadata", self.metadata, "must be a dict")
+            fail(self, "metadata", "must be a dict")
         self.metadata = dict(self.metadata)
         self.options()  # validates the session options, naming RecorderConfig's fields
 
@@ -104,10 +107,6 @@ class RecorderConfig:
                                   viewer=self.viewer)
         except ValueError as e:
             raise ValueError(str(e).replace("SessionOptions.", "RecorderConfig.")) from None
-
-
-def _fail(name: str, value: Any, why: str) -> None:
-    raise ValueError(f"RecorderConfig.{name}={value!r}: {why}")
 
 
 # ---------------------------------------------------------------- writer thread
@@ -187,7 +186,7 @@ class Recorder:
         self._poller = zmq.Poller()
         for sub in self.subs:
             self._poller.register(sub.sock, zmq.POLLIN)
-        self.follower = RingFollower(ring_name, "recorder")
+        self.reader = RingReader(ring_name, "recorder")
         self.counts: dict[str, int] = dict.fromkeys(
             ("notices", "frames", "from_ring", "missed_overwritten", "missed_gap",
              "missed_writer_behind", "missed_no_ring", "capture_restarts", "events"), 0)
@@ -210,10 +209,10 @@ class Recorder:
     def on_frame(self, msg: dict[str, Any]) -> None:
         seq = msg["seq"]
         self.counts["notices"] += 1
-        reads = self.follower.on_notice(seq, t_capture_ns=msg["t_capture_ns"])
-        self.counts["capture_restarts"] = self.follower.capture_restarts
+        reads = self.reader.follow(seq, msg.get("ring_id"), msg["t_capture_ns"])
+        self.counts["capture_restarts"] = self.reader.order.restarts
         if reads is None:
-            if self.follower.ring is None:
+            if self.reader.ring is None:
                 self.counts["missed_no_ring"] += 1
             return
         for r in reads:
@@ -277,7 +276,7 @@ class Recorder:
     def stats(self) -> dict[str, Any]:
         missed = sum(v for k, v in self.counts.items() if k.startswith("missed_"))
         return {**self.counts, "missed": missed, "first_seq": self.first_seq,
-                "last_seq": self.follower.last_seq,
+                "last_seq": self.reader.order.last_seq,
                 "recording_s": round(time.monotonic() - self.t_start, 3),
                 "decode_errors": sum(s.decode_errors for s in self.subs),
                 "queued_bytes": self.thread.queued_bytes}
@@ -296,7 +295,7 @@ class Recorder:
             for sub in self.subs:
                 sub.close()
             self._ctx.destroy(linger=0)
-            self.follower.close()
+            self.reader.close()
 
 
 # ---------------------------------------------------------------- process entry

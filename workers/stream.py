@@ -3,15 +3,14 @@
 :class:`workers.encoder.EncoderWorker` holds one of each for the frame stream it serves:
 :class:`ActionBook` validates actions and answers "the action in force at capture time",
 :class:`LatentBank` keeps the MRR candidates, :class:`HorizonMRR` measures the rollout
-confidence, :class:`FrameReader` reads frames from the shared-memory FrameRing (a remote
-worker's :class:`InlineFrames` holds those that came inside their notices) and
+confidence, a remote worker's :class:`InlineFrames` holds the frames that came inside their
+notices (a local one reads the ring with :class:`workers.ring_reader.RingReader`) and
 :class:`StreamStats` counts what happened. None of them touch a socket.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,11 +20,11 @@ from loguru import logger
 
 from iwm_bus import metrics
 from iwm_bus.actions import check_action_id, pad_cond
-from iwm_bus.bus import topics
-from iwm_bus.bus.ring import FrameRing
+from iwm_bus.bus.ring import FrameMeta
 from iwm_bus.bus.wire import make_action
 from iwm_bus.errors import RingError
 from iwm_bus.logs import Throttle, worth_logging
+from workers.ring_reader import RESTART, NoticeOrder
 
 #: rollout horizons whose MRR is measured (rollout RPC: mrr_seq[k] is horizon k + 1)
 HORIZON = 5
@@ -33,10 +32,6 @@ HORIZON = 5
 HORIZON_EVERY = 8
 #: running MRR (per frame and per horizon) is the mean of the last this many values
 MRR_WINDOW = 1000
-#: agent.action messages remembered for "latest action before the capture time"
-ACTION_HISTORY = 256
-#: how long to keep trying to attach the ring after a notice names a frame in it
-ATTACH_TIMEOUT_S = 5.0
 #: a remote worker holds at most this many inline frames not yet processed
 INLINE_KEEP = 64
 
@@ -57,7 +52,7 @@ class Action:
 
 
 class ActionBook:
-    """Validates actions (from frame notices and ``agent.action``) and keeps recent ones.
+    """Validates the actions frame notices carry, against the model's action format.
 
     A vector longer than ``cond_dim``, not 1-D, or not finite, or an action id outside
     ``[-1, num_actions)`` is counted in ``bad`` and ignored. A model without discrete action
@@ -68,8 +63,7 @@ class ActionBook:
     def __init__(self, cond_dim: int, num_actions: int, log: Throttle) -> None:
         self.cond_dim, self.num_actions, self._log = cond_dim, num_actions, log
         self.none = Action(np.zeros(cond_dim, np.float32))
-        self._history: deque[tuple[int, Action]] = deque(maxlen=ACTION_HISTORY)
-        self.received = 0
+        self.received = 0  # valid actions parsed
         self.bad = 0
         self.ids_ignored = 0
 
@@ -91,6 +85,7 @@ class ActionBook:
             return None
         if vec is None and aid < 0:
             return self.none
+        self.received += 1
         return Action(cond, aid, make_action(vec, aid if aid >= 0 else None))
 
     def _action_id(self, action_id: Any) -> int:
@@ -105,20 +100,6 @@ class ActionBook:
             return -1
         return check_action_id(action_id, self.num_actions)
 
-    def add(self, msg: dict[str, Any]) -> None:
-        """Remember a decoded ``agent.action`` message (when its action is valid)."""
-        action = self.parse(msg.get("vector"), msg.get("action_id"), topics.ACTION)
-        if action is not None:
-            self.received += 1
-            self._history.append((msg["t_ns"], action))
-
-    def at(self, t_ns: int) -> Action:
-        """The action with the latest ``t_ns <= t_ns`` received so far (none: no action)."""
-        best_t, best = -1, self.none
-        for t, action in self._history:
-            if best_t <= t <= t_ns:
-                best_t, best = t, action
-        return best
 
 
 # ----------------------------------------------------------------------------- latents
@@ -227,99 +208,31 @@ class HorizonMRR:
 # ----------------------------------------------------------------------------- frames
 
 
-class FrameReader:
-    """Lazily attached FrameRing plus a reusable host buffer (pinned on CUDA)."""
-
-    def __init__(self, name: str, device: torch.device) -> None:
-        self.name, self.device = name, device
-        self.ring: FrameRing | None = None
-        self.attach_failures = 0
-        self._deadline: float | None = None
-        self._next_try = 0.0
-        self._buf_np: np.ndarray | None = None
-        self._buf_t: torch.Tensor | None = None
-
-    def want(self) -> None:
-        """A notice named a frame: start (or keep) trying to attach."""
-        if self.ring is None and self._deadline is None:
-            self._deadline = time.monotonic() + ATTACH_TIMEOUT_S
-
-    def ensure(self) -> bool:
-        """True when the ring is attached; tries (at most every 20 ms) until the deadline."""
-        if self.ring is not None:
-            return True
-        now = time.monotonic()
-        if self._deadline is None or now < self._next_try:
-            return False
-        try:
-            self._attach()
-            return True
-        except RingError as e:
-            self._next_try = now + 0.02
-            if now >= self._deadline:
-                self.attach_failures += 1
-                self._deadline = None  # the next notice starts another attempt
-                logger.error("cannot attach frame ring {!r} after {} s: {}", self.name,
-                             ATTACH_TIMEOUT_S, e)
-        return False
-
-    def _attach(self) -> None:
-        ring = FrameRing.attach(self.name)
-        if self.device.type == "cuda":  # pinned staging: a true async H2D copy
-            self._buf_t = torch.empty(ring.slot_bytes, dtype=torch.uint8, pin_memory=True)
-            self._buf_np = self._buf_t.numpy()
-        else:
-            self._buf_t, self._buf_np = None, np.empty(ring.slot_bytes, np.uint8)
-        self.ring, self._deadline = ring, None
-        logger.info("attached frame ring {}", ring)
-
-    def read(self, seq: int) -> tuple[np.ndarray | torch.Tensor, int] | str:
-        """``(frame (H, W, 3), t_capture_ns)`` or why not: "dropped", "torn", "unavailable".
-
-        The frame is a view of the reusable buffer: use it before the next ``read``.
-        """
-        assert self.ring is not None and self._buf_np is not None
-        before = self.ring.stats
-        got = self.ring.read(seq, out=self._buf_np, with_meta=True)
-        if got is None:
-            after = self.ring.stats
-            if after.torn > before.torn:
-                return "torn"
-            return "dropped" if after.dropped > before.dropped else "unavailable"
-        arr, meta = got
-        frame: np.ndarray | torch.Tensor = arr
-        if self._buf_t is not None:
-            frame = self._buf_t[: arr.size].view(arr.shape)  # (H, W, C), pinned
-        return _rgb(frame), meta.t_capture_ns
-
-    def close(self) -> None:
-        if self.ring is not None:
-            ring, self.ring = self.ring, None
-            self._buf_np = self._buf_t = None
-            ring.close()
-
-
 class InlineFrames:
     """The frames of a remote worker, which cannot attach the ring: each arrives inside its
     ``iwm.frame`` notice (``pixels``, put by the gateway). It answers the worker as
-    :class:`FrameReader` does (``ring``, ``ensure``, ``read``), so that from here on a frame
-    takes one path; ``ring.slots`` spans the frames held, so "older than the ring holds"
-    means "older than the oldest frame held"."""
+    :class:`workers.ring_reader.RingReader` does (``see``, ``attach``, ``read``, ``slots``),
+    so that from here on a frame takes one path; ``slots`` spans the frames held, so "older
+    than the ring holds" means "older than the oldest frame held"."""
 
     def __init__(self, keep: int = INLINE_KEEP) -> None:
         self.keep = keep
+        self.order = NoticeOrder("remote worker")
         self._frames: dict[int, tuple[np.ndarray, int]] = {}
         self.latest_seq = -1
         self.attach_failures = 0  # never: there is nothing to attach
         self.missing = 0  # notices that came without their pixels
 
     @property
-    def ring(self) -> InlineFrames | None:
-        return self if self._frames else None
-
-    @property
     def slots(self) -> int:
         return self.latest_seq - min(self._frames) + 1 if self._frames else 1
+
+    def see(self, seq: int, ring_id: int | None = None,
+            t_capture_ns: int | None = None) -> str:
+        kind = self.order.see(seq, ring_id, t_capture_ns)
+        if kind == RESTART:
+            self.close()
+        return kind
 
     def add(self, seq: int, pixels: Any, t_capture_ns: int) -> None:
         """Hold the frame of a notice (the oldest goes beyond ``keep``)."""
@@ -339,28 +252,26 @@ class InlineFrames:
         while len(self._frames) > self.keep:
             del self._frames[min(self._frames)]
 
-    def want(self) -> None:
-        pass
-
-    def ensure(self) -> bool:
+    def attach(self) -> bool:
         return bool(self._frames)
 
-    def read(self, seq: int) -> tuple[np.ndarray, int] | str:
-        """``(frame (H, W, 3), t_capture_ns)``, or "unavailable" when it never arrived; the
+    def read(self, seq: int) -> tuple[np.ndarray, FrameMeta] | str:
+        """``(pixels (H, W, C), FrameMeta)``, or "unavailable" when it never arrived; the
         frames before it are let go."""
         got = self._frames.pop(seq, None)
         for old in [s for s in self._frames if s < seq]:
             del self._frames[old]
         if got is None:
             return "unavailable"
-        return _rgb(got[0]), got[1]
+        pixels, t_ns = got
+        return pixels, FrameMeta(seq, t_ns, *pixels.shape[:2])
 
     def close(self) -> None:
         self._frames.clear()
         self.latest_seq = -1
 
 
-def _rgb(frame: Any) -> Any:
+def rgb(frame: Any) -> Any:
     """(H, W, C) with C in 1, 3, 4 -> (H, W, 3): grey repeated, alpha (RGBA) dropped."""
     c = frame.shape[-1]
     if c == 3:

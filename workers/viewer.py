@@ -42,7 +42,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +53,9 @@ from loguru import logger
 from iwm_bus.bus import topics
 from iwm_bus.bus.transport import Endpoints, Subscriber
 from iwm_bus.bus.wire import decision_text
+from iwm_bus.config import check, flag
 from workers.entry import StopFlag, stop_on_signals
-from workers.ring_follower import RingFollower
+from workers.ring_reader import RingReader
 
 __all__ = ["ViewerConfig", "ViewerTarget", "RerunLog", "LiveViewer", "check_target",
            "downscale", "require_rerun", "run_viewer"]
@@ -126,7 +127,10 @@ def check_target(spec: str | None, what: str = "--viewer") -> ViewerTarget:
 @dataclass
 class ViewerConfig:
     # spawn | save:PATH.rrd (see ViewerTarget)
-    spec: str | None = None
+    spec: str | None = field(default=None, metadata=flag(
+        "--viewer", "stream the run to Rerun: spawn (the default) a viewer, or save:PATH.rrd "
+                    "headless (needs the viewer extra)", nargs="?", const="spawn",
+        metavar="SPEC"))
     # frames are downscaled to at most this many pixels a side
     max_side: int = DEFAULT_MAX_SIDE
     # Rerun application id (the viewer groups recordings by it)
@@ -134,8 +138,8 @@ class ViewerConfig:
 
     def __post_init__(self) -> None:
         ViewerTarget.parse(self.spec)
-        if not 16 <= self.max_side <= 8192:
-            raise ValueError(f"ViewerConfig.max_side={self.max_side!r}: must be in 16..8192")
+        check(self, "max_side", int, 16, 8192)
+        check(self, "app_id", str)
 
 
 # ---------------------------------------------------------------- logging to Rerun
@@ -300,7 +304,7 @@ class LiveViewer:
         self._poller = zmq.Poller()
         for sub in self.subs:
             self._poller.register(sub.sock, zmq.POLLIN)
-        self.follower = RingFollower(ring_name, "viewer")
+        self.reader = RingReader(ring_name, "viewer")
         self.counts: dict[str, int] = dict.fromkeys(
             ("notices", "skipped_frames", "capture_restarts"), 0)
         self.t_start = time.monotonic()
@@ -311,11 +315,11 @@ class LiveViewer:
         seq = msg["seq"]
         self.counts["notices"] += 1
         inline = msg.get("pixels")  # the frame travels inline (remote capture)
-        reads = self.follower.on_notice(seq, read=inline is None,
-                                       t_capture_ns=msg["t_capture_ns"])
-        self.counts["capture_restarts"] = self.follower.capture_restarts
+        reads = self.reader.follow(seq, msg.get("ring_id"), msg["t_capture_ns"],
+                                   read=inline is None)
+        self.counts["capture_restarts"] = self.reader.order.restarts
         if reads is None:  # a duplicate, or no ring to read yet
-            self.counts["skipped_frames"] += int(inline is None and self.follower.ring is None)
+            self.counts["skipped_frames"] += int(inline is None and self.reader.ring is None)
             return
         if inline is not None:
             self.log.frame(seq, inline)
@@ -332,7 +336,7 @@ class LiveViewer:
         if topic == topics.FRAME:
             self.on_frame(msg)
         else:
-            self.log.event(topic, msg, self.follower.last_seq)
+            self.log.event(topic, msg, self.reader.order.last_seq)
 
     def poll_once(self, timeout_ms: int) -> int:
         """Handle what arrived within ``timeout_ms``; the number handled."""
@@ -355,7 +359,7 @@ class LiveViewer:
             self.poll_once(20)
 
     def stats(self) -> dict[str, Any]:
-        return {**self.counts, **self.log.counts, "last_seq": self.follower.last_seq,
+        return {**self.counts, **self.log.counts, "last_seq": self.reader.order.last_seq,
                 "running_s": round(time.monotonic() - self.t_start, 3),
                 "decode_errors": sum(s.decode_errors for s in self.subs)}
 
@@ -366,7 +370,7 @@ class LiveViewer:
             for sub in self.subs:
                 sub.close()
             self._ctx.destroy(linger=0)
-            self.follower.close()
+            self.reader.close()
 
 
 # ---------------------------------------------------------------- process entry

@@ -16,6 +16,9 @@ LATENT = "iwm.latent"  # worker -> agent: z_cls (+ patches) of a frame
 SURPRISE = "iwm.surprise"  # worker -> agent: prediction error of a frame
 MRR = "iwm.mrr"  # worker -> agent: reciprocal rank of a frame's latent, and its running mean
 STATS = "iwm.stats"  # any process -> anyone: counters and rates, about once a second
+# worker -> capture: "I am here, and have seen this many notices" (a lossless capture starts
+# on it and re-sends a notice to a worker that has seen none), with each stats tick
+READY = "iwm.ready"
 RPC = "iwm.rpc"  # client <-> worker ROUTER socket: requests and replies
 
 #: message kind carried by each topic (see ``iwm_bus.bus.wire``)
@@ -27,10 +30,11 @@ TOPIC_KINDS: dict[str, tuple[str, ...]] = {
     SURPRISE: ("surprise",),
     MRR: ("mrr",),
     STATS: ("stats",),
+    READY: ("ready",),
     RPC: ("rpc_request", "rpc_reply"),
 }
 
-#: what the worker publishes
+#: what the worker publishes for agents (and READY for the capture)
 WORKER_TOPICS = (LATENT, SURPRISE, MRR, STATS)
 
 

@@ -40,7 +40,7 @@ IMAGE_SCHEMA_NAME = "foxglove.CompressedImage"
 #: wire topics with a JSON viewer copy, and its topic name (``.suffix`` becomes ``/suffix``)
 PLOT_TOPICS = {SURPRISE: "surprise", MRR: "mrr", ACTION: "action"}
 _FRAME_FIELDS = ("seq", "t_ns", "encoding", "height", "width", "channels", "data", "action")
-_FRAME_SCHEMA = {
+FRAME_SCHEMA = {
     "title": "iwm_bus.session.frame", "type": "object",
     "properties": {"seq": {"type": "integer"}, "t_ns": {"type": "integer"},
                    "encoding": {"enum": list(FRAME_ENCODINGS)},
@@ -141,7 +141,7 @@ def decode_frame(encoding: str, data: bytes, height: int, width: int,
     return arr
 
 
-def _as_frame_array(pixels: Any) -> np.ndarray:
+def as_frame_array(pixels: Any) -> np.ndarray:
     arr = np.asarray(pixels)
     if arr.dtype != np.uint8:
         raise ValueError(f"frame must be uint8, got {arr.dtype}")
@@ -152,7 +152,7 @@ def _as_frame_array(pixels: Any) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def _encode_action(action: Mapping[str, Any] | None) -> dict[str, Any] | None:
+def encode_action(action: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """The nested wire action map, validated (vector as a float32 wire array)."""
     if action is None:
         return None

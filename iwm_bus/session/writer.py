@@ -25,17 +25,17 @@ from iwm_bus.bus import wire
 from iwm_bus.bus.topics import ACTION, FRAME, RPC, TOPIC_KINDS, base_topic
 from iwm_bus.errors import SessionError
 from iwm_bus.session.codec import (
-    _FRAME_SCHEMA,
     END_META_NAME,
     FORMAT_VERSION,
     FRAME_ENCODINGS,
+    FRAME_SCHEMA,
     FRAMES_TOPIC,
     IMAGE_SCHEMA_NAME,
     META_NAME,
     VIEWER_FRAMES_TOPIC,
     FrameRecord,
-    _as_frame_array,
-    _encode_action,
+    as_frame_array,
+    encode_action,
     encode_frame,
     image_schema,
     plot_message,
@@ -154,7 +154,7 @@ class SessionWriter:
                     sid = self._mcap.register_schema(f"iwm_bus.viewer.{sub}", "jsonschema",
                                                      plot_schema(sub))
                 else:
-                    data = json.dumps(_FRAME_SCHEMA).encode() if kind == "frame-record" \
+                    data = json.dumps(FRAME_SCHEMA).encode() if kind == "frame-record" \
                         else _json_schema_for(kind)
                     sid = self._mcap.register_schema(f"iwm_bus.{kind}", "jsonschema", data)
                 self._schemas[kind] = sid
@@ -183,14 +183,14 @@ class SessionWriter:
     def write_frame(self, seq: int, t_ns: int, pixels: Any,
                     action: Mapping[str, Any] | None = None) -> int:
         """Encode and append frame ``seq`` captured at ``t_ns``; returns the stored bytes."""
-        arr = _as_frame_array(pixels)
+        arr = as_frame_array(pixels)
         o = self.options
         data = encode_frame(arr, o.frame_encoding, jpeg_quality=o.jpeg_quality,
                             png_level=o.png_level, zstd_level=o.zstd_level)
         h, w, c = arr.shape
         payload = msgpack.packb(
             {"seq": int(seq), "t_ns": int(t_ns), "encoding": o.frame_encoding, "height": h,
-             "width": w, "channels": c, "data": data, "action": _encode_action(action)},
+             "width": w, "channels": c, "data": data, "action": encode_action(action)},
             use_bin_type=True)
         self._add(FRAMES_TOPIC, "frame-record", int(t_ns), payload, int(seq))
         self.frames_written += 1

@@ -157,7 +157,8 @@ def test_lossless_never_runs_more_than_slots_minus_one_ahead(run_dir, spawn, rin
     while processed < frames - 1:
         assert time.monotonic() < deadline, f"stuck at processed seq {processed}"
         if time.monotonic() >= next_hello:
-            worker.send(topics.STATS, {"t_ns": clock_ns(), "source": "worker", "values": {}})
+            worker.send(topics.READY, {"t_ns": clock_ns(), "notices": processed + 2,
+                                       "restarts": 0})
             next_hello = time.monotonic() + 0.2
         notice = watcher.poll()
         if notice is None:
@@ -180,6 +181,35 @@ def test_lossless_never_runs_more_than_slots_minus_one_ahead(run_dir, spawn, rin
     final = watcher.stats[-1]
     assert final["processed_seq"] == frames - 1  # it drained: the worker had every frame
     assert final["credit_wait_s"] > 0  # and it did have to wait for credits
+
+
+def test_lossless_starts_on_the_workers_ready_not_on_any_stats(run_dir, spawn, ring_name,
+                                                                watcher_factory,
+                                                                zmq_ctx) -> None:
+    """The worker's iwm.ready is the one message a lossless capture starts on: stats on the
+    worker endpoint (a remote worker's gateway publishes its own there) are not it."""
+    eps = Endpoints.ipc(run_dir)
+    cfg = CaptureConfig(source="synthetic:16x16", fps=0, mode="lossless", frames=3,
+                        ring=RingConfig(slots=4, max_height=16, max_width=16))
+    watcher = watcher_factory(eps, ring_name)
+    worker = Publisher(eps.worker, ctx=zmq_ctx)
+    proc = spawn(exit_with, run_capture, cfg, eps, ring_name)
+    watcher.until(lambda: bool(watcher.stats), 20)
+    for source in ("gateway", "worker"):
+        for _ in range(8):
+            worker.send(topics.STATS, {"t_ns": clock_ns(), "source": source,
+                                       "values": {"ready": 1, "notices": 0}})
+            assert watcher.poll(100) is None or not watcher.notices
+    assert not watcher.notices  # nothing written on stats alone
+    deadline = time.monotonic() + 20
+    while not watcher.notices:
+        assert time.monotonic() < deadline, "the capture never started on iwm.ready"
+        worker.send(topics.READY, {"t_ns": clock_ns(), "notices": 0, "restarts": 0})
+        watcher.poll(100)
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.join(10)
+    worker.close()
+    assert proc.exitcode == 0
 
 
 def test_sigterm_exits_0_and_removes_the_ring(run_dir, spawn, ring_name,
@@ -338,6 +368,34 @@ def test_recorded_timestamps_pace_the_footage_at_rate(run_dir, spawn, ring_name,
         watcher.close()
     assert 0.17 <= intervals[1.0] <= 0.4  # 200 ms recorded
     assert 0.04 <= intervals[4.0] <= 0.1  # 50 ms at rate 4
+
+
+def test_a_source_that_knows_no_actions_gets_the_agents_on_its_notices(
+        run_dir, spawn, ring_name, watcher_factory, zmq_ctx, tmp_path) -> None:
+    """The notice is the one way an action reaches the worker: for footage that does not
+    know what produced it, the capture puts the agent's latest action on each notice."""
+    gif = tmp_path / "clip.gif"
+    write_gif(gif, 4, 20)
+    eps = Endpoints.ipc(run_dir)
+    cfg = CaptureConfig(source=f"video:{gif}", rate=0, fps=50, loop=True,
+                        ring=RingConfig(slots=8, max_height=8, max_width=8))
+    watcher = watcher_factory(eps, ring_name)
+    agent = Publisher(eps.agent, ctx=zmq_ctx)
+    proc = spawn(exit_with, run_capture, cfg, eps, ring_name)
+    watcher.until(lambda: len(watcher.notices) >= 2, 30)
+    assert all(n["action"] is None for n in watcher.notices)  # no agent has spoken
+    deadline = time.monotonic() + 20
+    while not any(n["action"] == {"action_id": 2} for n in watcher.notices):
+        assert time.monotonic() < deadline, "the agent's action never reached a notice"
+        agent.send(topics.ACTION, {"seq": 0, "t_ns": clock_ns(), "action_id": 2})
+        watcher.poll(50)
+    n = len(watcher.notices)
+    watcher.until(lambda: len(watcher.notices) >= n + 3, 20)
+    assert all(x["action"] == {"action_id": 2} for x in watcher.notices[n:])  # it stays
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.join(10)
+    agent.close()
+    assert proc.exitcode == 0
 
 
 def test_replay_republishes_the_recorded_actions(run_dir, spawn, ring_name, watcher_factory,

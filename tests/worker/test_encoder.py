@@ -81,15 +81,31 @@ class Producer:
         self.ring = FrameRing.create(ring_name, SLOTS, H, W)
         self.pub = Publisher(eps.capture)
         self.frames: dict[int, np.ndarray] = {}
+        self.times: dict[int, int] = {}
 
-    def write(self, frame: np.ndarray, action: dict[str, Any] | None = None) -> int:
+    def write(self, frame: np.ndarray, action: dict[str, Any] | None = None,
+              notify: bool = True) -> int:
+        """Write a frame into the ring and (``notify``) publish its notice."""
         t = clock_ns()
         seq = self.ring.write(frame, t)
-        self.pub.send(topics.FRAME, {"seq": seq, "slot": self.ring.slot_of(seq),
-                                     "t_capture_ns": t, "height": H, "width": W,
-                                     "channels": 3, "action": action, "source": "test"})
+        self.times[seq] = t
+        if notify:
+            self.notify(seq, action)
         self.frames[seq] = frame
         return seq
+
+    def notify(self, seq: int, action: dict[str, Any] | None = None) -> None:
+        self.pub.send(topics.FRAME, {"seq": seq, "slot": self.ring.slot_of(seq),
+                                     "t_capture_ns": self.times[seq], "height": H, "width": W,
+                                     "channels": 3, "action": action, "source": "test",
+                                     "ring_id": self.ring.ring_id})
+
+    def new_ring(self) -> None:
+        """A restarted capture: the ring gone and created again under its name."""
+        self.ring.unlink()
+        self.ring.close()
+        self.ring = FrameRing.create(self.ring.name, SLOTS, H, W)
+        self.frames, self.times = {}, {}
 
     def close(self) -> None:
         self.pub.close()
@@ -125,8 +141,8 @@ class Collector:
         return {m["seq"]: m for m in self.msgs[topic]}
 
     def max_seq(self) -> int:
-        """Newest seq whose messages all arrived (iwm.mrr is published last)."""
-        return max(self.seqs(topics.MRR), default=-1)
+        """Newest seq whose messages all arrived (iwm.latent is published last)."""
+        return max(self.seqs(topics.LATENT), default=-1)
 
     def stats(self) -> dict[str, Any]:
         return self.msgs[topics.STATS][-1]["values"] if self.msgs[topics.STATS] else {}
@@ -383,16 +399,6 @@ def test_rpc_methods_match_local_model(rig: Rig) -> None:
     assert all(np.isnan(v) or 0 < v <= 1 for v in roll["mrr_seq"])
 
 
-def wait_action_received(rig: Rig, msg: dict[str, Any]) -> None:
-    """Publish ``msg`` on agent.action until the worker's stats count one more action."""
-    before = rig.col.fresh_stats(lambda v: True, "stats")["actions"]
-    deadline = time.monotonic() + 30
-    while rig.col.stats()["actions"] <= before:
-        assert time.monotonic() < deadline, "the worker never received the agent.action"
-        rig.agent.send(topics.ACTION, msg)
-        rig.col.fresh_stats(lambda v: True, "stats")
-
-
 def test_actions_change_predictions(rig: Rig) -> None:
     a, b = frame_for(200), frame_for(201)
     act_a = wire.make_action([0.9, -0.4, 0.1], 2)
@@ -408,34 +414,33 @@ def test_actions_change_predictions(rig: Rig) -> None:
     assert sur[s[1]]["action"]["action_id"] == 2
     assert np.allclose(sur[s[1]]["action"]["vector"], [0.9, -0.4, 0.1])
 
-    # no action on the notice: the latest agent.action sent before the capture time is used
-    t_agent = clock_ns()
-    wait_action_received(rig, {"seq": 1, "t_ns": t_agent, "vector": np.float32([0.3, 0.3]),
-                               "action_id": 3, "source": "test"})
-    wait_action_received(rig, {"seq": 2, "t_ns": clock_ns() + 3600 * 10**9,  # in the future
-                               "vector": np.float32([9.0]), "source": "test"})
+    # the notice is the one way an action comes: an agent.action sent to the worker is not
+    # used (the capture puts the agent's action on its notices), no action is no action
+    for i in range(3):
+        rig.agent.send(topics.ACTION, {"seq": i, "t_ns": clock_ns(),
+                                       "vector": np.float32([0.3, 0.3]), "action_id": 3})
+    time.sleep(0.2)
     s2 = write_paced(rig.prod, rig.col, [a, b])
     got = rig.col.by_seq(topics.SURPRISE)[s2[1]]
-    assert got["action"]["action_id"] == 3 and np.allclose(got["action"]["vector"], [0.3, 0.3])
-    want = local_surprise(rig.model, za, zb, pad_cond([0.3, 0.3], 16), 3)
+    assert got["action"] is None
+    want = local_surprise(rig.model, za, zb, np.zeros(16, np.float32), -1)
     assert abs(got["surprise"] - want) < 1e-4
 
 
 def test_garbage_is_answered_counted_and_worker_keeps_publishing(rig: Rig) -> None:
     rng = np.random.default_rng(7)
     before = rig.col.fresh_stats(lambda v: True, "stats")
-    # agent.action: random bytes, a wrong kind, a vector too long, an unknown action id
-    junk = [[b"agent.action", rng.bytes(40)], [b"agent.action", rng.bytes(3), rng.bytes(5)],
-            [b"agent.action", wire.pack(topics.STATS, {"t_ns": 1, "source": "x",
-                                                       "values": {}})[1]]]
-    too_long = {"seq": 9, "t_ns": 1, "vector": np.zeros(17, np.float32)}
-    bad_id = {"seq": 10, "t_ns": 1, "action_id": 99}
+    # frame notices: random bytes, a wrong kind; actions: a vector too long, an unknown id
+    junk = [[b"iwm.frame", rng.bytes(40)], [b"iwm.frame", rng.bytes(3), rng.bytes(5)],
+            [b"iwm.frame", wire.pack(topics.STATS, {"t_ns": 1, "source": "x",
+                                                    "values": {}})[1]]]
+    too_long = wire.make_action(np.zeros(17, np.float32))
+    bad_id = wire.make_action(None, 99)
     deadline = time.monotonic() + 30
     while True:
         for frames in junk:
-            rig.agent.sock.send_multipart(frames)
-        rig.agent.send(topics.ACTION, too_long)
-        rig.agent.send(topics.ACTION, bad_id)
+            rig.prod.pub.sock.send_multipart(frames)
+        write_paced(rig.prod, rig.col, [frame_for(400), frame_for(401)], [too_long, bad_id])
         v = rig.col.fresh_stats(lambda v: True, "stats")
         if (v["decode_errors"] >= before["decode_errors"] + 3
                 and v["bad_actions"] >= before["bad_actions"] + 2):
@@ -468,7 +473,7 @@ def test_garbage_is_answered_counted_and_worker_keeps_publishing(rig: Rig) -> No
 
 
 def test_fuzzed_messages_never_stop_the_worker(rig: Rig) -> None:
-    """issue 13: random and mutated frame notices, agent actions and RPC requests; after
+    """issue 13: random and mutated frame notices and RPC requests; after
     each batch a good RPC request interleaved with them is answered, and after all of them
     the worker still publishes every new frame and has counted what it could not decode."""
     before = rig.col.fresh_stats(lambda v: True, "stats")
@@ -478,8 +483,6 @@ def test_fuzzed_messages_never_stop_the_worker(rig: Rig) -> None:
                                           "t_capture_ns": clock_ns(), "height": H, "width": W,
                                           "channels": 3, "action": wire.make_action([0.5], 1),
                                           "source": "test"}),
-        "action": wire.pack(topics.ACTION, {"seq": 1, "t_ns": clock_ns(), "action_id": 2,
-                                            "vector": np.float32([0.1, 0.2])}),
         "rpc": wire.pack(topics.RPC, {"kind": "rpc_request", "id": 5, "method": "predict",
                                       "params": {"z_cls": np.zeros(rig.model.embed_dim,
                                                                    np.float32)}}),
@@ -492,7 +495,6 @@ def test_fuzzed_messages_never_stop_the_worker(rig: Rig) -> None:
     def batch(data: st.DataObject) -> None:
         for _ in range(data.draw(st.integers(1, 4))):
             rig.prod.pub.send_frames(mutated(data, good["frame"]))
-            rig.agent.send_frames(mutated(data, good["action"]))
             rig.client.send_raw(mutated(data, good["rpc"]))
             sent["n"] += 1
         want = rig.client.next_id = rig.client.next_id + 1000
@@ -574,6 +576,53 @@ def test_realtime_processes_newest_and_counts_skips(model: IWM) -> None:
                 assert sur[b]["pred_seq"] == (a if near else None), (a, b)
                 assert (sur[b]["surprise"] is not None) == near
             assert col.stats()["skipped"] == st.skipped and col.stats()["fps_in"] >= 0
+    finally:
+        col.close()
+        prod.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize("mode", ["realtime", "lossless"])
+def test_the_worker_processes_the_seqs_the_notices_name(model: IWM, mode: str) -> None:
+    """Frames in the ring whose notice has not come are not processed (the notices say what
+    to process, not the ring's newest seq), and a notice of a new capture (another ring id,
+    though its seq goes on) starts a new stream read from the new ring."""
+    d = short_dir()
+    eps, name = Endpoints.ipc(d), f"iwmt_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    cfg = WorkerConfig(mode=mode, stats_interval_s=0.2, mrr_bank=4)
+    prod = Producer(eps, name)
+    col = Collector(eps)
+    try:
+        with EncoderWorker(cfg, eps, name, model=model) as w:
+            with serving(w):
+                col.wait(lambda: col.stats().get("ready") == 1, "ready")
+                for i in range(3):
+                    prod.write(frame_for(i))
+                col.wait(lambda: col.max_seq() == 2, "the third frame")
+                for i in range(3, 6):
+                    prod.write(frame_for(i), notify=False)
+                time.sleep(0.6)  # the old worker took the ring's newest (realtime) or waited
+                col.pump(100)    # 250 ms for the notices (lossless), then went on without
+                assert col.max_seq() == 2, "processed a frame no notice named"
+                prod.notify(4)
+                col.wait(lambda: col.max_seq() == 4, "the frame the notice named")
+                time.sleep(0.3)
+                col.pump(100)
+                assert col.max_seq() == 4
+                if mode == "lossless":  # the frame between, whose notice never came, too
+                    assert col.seqs(topics.LATENT) == [0, 1, 2, 3, 4]
+                n_before = len(col.msgs[topics.SURPRISE])
+                prod.new_ring()
+                for i in range(8):  # seqs 0..7 of the new capture, only the newest announced
+                    prod.write(frame_for(100 + i), notify=i == 7)
+                col.wait(lambda: 7 in col.seqs(topics.LATENT), "the new capture's frame")
+            assert w.stats.stream_restarts == 1
+            new = col.msgs[topics.SURPRISE][n_before:]
+            assert new[0]["pred_seq"] is None  # nothing carried over from the old stream
+            assert [m["seq"] for m in new] == ([7] if mode == "realtime" else list(range(8)))
+            got = col.by_seq(topics.LATENT)[7]["z_cls"]
+            want = model.encode(frame_for(107))[0][0].numpy()
+            np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
     finally:
         col.close()
         prod.close()

@@ -222,14 +222,14 @@ def test_bind_policy_and_link_addresses() -> None:
 
 def test_inline_frames_read_like_the_ring() -> None:
     frames = InlineFrames(keep=4)
-    assert frames.ring is None and not frames.ensure()
+    assert not frames.attach()
     pix = [np.full((8, 8, 3), i, np.uint8) for i in range(8)]
     for seq in (0, 1, 3):
         frames.add(seq, pix[seq], 1000 + seq)
-    assert frames.ring is frames and frames.latest_seq == 3
+    assert frames.attach() and frames.latest_seq == 3
     assert frames.slots == 4  # 0..3: the oldest held is seq 0
     got = frames.read(1)
-    assert isinstance(got, tuple) and got[1] == 1001 and (got[0] == 1).all()
+    assert isinstance(got, tuple) and got[1] == (1, 1001, 8, 8) and (got[0] == 1).all()
     assert frames.read(2) == "unavailable"  # never arrived
     assert frames.slots == 1  # 0 and 1 let go
     for seq in range(4, 8):
@@ -237,9 +237,13 @@ def test_inline_frames_read_like_the_ring() -> None:
     assert frames.slots == 4 and frames.read(3) == "unavailable"  # beyond keep
     grey = np.zeros((8, 8, 1), np.uint8)
     frames.add(8, grey, 9)
-    assert frames.read(8)[0].shape == (8, 8, 3)
-    frames.add(9, None, 10)
-    frames.add(10, np.zeros((8, 8), np.uint8), 11)
+    assert frames.read(8)[0].shape == (8, 8, 1)  # as the ring holds it (the worker makes RGB)
+    # a notice of another capture lets the frames held go
+    frames.add(9, pix[1], 12)
+    frames.see(9, 5, 12)
+    assert frames.see(3, 6, 13) == "restart" and not frames.attach()
+    frames.add(10, None, 10)
+    frames.add(11, np.zeros((8, 8), np.uint8), 11)
     assert frames.missing == 2
 
 
