@@ -230,6 +230,8 @@ class _CaptureLoop:
         # lossless: the notices of the frames still in the ring, to re-send to a fresh worker
         self._recent: dict[int, dict[str, Any]] = {}
         self._fresh_worker_t: int | None = None  # when a worker said it had seen no notice
+        self._worker_restarts: dict[str | None, int] = {}  # per worker stream, from iwm.ready
+        self.resent_notices = 0
         self._blocked_t = 0  # when the current credit wait began (clock_ns)
         # latest agent action map and its t_ns (None until an agent speaks)
         self.action: dict[str, Any] | None = None
@@ -404,24 +406,33 @@ class _CaptureLoop:
             if msg["kind"] == "surprise":  # frame seq processed: the credit
                 variant = msg.get("variant") or topic
                 self.processed[variant] = max(self.processed.get(variant, -1), msg["seq"])
-            elif msg["notices"] == 0:  # iwm.ready of a worker that has seen no notice yet
-                self._fresh_worker_t = msg["t_ns"]
-            else:
-                self._fresh_worker_t = None
+            else:  # iwm.ready
+                self._fresh_worker_t = msg["t_ns"] if msg["notices"] == 0 else None
+                before = self._worker_restarts.get(msg.get("stream"))
+                self._worker_restarts[msg.get("stream")] = msg["restarts"]
+                if before is not None and msg["restarts"] > before:
+                    self._resend_unprocessed("a worker took over")
             got = self.worker.recv(timeout_ms=0)
 
     def _resend_to_fresh_worker(self) -> None:
         """While capture waits for credits it sends no notices, and a worker that has seen
-        none (restarted after a crash) would wait for one forever: re-send the oldest
-        unprocessed notice; the worker takes the rest from the ring."""
+        none (restarted after a crash) would wait for one forever: re-send the notices."""
         # only a worker that still had seen no notice well after we stopped sending them
         if self._fresh_worker_t is None or self._fresh_worker_t < self._blocked_t + FRESH_GRACE_NS:
             return
         self._fresh_worker_t = None
-        seq = self._processed_seq() + 1
-        if seq in self._recent:
-            logger.info("capture: lossless: a fresh worker; re-sending the notice of seq {}", seq)
-            self.pub.send(topics.FRAME, self._recent[seq])
+        self._resend_unprocessed("a fresh worker")
+
+    def _resend_unprocessed(self, why: str) -> None:
+        """Send the notices of the frames not yet processed again, oldest first: the worker
+        that lost them (they went to its dead predecessor) gets their actions too."""
+        seqs = [s for s in range(self._processed_seq() + 1, self.seq + 1) if s in self._recent]
+        if seqs:
+            logger.info("capture: lossless: {}; re-sending the notices of seqs {}..{}", why,
+                        seqs[0], seqs[-1])
+        for s in seqs:
+            self.pub.send(topics.FRAME, self._recent[s])
+        self.resent_notices += len(seqs)
 
     def _wait_for_worker(self) -> bool:
         """Lossless start: block until the worker speaks (iwm.ready); False when stopped."""
@@ -499,7 +510,7 @@ class _CaptureLoop:
             "bad_actions": int(getattr(self.source, "bad_actions", 0)) + self.bad_action_msgs,
             "actions_received": self.actions_received,
             "action_decode_errors": self.agent.decode_errors,
-            "replayed_actions": self.replayed_actions,
+            "replayed_actions": self.replayed_actions, "resent_notices": self.resent_notices,
             "notices_dropped": self.pub.dropped,
             "credit_wait_s": round(self.credit_wait_s, 3),
             "mode": self.cfg.mode,

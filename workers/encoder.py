@@ -46,7 +46,7 @@ from iwm_bus.logs import Throttle
 from iwm_bus.model import IWM, create_iwm_model, load_iwm
 from workers.entry import StopFlag, stop_on_signals
 from workers.model_stream import ModelStream, StreamResult, finite, shared_input
-from workers.ring_reader import FIRST, OLDER, RESTART, RingReader
+from workers.ring_reader import FIRST, OLDER, RESTART, InlineFrames, RingReader
 from workers.rpc_server import DEFAULT_BUDGET as DEFAULT_RPC_BUDGET
 from workers.rpc_server import ModelService, RPCServer
 from workers.stream import (
@@ -54,7 +54,6 @@ from workers.stream import (
     HORIZON_EVERY,
     Action,
     ActionBook,
-    InlineFrames,
     StreamStats,
     rgb,
 )
@@ -285,9 +284,9 @@ class EncoderWorker:
         assert self._cursor is not None
         if kind != OLDER:
             self._newest = seq
-        # an OLDER notice is one a lossless capture re-sent to a fresh worker: kept while its
-        # frame is still to be processed
-        if seq >= self._cursor:
+        # an OLDER notice is one a lossless capture re-sent to a fresh worker (with its
+        # action): kept while its frame is still to be processed, or may be once rewound
+        if seq >= self._cursor or self._rewind:
             self._notices[seq] = (t_capture, msg.get("action"))
             while len(self._notices) > NOTICE_KEEP:
                 self._notices.pop(min(self._notices))
@@ -334,10 +333,10 @@ class EncoderWorker:
             self.stats.skipped += seq - self._cursor
         else:
             slots = self.reader.slots
+            oldest = self._newest - slots + 1  # older seqs are overwritten already
             if self._rewind:  # at least once: a frame published twice beats one lost
                 self._rewind = False
-                self._cursor = max(0, self._cursor - (slots - 1))
-            oldest = self._newest - slots + 1  # older seqs are overwritten already
+                self._cursor = max(0, oldest, self._cursor - (slots - 1))
             if self._cursor < oldest:
                 self.stats.dropped_overwritten += oldest - self._cursor
                 self._cursor = oldest

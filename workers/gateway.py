@@ -5,9 +5,8 @@ machine runs this process (``iwm-launch --remote-worker [HOST:]PORT``); it binds
 ports of :class:`iwm_bus.bus.link.Link` and makes a remote worker look local to everyone else:
 
 * **frames out**: for each local ``iwm.frame`` notice it reads the frame from the ring and
-  publishes the notice again with ``pixels`` inline (plus frames whose notice it missed,
-  and, when a lossless capture re-sends an older notice to a fresh worker, every frame from
-  there on). The notices carry the actions, so nothing else goes out.
+  publishes the notice again with ``pixels`` inline (plus frames whose notice it missed);
+  a notice a lossless capture sends again for a fresh worker goes out again with its frame. The notices carry the actions, so nothing else goes out.
 * **results in**: an XSUB that remote workers' PUB sockets connect to, proxied to an XPUB
   bound on the local worker endpoint, so the bridge, the capture's lossless credits, the
   recorder and the viewer subscribe exactly as to a local worker (several workers' results
@@ -142,10 +141,15 @@ class Gateway:
         return DRAIN_BUDGET
 
     def _on_local(self, topic: str, msg: dict[str, Any]) -> None:
-        seq, last = msg["seq"], self.reader.order.last_seq
+        seq = msg["seq"]
         reads = self.reader.follow(seq, msg.get("ring_id"), msg["t_capture_ns"])
-        if self.reader.kind == OLDER and last is not None and seq < last:
-            self._resend(seq, last)  # a lossless capture's re-send: a fresh worker
+        if self.reader.kind == OLDER:  # a lossless capture's re-send: a fresh worker
+            got = self.reader.read(seq)
+            if isinstance(got, str):
+                self.stats.missed += got != "detached"
+            else:
+                self.stats.resent += 1
+                self._send_frame(msg, seq, *got)
             return
         for r in reads or ():
             if r.got is None:
@@ -153,16 +157,6 @@ class Gateway:
                 continue
             pixels, meta = r.got
             self._send_frame(msg if r.why == "notice" else None, r.seq, pixels, meta)
-
-    def _resend(self, first: int, last: int) -> None:
-        logger.info("gateway: re-sending frames {}..{} to a fresh remote worker", first, last)
-        for s in range(first, last + 1):
-            got = self.reader.read(s)
-            if isinstance(got, str):
-                self.stats.missed += got != "detached"
-                continue
-            self.stats.resent += 1
-            self._send_frame(None, s, *got)
 
     def _send_frame(self, notice: dict[str, Any] | None, seq: int, pixels: Any,
                     meta: Any) -> None:

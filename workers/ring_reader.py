@@ -17,6 +17,10 @@ viewer, the gateway) does it through :class:`RingReader`:
   (overwritten), ``"torn"`` (overwritten while copied), ``"unavailable"`` (not written), or
   ``"detached"`` (no ring to read yet).
 
+A remote worker cannot attach the ring: :class:`InlineFrames` holds the frames that came
+inside their notices and answers as :class:`RingReader` does, so that after the read a frame
+takes one path.
+
 The worker chooses which announced seqs to read (:mod:`workers.encoder`); the recorder,
 viewer and gateway want every frame and call :meth:`RingReader.follow`, which also reads
 the frames whose notice never arrived and, on a stream's first notice, those still in the
@@ -28,14 +32,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from loguru import logger
 
 from iwm_bus.bus.ring import FrameMeta, FrameRing
 from iwm_bus.errors import RingError
+from iwm_bus.logs import worth_logging
 
-__all__ = ["FIRST", "NEWER", "OLDER", "RESTART", "FrameRead", "NoticeOrder", "RingReader"]
+__all__ = ["FIRST", "NEWER", "OLDER", "RESTART", "FrameRead", "InlineFrames", "NoticeOrder",
+           "RingReader"]
 
 #: what :meth:`NoticeOrder.see` makes of a notice
 FIRST, NEWER, OLDER, RESTART = "first", "newer", "older", "restart"
@@ -43,6 +50,8 @@ FIRST, NEWER, OLDER, RESTART = "first", "newer", "older", "restart"
 ATTACH_TIMEOUT_S = 5.0
 #: pause between attach attempts
 ATTACH_RETRY_S = 0.02
+#: a remote worker holds at most this many inline frames not yet processed
+INLINE_KEEP = 64
 
 
 class NoticeOrder:
@@ -64,7 +73,7 @@ class NoticeOrder:
             kind = RESTART if ring_id != self.ring_id else NEWER if seq > self.last_seq else OLDER
         elif seq > self.last_seq:
             kind = NEWER
-        elif seq == self.last_seq or (t_capture_ns is not None and t_capture_ns < self.last_t):
+        elif seq == self.last_seq or (t_capture_ns is not None and t_capture_ns <= self.last_t):
             kind = OLDER
         else:
             kind = RESTART
@@ -113,7 +122,6 @@ class RingReader:
         self._timeout = attach_timeout_s
         self._deadline: float | None = None
         self._next_try = 0.0
-        self._torn = self._dropped = 0  # the ring's counters at the last miss
 
     # -- notices
 
@@ -184,7 +192,6 @@ class RingReader:
                              self.name, self._timeout, e)
             return False
         self.ring, self._deadline = ring, None
-        self._torn = self._dropped = 0
         self._out = self._buffer(ring.slot_bytes) if self._buffer is not None else None
         logger.info("{}: attached frame ring {}", self.who, ring)
         return True
@@ -196,12 +203,7 @@ class RingReader:
             return "detached"
         assert self.ring is not None
         got = self.ring.read(seq, out=self._out, with_meta=True)
-        if got is not None:
-            return got
-        stats = self.ring.stats
-        torn, dropped = stats.torn > self._torn, stats.dropped > self._dropped
-        self._torn, self._dropped = stats.torn, stats.dropped
-        return "torn" if torn else "dropped" if dropped else "unavailable"
+        return got if got is not None else self.ring.last_miss or "unavailable"
 
     def close(self) -> None:
         if self.ring is not None:
@@ -211,3 +213,65 @@ class RingReader:
     def __repr__(self) -> str:
         return f"RingReader({self.name!r}, {self.who}, ring={self.ring!r})"
 
+
+class InlineFrames:
+    """The frames of a remote worker, which cannot attach the ring: each arrives inside its
+    ``iwm.frame`` notice (``pixels``, put by the gateway). It answers the worker as
+    :class:`RingReader` does (``see``, ``attach``, ``read``, ``slots``, ``close``),
+    so that from here on a frame takes one path; ``slots`` spans the frames held, so "older
+    than the ring holds" means "older than the oldest frame held"."""
+
+    def __init__(self, keep: int = INLINE_KEEP) -> None:
+        self.keep = keep
+        self.order = NoticeOrder("remote worker")
+        self._frames: dict[int, tuple[np.ndarray, int]] = {}
+        self.latest_seq = -1
+        self.attach_failures = 0  # never: there is nothing to attach
+        self.missing = 0  # notices that came without their pixels
+
+    @property
+    def slots(self) -> int:
+        return self.latest_seq - min(self._frames) + 1 if self._frames else 1
+
+    def see(self, seq: int, ring_id: int | None = None,
+            t_capture_ns: int | None = None) -> str:
+        kind = self.order.see(seq, ring_id, t_capture_ns)
+        if kind == RESTART:
+            self.close()
+        return kind
+
+    def add(self, seq: int, pixels: Any, t_capture_ns: int) -> None:
+        """Hold the frame of a notice (the oldest goes beyond ``keep``)."""
+        if not isinstance(pixels, np.ndarray) or pixels.ndim != 3 or pixels.dtype != np.uint8:
+            self.missing += 1
+            if worth_logging(self.missing):
+                logger.warning("frame notice {} came without (H, W, C) uint8 pixels (#{}): a "
+                               "remote worker needs the gateway's inline frames", seq,
+                               self.missing)
+            return
+        if seq < self.latest_seq - self.keep:
+            return
+        # a copy: the decoded array is a read-only view of the message (torch wants writable
+        # memory), as the ring's frames are copied out of shared memory
+        self._frames[seq] = (pixels.copy(), t_capture_ns)
+        self.latest_seq = max(self.latest_seq, seq)
+        while len(self._frames) > self.keep:
+            del self._frames[min(self._frames)]
+
+    def attach(self) -> bool:
+        return bool(self._frames)
+
+    def read(self, seq: int) -> tuple[np.ndarray, FrameMeta] | str:
+        """``(pixels (H, W, C), FrameMeta)``, or "unavailable" when it never arrived; the
+        frames before it are let go."""
+        got = self._frames.pop(seq, None)
+        for old in [s for s in self._frames if s < seq]:
+            del self._frames[old]
+        if got is None:
+            return "unavailable"
+        pixels, t_ns = got
+        return pixels, FrameMeta(seq, t_ns, *pixels.shape[:2])
+
+    def close(self) -> None:
+        self._frames.clear()
+        self.latest_seq = -1

@@ -3,8 +3,7 @@
 :class:`workers.encoder.EncoderWorker` holds one of each for the frame stream it serves:
 :class:`ActionBook` validates actions and answers "the action in force at capture time",
 :class:`LatentBank` keeps the MRR candidates, :class:`HorizonMRR` measures the rollout
-confidence, a remote worker's :class:`InlineFrames` holds the frames that came inside their
-notices (a local one reads the ring with :class:`workers.ring_reader.RingReader`) and
+confidence (the frames come from :mod:`workers.ring_reader`) and
 :class:`StreamStats` counts what happened. None of them touch a socket.
 """
 
@@ -20,11 +19,9 @@ from loguru import logger
 
 from iwm_bus import metrics
 from iwm_bus.actions import check_action_id, pad_cond
-from iwm_bus.bus.ring import FrameMeta
 from iwm_bus.bus.wire import make_action
 from iwm_bus.errors import RingError
-from iwm_bus.logs import Throttle, worth_logging
-from workers.ring_reader import RESTART, NoticeOrder
+from iwm_bus.logs import Throttle
 
 #: rollout horizons whose MRR is measured (rollout RPC: mrr_seq[k] is horizon k + 1)
 HORIZON = 5
@@ -32,8 +29,6 @@ HORIZON = 5
 HORIZON_EVERY = 8
 #: running MRR (per frame and per horizon) is the mean of the last this many values
 MRR_WINDOW = 1000
-#: a remote worker holds at most this many inline frames not yet processed
-INLINE_KEEP = 64
 
 
 # ----------------------------------------------------------------------------- actions
@@ -206,69 +201,6 @@ class HorizonMRR:
 
 
 # ----------------------------------------------------------------------------- frames
-
-
-class InlineFrames:
-    """The frames of a remote worker, which cannot attach the ring: each arrives inside its
-    ``iwm.frame`` notice (``pixels``, put by the gateway). It answers the worker as
-    :class:`workers.ring_reader.RingReader` does (``see``, ``attach``, ``read``, ``slots``),
-    so that from here on a frame takes one path; ``slots`` spans the frames held, so "older
-    than the ring holds" means "older than the oldest frame held"."""
-
-    def __init__(self, keep: int = INLINE_KEEP) -> None:
-        self.keep = keep
-        self.order = NoticeOrder("remote worker")
-        self._frames: dict[int, tuple[np.ndarray, int]] = {}
-        self.latest_seq = -1
-        self.attach_failures = 0  # never: there is nothing to attach
-        self.missing = 0  # notices that came without their pixels
-
-    @property
-    def slots(self) -> int:
-        return self.latest_seq - min(self._frames) + 1 if self._frames else 1
-
-    def see(self, seq: int, ring_id: int | None = None,
-            t_capture_ns: int | None = None) -> str:
-        kind = self.order.see(seq, ring_id, t_capture_ns)
-        if kind == RESTART:
-            self.close()
-        return kind
-
-    def add(self, seq: int, pixels: Any, t_capture_ns: int) -> None:
-        """Hold the frame of a notice (the oldest goes beyond ``keep``)."""
-        if not isinstance(pixels, np.ndarray) or pixels.ndim != 3 or pixels.dtype != np.uint8:
-            self.missing += 1
-            if worth_logging(self.missing):
-                logger.warning("frame notice {} came without (H, W, C) uint8 pixels (#{}): a "
-                               "remote worker needs the gateway's inline frames", seq,
-                               self.missing)
-            return
-        if seq < self.latest_seq - self.keep:
-            return
-        # a copy: the decoded array is a read-only view of the message (torch wants writable
-        # memory), as the ring's frames are copied out of shared memory
-        self._frames[seq] = (pixels.copy(), t_capture_ns)
-        self.latest_seq = max(self.latest_seq, seq)
-        while len(self._frames) > self.keep:
-            del self._frames[min(self._frames)]
-
-    def attach(self) -> bool:
-        return bool(self._frames)
-
-    def read(self, seq: int) -> tuple[np.ndarray, FrameMeta] | str:
-        """``(pixels (H, W, C), FrameMeta)``, or "unavailable" when it never arrived; the
-        frames before it are let go."""
-        got = self._frames.pop(seq, None)
-        for old in [s for s in self._frames if s < seq]:
-            del self._frames[old]
-        if got is None:
-            return "unavailable"
-        pixels, t_ns = got
-        return pixels, FrameMeta(seq, t_ns, *pixels.shape[:2])
-
-    def close(self) -> None:
-        self._frames.clear()
-        self.latest_seq = -1
 
 
 def rgb(frame: Any) -> Any:

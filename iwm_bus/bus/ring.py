@@ -396,6 +396,8 @@ class FrameRing:
         self._unlinked = False
         self._closed = False
         self._stats = RingStats()
+        # why the last read that returned None did: "unavailable", "dropped" or "torn"
+        self.last_miss: str | None = None
         self._map_views()
         self._ring_id = int(self._ring_hdr[_R_RING_ID])
 
@@ -633,7 +635,8 @@ class FrameRing:
         is copied into its start and a (H, W, C) view of it is returned (no allocation).
         ``with_meta``: return ``(frame, FrameMeta)`` instead of the frame.
         None means the frame is not written yet (``unavailable``), already overwritten
-        (``dropped``) or was overwritten while being copied (``torn``).
+        (``dropped``) or was overwritten while being copied (``torn``); :attr:`last_miss`
+        says which.
         """
         if self._closed:
             self._check_open()
@@ -643,17 +646,15 @@ class FrameRing:
         words = self._words
         latest = words[_R_LATEST]
         if seq < 0 or seq > latest:
-            self._stats.unavailable += 1
-            return None
+            return self._miss("unavailable")
         if seq <= latest - self._slots:
-            self._stats.dropped += 1
-            return None
+            return self._miss("dropped")
         slot = seq % self._slots
         at = self._slot_word[slot]
         word = words[at + _S_WORD]  # the seqlock: loaded before the copy ...
-        if word != 2 * seq + 2:
-            self._count_miss(word > 2 * seq + 2)
-            return None
+        if word != 2 * seq + 2:  # overwritten; else (not possible with one live writer) a
+            # restarted writer re-publishing
+            return self._miss("dropped" if word > 2 * seq + 2 else "unavailable")
         height, width = words[at + _S_HEIGHT], words[at + _S_WIDTH]
         t_ns = words[at + _S_TIME]
         dst = self._destination(slot, word, height, width, out)
@@ -662,16 +663,14 @@ class FrameRing:
         frame, flat = dst
         np.copyto(flat, self._slot_rows[slot][: flat.size])
         if words[at + _S_WORD] != word:  # ... and after it: overwritten while we copied
-            self._stats.torn += 1
-            return None
+            return self._miss("torn")
         self._stats.read += 1
         return (frame, FrameMeta(seq, t_ns, height, width)) if with_meta else frame
 
-    def _count_miss(self, overwritten: bool) -> None:
-        if overwritten:
-            self._stats.dropped += 1
-        else:  # not possible with one live writer; a restarted writer re-publishing
-            self._stats.unavailable += 1
+    def _miss(self, why: str) -> None:
+        """Count a read that delivers nothing, and remember why (:attr:`last_miss`)."""
+        setattr(self._stats, why, getattr(self._stats, why) + 1)
+        self.last_miss = why
 
     def _check_out(self, out: Any) -> None:
         if not isinstance(out, np.ndarray) or out.dtype != np.uint8:
@@ -691,8 +690,7 @@ class FrameRing:
         room = nbytes if out is None else out.size
         if not header_ok or room < nbytes:
             if self._words[self._slot_word[slot] + _S_WORD] != word:  # header changed under us
-                self._stats.torn += 1
-                return None
+                return self._miss("torn")
             if not header_ok:
                 raise RingError(f"ring {self._name!r} slot {slot} header says {height}x{width}")
             raise ValueError(

@@ -96,7 +96,7 @@ def test_wrap_around_drops_overwritten_seqs(ring: FrameRing) -> None:
     assert ring.latest_seq == 9
     assert [ring.slot_of(s) for s in (0, 5, 9)] == [0, 1, 1]
     for seq in range(6):  # slots=4: only 6..9 survive
-        assert ring.read(seq) is None
+        assert ring.read(seq) is None and ring.last_miss == "dropped"
     for seq in range(6, 10):
         np.testing.assert_array_equal(ring.read(seq), frames[seq])
     assert ring.stats.dropped == 6
@@ -104,7 +104,7 @@ def test_wrap_around_drops_overwritten_seqs(ring: FrameRing) -> None:
 
 
 def test_unwritten_and_negative_seqs_are_unavailable(ring: FrameRing) -> None:
-    assert ring.read(0) is None  # empty ring
+    assert ring.read(0) is None and ring.last_miss == "unavailable"  # empty ring
     ring.write(_frame(4, 4, 0))
     assert ring.read(1) is None
     assert ring.read(10**12) is None
@@ -177,6 +177,7 @@ def test_frame_overwritten_during_the_copy_is_torn(ring: FrameRing,
         assert reader.read(seq) is None
         monkeypatch.undo()
         assert lapped and reader.stats.torn == 1 and reader.stats.read == 0
+        assert reader.last_miss == "torn"
         latest = reader.read(reader.latest_seq)  # the ring itself is fine
         np.testing.assert_array_equal(latest, _frame(8, 8, 10 + ring.slots - 1))
     finally:

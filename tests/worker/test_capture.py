@@ -212,6 +212,49 @@ def test_lossless_starts_on_the_workers_ready_not_on_any_stats(run_dir, spawn, r
     assert proc.exitcode == 0
 
 
+def test_lossless_sends_the_unprocessed_notices_again_to_a_worker_that_took_over(
+        run_dir, spawn, ring_name, watcher_factory, zmq_ctx) -> None:
+    """A new worker (iwm.ready with a higher restarts) lost the notices its dead predecessor
+    got: the capture sends every unprocessed one again, as it was (action included)."""
+    eps = Endpoints.ipc(run_dir)
+    cfg = CaptureConfig(source="synthetic:16x16", fps=0, mode="lossless", frames=20,
+                        ring=RingConfig(slots=4, max_height=16, max_width=16))
+    watcher = watcher_factory(eps, ring_name)
+    worker = Publisher(eps.worker, ctx=zmq_ctx)
+    proc = spawn(exit_with, run_capture, cfg, eps, ring_name)
+    watcher.until(lambda: bool(watcher.stats), 20)
+
+    def ready(restarts: int) -> None:
+        worker.send(topics.READY, {"t_ns": clock_ns(), "notices": 1, "restarts": restarts})
+
+    deadline = time.monotonic() + 20
+    while len(watcher.notices) < 3:  # 0..2: the credit window (slots - 1) is full
+        assert time.monotonic() < deadline, "the capture never started"
+        ready(0)
+        watcher.poll(100)
+    worker.send(topics.SURPRISE, {"seq": 0, "t_capture_ns": 0, "t_publish_ns": 0,
+                                  "surprise": None, "pred_seq": None, "action": None,
+                                  "variant": "core"})
+    watcher.until(lambda: len(watcher.notices) >= 4, 10)  # seq 3 on the credit for 0
+    first = {n["seq"]: n for n in watcher.notices}
+    end = time.monotonic() + 0.5
+    while time.monotonic() < end:
+        watcher.poll(50)
+    assert [n["seq"] for n in watcher.notices] == [0, 1, 2, 3]  # blocked: nothing is re-sent
+    ready(1)  # a worker took over
+    watcher.until(lambda: len(watcher.notices) >= 7, 10)
+    again = watcher.notices[4:]
+    assert [n["seq"] for n in again] == [1, 2, 3]
+    for n in again:
+        assert {k: v for k, v in n.items() if k != "action"} == \
+            {k: v for k, v in first[n["seq"]].items() if k != "action"}
+        assert n["action"] == first[n["seq"]]["action"] and n["action"] is not None
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.join(10)
+    worker.close()
+    assert proc.exitcode == 0
+
+
 def test_sigterm_exits_0_and_removes_the_ring(run_dir, spawn, ring_name,
                                               watcher_factory) -> None:
     eps = Endpoints.ipc(run_dir)

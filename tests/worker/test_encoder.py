@@ -629,6 +629,44 @@ def test_the_worker_processes_the_seqs_the_notices_name(model: IWM, mode: str) -
         shutil.rmtree(d, ignore_errors=True)
 
 
+def test_a_restarted_lossless_worker_rewinds_without_false_losses_and_takes_resent_actions(
+        model: IWM) -> None:
+    """A worker taking over (restarts > 0) goes back slots - 1 frames from its first notice,
+    but never below what the ring holds, and counts nothing lost for that; the notices the
+    capture sends again (they went to the dead worker) give those frames their actions."""
+    d = short_dir()
+    eps, name = Endpoints.ipc(d), f"iwmt_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    prod = Producer(eps, name)
+    try:
+        for i in range(12):  # the ring (8 slots) holds 4..11; the dead worker published ..5
+            prod.write(frame_for(i), notify=False)
+        acts = {s: wire.make_action(None, s % NUM_ACTIONS) for s in range(6, 12)}
+
+        def notice(seq: int) -> dict[str, Any]:
+            return {"seq": seq, "slot": prod.ring.slot_of(seq), "t_capture_ns": prod.times[seq],
+                    "height": H, "width": W, "channels": 3, "action": acts.get(seq),
+                    "source": "test", "ring_id": prod.ring.ring_id}
+
+        cfg = WorkerConfig(mode="lossless", mrr_bank=4)
+        with EncoderWorker(cfg, eps, name, model=model, restarts=1) as w:
+            got: dict[int, Any] = {}
+            w._publish = lambda seq, t, action, results: got.setdefault(seq, action.wire)
+            for seq in (9, 10, 11, 6, 7, 8):  # live notices first, then the capture's re-sends
+                w._on_frame(notice(seq))
+            deadline = time.monotonic() + 30
+            while 11 not in got:
+                assert time.monotonic() < deadline, f"stuck: {sorted(got)}"
+                w._step()
+            assert sorted(got) == list(range(4, 12))  # 9 - 7 = 2 is gone already: from 4 on
+            assert w.stats.dropped_overwritten == 0  # nothing was lost
+            assert got[4] is None and got[5] is None  # published by the dead worker
+            for s in range(6, 12):
+                assert got[s] == {"action_id": s % NUM_ACTIONS}, s
+    finally:
+        prod.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def test_missing_checkpoint_exits_2_before_binding(tmp_path: Path) -> None:
     d = short_dir()
     try:

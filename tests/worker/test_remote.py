@@ -24,7 +24,7 @@ from iwm_bus.bus.link import Link
 from iwm_bus.bus.security import ClientKeys, ServerKeys, check_bind, make_keys
 from iwm_bus.bus.transport import Subscriber
 from iwm_bus.session import SessionReader
-from workers.stream import InlineFrames
+from workers.ring_reader import InlineFrames
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = [sys.executable, str(ROOT / "launch.py")]
