@@ -405,7 +405,9 @@ class _CaptureLoop:
             self.worker_seen = True
             if msg["kind"] == "surprise":  # frame seq processed: the credit
                 variant = msg.get("variant") or topic
-                self.processed[variant] = max(self.processed.get(variant, -1), msg["seq"])
+                # (never beyond the newest frame written: a bogus seq must not open the window)
+                seq = min(msg["seq"], self.seq)
+                self.processed[variant] = max(self.processed.get(variant, -1), seq)
             else:  # iwm.ready
                 self._fresh_worker_t = msg["t_ns"] if msg["notices"] == 0 else None
                 before = self._worker_restarts.get(msg.get("stream"))

@@ -46,7 +46,7 @@ from iwm_bus.logs import Throttle
 from iwm_bus.model import IWM, create_iwm_model, load_iwm
 from workers.entry import StopFlag, stop_on_signals
 from workers.model_stream import ModelStream, StreamResult, finite, shared_input
-from workers.ring_reader import FIRST, OLDER, RESTART, InlineFrames, RingReader
+from workers.ring_reader import FIRST, INVALID, OLDER, RESTART, InlineFrames, RingReader
 from workers.rpc_server import DEFAULT_BUDGET as DEFAULT_RPC_BUDGET
 from workers.rpc_server import ModelService, RPCServer
 from workers.stream import (
@@ -271,6 +271,8 @@ class EncoderWorker:
         seq, t_capture = msg["seq"], msg["t_capture_ns"]
         self.stats.notice()
         kind = self.reader.see(seq, msg.get("ring_id"), t_capture)
+        if kind == INVALID:  # names a frame the ring has not written (counted by the reader)
+            return
         if kind == RESTART:
             self._restart_stream()
         if kind in (FIRST, RESTART):
@@ -415,6 +417,7 @@ class EncoderWorker:
                 "rpc_replies_dropped": rpc.replies_dropped if rpc else 0,
                 "stream_restarts": s.stream_restarts,
                 "attach_failures": self.reader.attach_failures, "restarts": self.restarts,
+                "bad_notices": self.reader.invalid,
                 **({"remote": 1, "frames_without_pixels": self.reader.missing}
                    if isinstance(self.reader, InlineFrames) else {}),
                 **self.streams[0].stats(), "mode": self.cfg.mode,

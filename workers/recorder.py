@@ -189,7 +189,8 @@ class Recorder:
         self.reader = RingReader(ring_name, "recorder")
         self.counts: dict[str, int] = dict.fromkeys(
             ("notices", "frames", "from_ring", "missed_overwritten", "missed_gap",
-             "missed_writer_behind", "missed_no_ring", "capture_restarts", "events"), 0)
+             "missed_writer_behind", "missed_no_ring", "capture_restarts", "bad_notices",
+             "events"), 0)
         self.first_seq: int | None = None
         self.t_start = time.monotonic()
         self.thread.start()
@@ -211,6 +212,7 @@ class Recorder:
         self.counts["notices"] += 1
         reads = self.reader.follow(seq, msg.get("ring_id"), msg["t_capture_ns"])
         self.counts["capture_restarts"] = self.reader.order.restarts
+        self.counts["bad_notices"] = self.reader.invalid
         if reads is None:
             if self.reader.ring is None:
                 self.counts["missed_no_ring"] += 1

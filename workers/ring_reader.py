@@ -41,11 +41,11 @@ from iwm_bus.bus.ring import FrameMeta, FrameRing
 from iwm_bus.errors import RingError
 from iwm_bus.logs import worth_logging
 
-__all__ = ["FIRST", "NEWER", "OLDER", "RESTART", "FrameRead", "InlineFrames", "NoticeOrder",
-           "RingReader"]
+__all__ = ["FIRST", "INVALID", "NEWER", "OLDER", "RESTART", "FrameRead", "InlineFrames",
+           "NoticeOrder", "RingReader"]
 
-#: what :meth:`NoticeOrder.see` makes of a notice
-FIRST, NEWER, OLDER, RESTART = "first", "newer", "older", "restart"
+#: what :meth:`NoticeOrder.see` makes of a notice (and :meth:`RingReader.see`: INVALID)
+FIRST, NEWER, OLDER, RESTART, INVALID = "first", "newer", "older", "restart", "invalid"
 #: how long to keep trying to attach the ring once a notice wants a frame of it
 ATTACH_TIMEOUT_S = 5.0
 #: pause between attach attempts
@@ -118,6 +118,7 @@ class RingReader:
         self.kind: str | None = None  # what the last notice was (see)
         self.ring: FrameRing | None = None
         self.attach_failures = 0
+        self.invalid = 0  # notices naming a frame their ring has not written
         self._buffer, self._out = buffer, None
         self._timeout = attach_timeout_s
         self._deadline: float | None = None
@@ -128,11 +129,27 @@ class RingReader:
     def see(self, seq: int, ring_id: int | None = None,
             t_capture_ns: int | None = None) -> str:
         """Sort a notice (:meth:`NoticeOrder.see`); a new capture lets the ring go. Wants
-        the ring: the next reads try to attach it."""
-        kind = self.kind = self.order.see(seq, ring_id, t_capture_ns)
-        if kind == RESTART:
-            self.close()
+        the ring (tries to attach it now, and on the next reads).
+
+        INVALID: the notice names a frame its ring has not written (the capture writes the
+        frame before it sends the notice): a malformed notice, ignored and counted in
+        ``invalid``, so that it cannot send the reader (and a worker's cursor) off to seqs
+        that never come."""
         if self.ring is None and self._deadline is None:
+            self._deadline = time.monotonic() + self._timeout
+        if self.ring is None:
+            self.attach(ring_id)
+        ring = self.ring
+        if ring is not None and ring_id in (None, ring.ring_id) and seq > ring.latest_seq:
+            self.invalid += 1
+            if worth_logging(self.invalid):
+                logger.warning("{}: ignored a notice of seq {}, beyond the ring's newest {} "
+                               "(#{})", self.who, seq, ring.latest_seq, self.invalid)
+            self.kind = INVALID
+            return INVALID
+        kind = self.kind = self.order.see(seq, ring_id, t_capture_ns)
+        if kind == RESTART or (ring is not None and ring_id not in (None, ring.ring_id)):
+            self.close()  # (another ring's notice: attached again on the next read)
             self._deadline = time.monotonic() + self._timeout
         return kind
 
@@ -144,7 +161,7 @@ class RingReader:
         an older notice sent again, or no ring to read yet (the gap is read next time)."""
         last = self.order.last_seq
         kind = self.see(seq, ring_id, t_capture_ns)
-        if kind == OLDER:
+        if kind in (OLDER, INVALID):
             return None
         if not read:
             return []
@@ -169,20 +186,22 @@ class RingReader:
         assert self.ring is not None
         return self.ring.slots
 
-    def attach(self) -> bool:
-        """True when the notices' ring is attached; else tries (at most every 20 ms) while a
-        notice wants it, logging and counting a failure at the deadline."""
+    def attach(self, ring_id: int | None = None) -> bool:
+        """True when the notices' ring (``ring_id``, default the stream's) is attached; else
+        tries (at most every 20 ms) while a notice wants it, logging and counting a failure
+        at the deadline."""
         if self.ring is not None:
             return True
         now = time.monotonic()
         if self._deadline is None or now < self._next_try:
             return False
+        want = ring_id if ring_id is not None else self.order.ring_id
         try:
             ring = FrameRing.attach(self.name)
-            if self.order.ring_id is not None and ring.ring_id != self.order.ring_id:
+            if want is not None and ring.ring_id != want:
                 ring.close()
                 raise RingError(f"the ring there has id {ring.ring_id}, the notices "
-                                f"{self.order.ring_id} (the capture is restarting?)")
+                                f"{want} (the capture is restarting?)")
         except RingError as e:
             self._next_try = now + ATTACH_RETRY_S
             if now >= self._deadline:
@@ -227,6 +246,7 @@ class InlineFrames:
         self._frames: dict[int, tuple[np.ndarray, int]] = {}
         self.latest_seq = -1
         self.attach_failures = 0  # never: there is nothing to attach
+        self.invalid = 0  # never checked: no ring says what was written
         self.missing = 0  # notices that came without their pixels
 
     @property

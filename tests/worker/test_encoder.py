@@ -667,6 +667,39 @@ def test_a_restarted_lossless_worker_rewinds_without_false_losses_and_takes_rese
         shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.mark.parametrize("mode", ["realtime", "lossless"])
+def test_a_notice_beyond_the_ring_cannot_derail_the_worker(model: IWM, mode: str) -> None:
+    """A well-formed notice naming a frame the ring has not written (a huge seq) is ignored
+    and counted, first notice or not: the worker goes on with the real ones. (Taken as the
+    newest, it would skip (realtime) or wait (lossless) for frames that never come.)"""
+    d = short_dir()
+    eps, name = Endpoints.ipc(d), f"iwmt_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    prod = Producer(eps, name)
+    try:
+        for i in range(6):
+            prod.write(frame_for(i), notify=False)
+
+        def notice(seq: int) -> dict[str, Any]:
+            return {"seq": seq, "slot": 0, "t_capture_ns": clock_ns(), "height": H,
+                    "width": W, "channels": 3, "action": None, "source": "test",
+                    "ring_id": prod.ring.ring_id}
+
+        with EncoderWorker(WorkerConfig(mode=mode, mrr_bank=4), eps, name, model=model) as w:
+            got: list[int] = []
+            w._publish = lambda seq, t, action, results: got.append(seq)
+            for seq in (10**12, 2, 10**15, 3, 4, 5):
+                w._on_frame(notice(seq))
+                deadline = time.monotonic() + 30
+                while w._has_work():
+                    assert time.monotonic() < deadline
+                    w._step()
+            assert got[-1] == 5 and all(s <= 5 for s in got)
+            assert w.stats_values()["bad_notices"] == 2
+    finally:
+        prod.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def test_missing_checkpoint_exits_2_before_binding(tmp_path: Path) -> None:
     d = short_dir()
     try:
