@@ -17,7 +17,7 @@ before the range and raises :class:`ConfigError` (a ValueError) worded
 
 Flags: a field whose metadata is ``flag("--fps", "capture rate cap")`` is a command-line
 flag of every entry point that walks its config with :func:`add_flags` (``iwm-launch`` walks
-the whole tree, ``launch.SidecarConfig``; ``python -m workers.encoder`` its worker part);
+the whole tree, ``launch_config.SidecarConfig``; ``python -m workers.encoder`` its worker part);
 :func:`flag_values` reads back the flags given. Type and ``store_true`` come from the
 field's annotation; argparse's default is None, so a flag not given leaves the field to the
 environment or its dataclass default.
@@ -304,7 +304,7 @@ class WorkerConfig:
     num_actions: int = field(default=32, metadata=flag(
         "--num-actions", "discrete action tokens of an untrained model (default 32)"))
     # realtime: always the newest frame (skips counted); lossless: every frame in order.
-    # iwm-launch sets it from its one --mode (launch.SidecarConfig.mode)
+    # iwm-launch sets it from its one --mode (launch_config.SidecarConfig.mode)
     mode: str = "realtime"
     # MRR candidates: the K most recent other latents
     mrr_bank: int = field(default=32, metadata=flag("--mrr-bank"))

@@ -148,7 +148,7 @@ def _every_part() -> list[tuple[Any, dict[str, Any], str]]:
     from agent_bridge.arbiter import ArbiterConfig
     from agent_bridge.demo_agent import DemoConfig
     from agent_bridge.planner import PlannerConfig
-    from launch import SidecarConfig
+    from launch_config import SidecarConfig
     from workers.capture import CaptureConfig
     from workers.recorder import RecorderConfig
     from workers.viewer import ViewerConfig

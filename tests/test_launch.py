@@ -22,7 +22,8 @@ from iwm_bus.bus.rundir import RunDir
 from iwm_bus.bus.transport import Endpoints, Subscriber
 from iwm_bus.config import ConfigError, flag, flags_of, to_dict
 from iwm_bus.default_model import default_checkpoint
-from launch import Launcher, SidecarConfig, config_from_args, parse_args
+from launch import Launcher
+from launch_config import SidecarConfig, config_from_args, parse_args
 from workers.capture import CaptureConfig
 
 ROOT = Path(__file__).resolve().parents[1]

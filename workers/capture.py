@@ -94,7 +94,7 @@ class CaptureConfig:
     # frame-rate cap in frames per second; 0 = as fast as possible
     fps: float = field(default=30.0, metadata=flag("--fps", "capture rate cap (0 = no cap)"))
     # realtime: never wait for the worker; lossless: credit window (slots-1) on its seq.
-    # iwm-launch sets it from its one --mode (launch.SidecarConfig.mode)
+    # iwm-launch sets it from its one --mode (launch_config.SidecarConfig.mode)
     mode: str = "realtime"
     # stop after this many frames (None = until the source ends or a signal)
     frames: int | None = field(default=None, metadata=flag("--frames", "stop after N frames"))
