@@ -32,7 +32,6 @@ from iwm_bus.config import (
     WorkerConfig,
     add_flags,
     check,
-    fail,
     flag_error,
     flag_values,
     flags_of,
@@ -82,13 +81,8 @@ class SidecarConfig:
             check(self, name, kind, optional=True)
         check(self, "worker", WorkerConfig)
         check(self, "bus", BusConfig)
-        # the one mode, handed down: capture and worker cannot disagree. A part built with
-        # another mode than its default asked for one the tree does not say: refused
-        for name, default in (("worker", WorkerConfig.mode), ("capture", CaptureConfig.mode)):
-            part = getattr(self, name)
-            if part is not None and part.mode not in (self.mode, default):
-                fail(self, f"{name}.mode", f"is not the sidecar's {self.mode!r}; set "
-                     "SidecarConfig.mode (--mode), which both parts take", part.mode)
+        # the one mode, handed down: capture and worker cannot disagree (a part takes the
+        # sidecar's mode, whatever it was built with)
         self.worker = replace(self.worker, mode=self.mode)
         if self.capture is not None:
             self.capture = replace(self.capture, mode=self.mode)

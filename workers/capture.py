@@ -229,8 +229,11 @@ class _CaptureLoop:
         self.frames = 0
         # lossless: the notices of the frames still in the ring, to re-send to a fresh worker
         self._recent: dict[int, dict[str, Any]] = {}
-        self._fresh_worker_t: int | None = None  # when a worker said it had seen no notice
-        self._worker_restarts: dict[str | None, int] = {}  # per worker stream, from iwm.ready
+        # per worker stream (None: the plain one), from iwm.ready: when it said it had seen
+        # no notice, and the restart counts seen (a new one: a worker took over)
+        self._fresh_worker_t: dict[str | None, int] = {}
+        self._worker_restarts: dict[str | None, set[int]] = {}
+        self._resent_t = 0  # when notices were last sent again
         self.resent_notices = 0
         self._blocked_t = 0  # when the current credit wait began (clock_ns)
         # latest agent action map and its t_ns (None until an agent speaks)
@@ -405,36 +408,48 @@ class _CaptureLoop:
             self.worker_seen = True
             if msg["kind"] == "surprise":  # frame seq processed: the credit
                 variant = msg.get("variant") or topic
-                # (never beyond the newest frame written: a bogus seq must not open the window)
+                # (never beyond the newest frame written: a bogus seq cannot credit frames
+                # not written yet)
                 seq = min(msg["seq"], self.seq)
                 self.processed[variant] = max(self.processed.get(variant, -1), seq)
-            else:  # iwm.ready
-                self._fresh_worker_t = msg["t_ns"] if msg["notices"] == 0 else None
-                before = self._worker_restarts.get(msg.get("stream"))
-                self._worker_restarts[msg.get("stream")] = msg["restarts"]
-                if before is not None and msg["restarts"] > before:
-                    self._resend_unprocessed("a worker took over")
+            else:  # iwm.ready, per worker stream
+                stream = msg.get("stream")
+                if msg["notices"] == 0:
+                    self._fresh_worker_t[stream] = msg["t_ns"]
+                else:
+                    self._fresh_worker_t.pop(stream, None)
+                seen = self._worker_restarts.setdefault(stream, set())
+                if msg["restarts"] not in seen:  # once per worker life: two workers of one
+                    seen.add(msg["restarts"])    # stream name do not set it off every tick
+                    if len(seen) > 1:
+                        self._fresh_worker_t.pop(stream, None)  # (re-sent here already)
+                        self._resend_unprocessed("a worker took over")
             got = self.worker.recv(timeout_ms=0)
 
     def _resend_to_fresh_worker(self) -> None:
         """While capture waits for credits it sends no notices, and a worker that has seen
         none (restarted after a crash) would wait for one forever: re-send the notices."""
         # only a worker that still had seen no notice well after we stopped sending them
-        if self._fresh_worker_t is None or self._fresh_worker_t < self._blocked_t + FRESH_GRACE_NS:
+        since = max(self._blocked_t, self._resent_t) + FRESH_GRACE_NS
+        fresh = [s for s, t in self._fresh_worker_t.items() if t >= since]
+        if not fresh:
             return
-        self._fresh_worker_t = None
+        for stream in fresh:
+            del self._fresh_worker_t[stream]
         self._resend_unprocessed("a fresh worker")
 
     def _resend_unprocessed(self, why: str) -> None:
-        """Send the notices of the frames not yet processed again, oldest first: the worker
-        that lost them (they went to its dead predecessor) gets their actions too."""
-        seqs = [s for s in range(self._processed_seq() + 1, self.seq + 1) if s in self._recent]
+        """Send the notices of the frames still in the ring again, oldest first: the worker
+        that lost them (they went to its dead predecessor) gets their actions too, for the
+        unprocessed ones and for those its at-least-once rewind publishes again."""
+        seqs = sorted(s for s in self._recent if s <= self.seq)
         if seqs:
             logger.info("capture: lossless: {}; re-sending the notices of seqs {}..{}", why,
                         seqs[0], seqs[-1])
         for s in seqs:
             self.pub.send(topics.FRAME, self._recent[s])
         self.resent_notices += len(seqs)
+        self._resent_t = clock_ns()
 
     def _wait_for_worker(self) -> bool:
         """Lossless start: block until the worker speaks (iwm.ready); False when stopped."""

@@ -60,6 +60,10 @@ from workers.stream import (
 
 #: torch seed of the worker process (untrained models are built with it too)
 SEED = 0
+#: lossless, restarted: how long after its first notice the worker waits before it rewinds,
+#: so that the notices the capture sends again on its iwm.ready (with their actions, and for
+#: a remote worker their pixels) are here first
+REWIND_GRACE_S = 0.25
 #: frame notices remembered (by seq) until their frame is processed
 NOTICE_KEEP = 4096
 #: pause after binding before the first iwm.stats, so subscriptions have propagated
@@ -185,8 +189,10 @@ class EncoderWorker:
         self._cursor: int | None = None  # next seq not yet processed, skipped or dropped
         self._newest: int | None = None  # the newest seq a notice named
         # lossless, restarted: go back from the first notice to the oldest frame the dead
-        # worker may not have published (the capture's credit window: ring slots - 1)
+        # worker may not have published (the capture's credit window: ring slots - 1), once
+        # REWIND_GRACE_S after that notice (monotonic; 0: no rewind pending)
         self._rewind = False
+        self._rewind_at = 0.0
         self._stop = threading.Event()
         self._t_start = time.monotonic()
         self._next_stats = 0.0
@@ -253,15 +259,20 @@ class EncoderWorker:
             self._rpc.handle_pending(1 if self._has_work() else DEFAULT_RPC_BUDGET)
 
     def _idle_ms(self) -> int:
-        wait = self._next_stats - time.monotonic()
+        now = time.monotonic()
+        wait = self._next_stats - now
         if self._cursor is not None and not self.reader.attach():
             wait = min(wait, 0.02)  # still attaching
+        if self._rewind:
+            wait = min(wait, self._rewind_at - now)
         return max(0, min(POLL_MS, int(wait * 1000)))
 
     def _has_work(self) -> bool:
-        """A frame a notice named is still to be processed (and the ring is there)."""
+        """A frame a notice named is still to be processed (and the ring is there; a
+        pending rewind waits out its grace)."""
         return (self._cursor is not None and self._newest is not None
-                and self._newest >= self._cursor and self.reader.attach())
+                and self._newest >= self._cursor and self.reader.attach()
+                and not (self._rewind and time.monotonic() < self._rewind_at))
 
     # -- frame notices
 
@@ -283,6 +294,7 @@ class EncoderWorker:
             first = self.cfg.mode == "lossless" and not self.restarts
             self._cursor = 0 if first else seq
             self._rewind = self.cfg.mode == "lossless" and not first
+            self._rewind_at = time.monotonic() + REWIND_GRACE_S if self._rewind else 0.0
         assert self._cursor is not None
         if kind != OLDER:
             self._newest = seq

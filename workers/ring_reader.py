@@ -126,21 +126,21 @@ class RingReader:
 
     # -- notices
 
-    def see(self, seq: int, ring_id: int | None = None,
-            t_capture_ns: int | None = None) -> str:
+    def see(self, seq: int, ring_id: int | None = None, t_capture_ns: int | None = None,
+            attach: bool = True) -> str:
         """Sort a notice (:meth:`NoticeOrder.see`); a new capture lets the ring go. Wants
-        the ring (tries to attach it now, and on the next reads).
+        the ring (``attach``: tries to attach it now, and on the next reads).
 
         INVALID: the notice names a frame its ring has not written (the capture writes the
         frame before it sends the notice): a malformed notice, ignored and counted in
         ``invalid``, so that it cannot send the reader (and a worker's cursor) off to seqs
         that never come."""
-        if self.ring is None and self._deadline is None:
-            self._deadline = time.monotonic() + self._timeout
-        if self.ring is None:
+        if attach and self.ring is None:
+            if self._deadline is None:
+                self._deadline = time.monotonic() + self._timeout
             self.attach(ring_id)
         ring = self.ring
-        if ring is not None and ring_id in (None, ring.ring_id) and seq > ring.latest_seq:
+        if ring is not None and ring_id == ring.ring_id and seq > ring.latest_seq:
             self.invalid += 1
             if worth_logging(self.invalid):
                 logger.warning("{}: ignored a notice of seq {}, beyond the ring's newest {} "
@@ -150,7 +150,8 @@ class RingReader:
         kind = self.kind = self.order.see(seq, ring_id, t_capture_ns)
         if kind == RESTART or (ring is not None and ring_id not in (None, ring.ring_id)):
             self.close()  # (another ring's notice: attached again on the next read)
-            self._deadline = time.monotonic() + self._timeout
+            if attach:
+                self._deadline = time.monotonic() + self._timeout
         return kind
 
     def follow(self, seq: int, ring_id: int | None = None, t_capture_ns: int | None = None,
@@ -160,7 +161,7 @@ class RingReader:
         its own (``read=False``: only follow it, e.g. a frame that travelled inline). None:
         an older notice sent again, or no ring to read yet (the gap is read next time)."""
         last = self.order.last_seq
-        kind = self.see(seq, ring_id, t_capture_ns)
+        kind = self.see(seq, ring_id, t_capture_ns, attach=read)
         if kind in (OLDER, INVALID):
             return None
         if not read:

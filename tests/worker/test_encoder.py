@@ -651,7 +651,11 @@ def test_a_restarted_lossless_worker_rewinds_without_false_losses_and_takes_rese
         with EncoderWorker(cfg, eps, name, model=model, restarts=1) as w:
             got: dict[int, Any] = {}
             w._publish = lambda seq, t, action, results: got.setdefault(seq, action.wire)
-            for seq in (9, 10, 11, 6, 7, 8):  # live notices first, then the capture's re-sends
+            for seq in (9, 10, 11):  # live notices first
+                w._on_frame(notice(seq))
+            for _ in range(3):  # the rewind waits out its grace: the capture's re-sends of
+                assert not w._step()  # the dead worker's notices are on their way
+            for seq in (6, 7, 8):
                 w._on_frame(notice(seq))
             deadline = time.monotonic() + 30
             while 11 not in got:

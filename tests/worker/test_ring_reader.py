@@ -108,3 +108,16 @@ def test_reads_go_into_the_given_buffer(name: str) -> None:
         assert len(bufs) == 1 and np.shares_memory(pixels, bufs[0]) and meta.seq == 0
         assert int(pixels[0, 0, 0]) == 7
         r.close()
+
+
+def test_following_inline_frames_never_touches_shared_memory(monkeypatch) -> None:
+    """A viewer of a remote capture (pixels inside the notices) follows the stream without a
+    ring: it must not try to attach one (and log failures) on every notice."""
+    def no_attach(name: str) -> FrameRing:
+        raise AssertionError("attached a ring for an inline frame")
+
+    monkeypatch.setattr(FrameRing, "attach", staticmethod(no_attach))
+    r = RingReader("iwmt_nowhere", "test", attach_timeout_s=0.0)
+    for seq in range(3):
+        assert r.follow(seq, 7, 100 + seq, read=False) == []
+    assert r.ring is None and r.attach_failures == 0 and r.order.last_seq == 2
