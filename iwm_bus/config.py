@@ -94,7 +94,6 @@ def check(cfg: Any, name: str, kind: type | tuple[type, ...] | None = None,
         fail(cfg, name, f"must be {_range_text(low, high, open_low, open_high)}")
 
 
-
 def _range_text(low: float | None, high: float | None, open_low: bool, open_high: bool) -> str:
     def num(x: float) -> str:
         return f"{x:g}" if isinstance(x, float) else str(x)

@@ -13,15 +13,17 @@ the latest action drives the source (gym envs, the synthetic square). Per frame:
 source → ``ring.write`` (never waits for readers) → for a replay source, re-publish the
 recorded action on ``agent.action`` → publish the notice ``{seq, slot, t_capture_ns,
 height, width, channels, action, source, ring_id}`` (``action``: the source's, else the
-agent's latest: the one way an action reaches the worker) → pace. ``iwm.stats`` (source ``capture``) goes
+agent's latest: the one way an action reaches the worker) → pace. ``iwm.stats`` (source
+``capture``) goes
 out once a second.
 
 Pacing: ``fps`` caps the frame rate (0 = no cap); frames that carry a recorded time (replay,
 video) follow it at ``rate`` x real time instead (``rate`` 0 = no recorded pacing, the fps
 cap applies). ``mode="lossless"`` adds a credit window on the worker's published seq (every
 ``iwm.surprise`` carries the seq it processed): capture waits for the worker's
-``iwm.ready`` before writing (and re-sends the oldest unprocessed notice to a worker whose
-``iwm.ready`` says it has seen none), never has more than ``slots - 1`` unprocessed frames in the ring, and
+``iwm.ready`` before writing (and sends the notices still in the ring again to a worker
+that took over or has seen none), never has more than ``slots - 1`` unprocessed frames in
+the ring, and
 at the end waits up to ``drain_timeout_s`` for the last frame to be processed.
 
 Exit codes (``run_capture`` returns them, ``workers.entry.exit_with`` exits with them): 0 after the end
@@ -317,10 +319,8 @@ class _CaptureLoop:
         The notice carries the action in force at capture time, the one way an action
         reaches the worker: the source's when it knows what produced the frame (gym,
         synthetic, replay), else the agent's latest ``agent.action``."""
-        action = frame.action
-        if action is None:
-            self._drain_actions()
-            action = self.action
+        action = frame.action if frame.action is not None else self.action  # (the one the
+        # source stepped with: drained just before the step)
         t_action = clock_ns()
         if getattr(self.source, "republish_actions", False) and frame.action:
             self.replayed_actions += 1  # the replayed action goes out before its frame
@@ -423,7 +423,7 @@ class _CaptureLoop:
                     seen.add(msg["restarts"])    # stream name do not set it off every tick
                     if len(seen) > 1:
                         self._fresh_worker_t.pop(stream, None)  # (re-sent here already)
-                        self._resend_unprocessed("a worker took over")
+                        self._resend_notices("a worker took over")
             got = self.worker.recv(timeout_ms=0)
 
     def _resend_to_fresh_worker(self) -> None:
@@ -436,13 +436,13 @@ class _CaptureLoop:
             return
         for stream in fresh:
             del self._fresh_worker_t[stream]
-        self._resend_unprocessed("a fresh worker")
+        self._resend_notices("a fresh worker")
 
-    def _resend_unprocessed(self, why: str) -> None:
+    def _resend_notices(self, why: str) -> None:
         """Send the notices of the frames still in the ring again, oldest first: the worker
         that lost them (they went to its dead predecessor) gets their actions too, for the
         unprocessed ones and for those its at-least-once rewind publishes again."""
-        seqs = sorted(s for s in self._recent if s <= self.seq)
+        seqs = sorted(self._recent)
         if seqs:
             logger.info("capture: lossless: {}; re-sending the notices of seqs {}..{}", why,
                         seqs[0], seqs[-1])

@@ -5,8 +5,8 @@ from the shared-memory FrameRing, encodes it, predicts it from the previous proc
 and the action on its notice (the one way an action reaches the worker: the capture puts
 the source's action, or the agent's latest ``agent.action``, on each notice), and publishes
 ``iwm.surprise``, ``iwm.mrr`` and ``iwm.latent`` once per processed seq, in seq order, and
-``iwm.stats`` every ``stats_interval_s``. It serves health / encode / predict / rollout on a ROUTER socket
-(:mod:`workers.rpc_server`). docs/worker.md describes the behaviour in full.
+``iwm.stats`` every ``stats_interval_s``. It serves health / encode / predict / rollout on a
+ROUTER socket (:mod:`workers.rpc_server`). docs/worker.md describes the behaviour in full.
 
 ``launch.py`` starts it as a process with :func:`run_worker`; by hand (the capture must use
 the same run dir and ring name)::
@@ -322,8 +322,6 @@ class EncoderWorker:
         if not self._has_work():
             return False
         seq = self._next_seq()
-        if seq is None:
-            return False
         got = self.reader.read(seq)
         notice = self._notices.pop(seq, None)
         if isinstance(got, str):
@@ -337,7 +335,7 @@ class EncoderWorker:
         self._process(seq, self._frame(pixels), t_capture, notice_action)
         return True
 
-    def _next_seq(self) -> int | None:
+    def _next_seq(self) -> int:
         """The seq to process now, of those the notices named (advances the cursor past
         it): realtime the newest, lossless the next in order (frames overwritten already
         are counted and passed over)."""
@@ -369,8 +367,8 @@ class EncoderWorker:
 
     def _frame(self, pixels: np.ndarray) -> np.ndarray | torch.Tensor:
         """The frame as the models take it: (H, W, 3), a pinned tensor when read into the
-        pinned buffer."""
-        if self._pinned is not None and isinstance(self.reader, RingReader):
+        pinned buffer (a local worker on CUDA: :meth:`_staging`)."""
+        if self._pinned is not None:
             return rgb(self._pinned[: pixels.size].view(pixels.shape))
         return rgb(pixels)
 

@@ -6,7 +6,8 @@ ports of :class:`iwm_bus.bus.link.Link` and makes a remote worker look local to 
 
 * **frames out**: for each local ``iwm.frame`` notice it reads the frame from the ring and
   publishes the notice again with ``pixels`` inline (plus frames whose notice it missed);
-  a notice a lossless capture sends again for a fresh worker goes out again with its frame. The notices carry the actions, so nothing else goes out.
+  a notice a lossless capture sends again for a new worker goes out again with its frame.
+  The notices carry the actions, so nothing else goes out.
 * **results in**: an XSUB that remote workers' PUB sockets connect to, proxied to an XPUB
   bound on the local worker endpoint, so the bridge, the capture's lossless credits, the
   recorder and the viewer subscribe exactly as to a local worker (several workers' results
