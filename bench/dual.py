@@ -6,9 +6,12 @@ encode, prediction, surprise, MRR and rollout chains (``workers.model_stream``),
 code the worker runs. Rows: each stream alone (a single-stream worker) and the two
 together (``--dual``); ratio = dual / the single equivariant stream (issue 11 target <= 1.6).
 Memory is the RSS of a fresh process that loads the model(s) and runs 30 frames, and what
-the models add to the same process without them.
+the models add to the same process without them. ``--precisions`` repeats the rows at each
+inference precision (``iwm-launch --precision``; iwm_bus.model.precision), with the ratio to
+the single stream at the same precision and to the first precision's single stream.
 
     python bench/dual.py                                   # the shipped pair, CPU
+    python bench/dual.py --precisions fp32,int8,bf16       # what int8 / bf16 buy on a CPU
     python bench/dual.py --frames 300 --device cuda
     python bench/dual.py --semantic runs/invariant/last.pt --equivariant runs/equivariant/last.pt
 """
@@ -52,16 +55,17 @@ def game_frames(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def step_times(paths: dict[str, str], device: str, frames: np.ndarray, actions: np.ndarray,
-               warmup: int, threads: int) -> np.ndarray:
+               warmup: int, threads: int, precision: str = "auto") -> np.ndarray:
     """Per-frame seconds of the worker's step with the given (name -> checkpoint) streams."""
     import torch
 
-    from iwm_bus.model import load_iwm
+    from iwm_bus.model import load_iwm, set_precision
     from workers.model_stream import ModelStream, shared_input
     from workers.stream import Action
 
     torch.set_num_threads(threads)
-    streams = [ModelStream(load_iwm(p, device).eval(), name, 32) for name, p in paths.items()]
+    streams = [ModelStream(set_precision(load_iwm(p, device).eval(), precision), name, 32)
+               for name, p in paths.items()]
     cond_dim = streams[0].model.config.cond_dim
     times = []
     for i, (frame, a) in enumerate(zip(frames, actions, strict=True)):
@@ -77,14 +81,15 @@ def step_times(paths: dict[str, str], device: str, frames: np.ndarray, actions: 
     return np.asarray(times)
 
 
-def rss_mb(paths: dict[str, str], device: str, n: int, threads: int) -> float:
+def rss_mb(paths: dict[str, str], device: str, n: int, threads: int,
+           precision: str = "auto") -> float:
     """RSS (MB) of a fresh process after running ``n`` game frames through the streams (no
     streams: the same process without a model)."""
     code = (f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); "
             "import torch; from bench.dual import game_frames, step_times; "
             f"paths = json.loads({json.dumps(json.dumps(paths))}); "
             f"f, a = game_frames({n}); "
-            f"paths and step_times(paths, {device!r}, f, a, 0, {threads}); "
+            f"paths and step_times(paths, {device!r}, f, a, 0, {threads}, {precision!r}); "
             "print([int(l.split()[1]) / 1024 for l in open('/proc/self/status') "
             "if l.startswith('VmRSS:')][0])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -105,31 +110,38 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (the worker leaves "
                    "a core to the capture: 1 on this 2-core machine)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved passes per row")
+    p.add_argument("--precisions", default="auto", help="comma-separated inference "
+                   "precisions (auto, fp32, bf16, int8), each a set of rows")
     args = p.parse_args()
+    precisions = [x for x in args.precisions.split(",") if x]
     frames, actions = game_frames(args.frames + args.warmup)
-    rows = {"equivariant alone": {"equivariant": args.equivariant},
-            "semantic alone": {"semantic": args.semantic},
-            "dual (--dual)": {"equivariant": args.equivariant, "semantic": args.semantic}}
-    times: dict[str, list[np.ndarray]] = {k: [] for k in rows}
+    streams = {"equivariant alone": {"equivariant": args.equivariant},
+               "semantic alone": {"semantic": args.semantic},
+               "dual (--dual)": {"equivariant": args.equivariant, "semantic": args.semantic}}
+    rows = [(name, prec) for prec in precisions for name in streams]
+    times: dict[tuple[str, str], list[np.ndarray]] = {r: [] for r in rows}
     for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits all rows
-        for name, paths in rows.items():
-            times[name].append(step_times(paths, args.device, frames, actions, args.warmup,
-                                          args.threads))
-    base = float(np.median(np.concatenate(times["equivariant alone"])))
+        for name, prec in rows:
+            times[name, prec].append(step_times(streams[name], args.device, frames, actions,
+                                                args.warmup, args.threads, prec))
+    p50 = {r: float(np.median(np.concatenate(t))) for r, t in times.items()}
+    first = p50["equivariant alone", precisions[0]]
     print(f"# dual-stream cost per frame, {args.device}, {args.threads} thread(s), "
           f"{args.frames} ALE Pong frames (210x160) x {args.repeats} passes; target: dual "
           "<= 1.6x the single equivariant stream")
-    head = (f"{'worker streams':<22}{'p50 ms':>8}{'p90 ms':>8}{'vs single':>11}{'RSS MB':>9}"
-            f"{'+ models':>10}")
+    head = (f"{'worker streams':<22}{'precision':>10}{'p50 ms':>8}{'p90 ms':>8}"
+            f"{'vs single':>11}{f'vs {precisions[0]} single':>18}{'RSS MB':>9}{'+ models':>10}")
     print(head)
     print("-" * len(head))
     rss_none = rss_mb({}, args.device, 30, args.threads)
-    for name, paths in rows.items():
-        t = np.concatenate(times[name]) * 1e3
-        rss = rss_mb(paths, args.device, 30, args.threads)
-        print(f"{name:<22}{np.median(t):>8.2f}{np.percentile(t, 90):>8.2f}"
-              f"{np.median(t) / base / 1e3:>10.2f}x{rss:>9.0f}{rss - rss_none:>10.0f}")
-    print(f"{'(no model)':<22}{'':>8}{'':>8}{'':>11}{rss_none:>9.0f}")
+    for name, prec in rows:
+        t = np.concatenate(times[name, prec]) * 1e3
+        rss = rss_mb(streams[name], args.device, 30, args.threads, prec)
+        same = p50["equivariant alone", prec]
+        print(f"{name:<22}{prec:>10}{np.median(t):>8.2f}{np.percentile(t, 90):>8.2f}"
+              f"{p50[name, prec] / same:>10.2f}x{p50[name, prec] / first:>17.2f}x"
+              f"{rss:>9.0f}{rss - rss_none:>10.0f}")
+    print(f"{'(no model)':<22}{'':>10}{'':>8}{'':>8}{'':>11}{'':>18}{rss_none:>9.0f}")
 
 
 if __name__ == "__main__":

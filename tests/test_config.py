@@ -52,7 +52,7 @@ BAD_CONFIGS = [
     (WorkerConfig, "mrr_bank", 5000), (WorkerConfig, "mrr_bank", "32"),
     (WorkerConfig, "img_size", 15), (WorkerConfig, "img_size", 100),
     (WorkerConfig, "img_size", "224"), (WorkerConfig, "stats_interval_s", 0.01),
-    (WorkerConfig, "stats_interval_s", "1"),
+    (WorkerConfig, "stats_interval_s", "1"), (WorkerConfig, "precision", "fp16"),
 ]
 
 

@@ -243,6 +243,8 @@ def test_garbage_on_action_and_rpc_does_not_stop_the_worker():
     (["--source", "synthetic", "--model", "{tmp}/cut.pt"], "truncated or corrupt"),
     (["--source", "synthetic", "--encoder", "vit_small_patch16_224"], "--encoder asks for"),
     (["--source", "synthetic", "--img-size", "96"], "--img-size asks for"),
+    (["--source", "synthetic", "--precision", "int8", "--device", "cuda"],
+     "--precision: WorkerConfig.precision='int8'"),
 ])
 def test_bad_input_exits_2_before_starting(args, needle, tmp_path):
     (tmp_path / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n" * 20)

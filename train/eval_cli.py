@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from iwm_bus.config import PRECISIONS
+
 __all__ = ["format_table", "main"]
 
 
@@ -40,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="transitions surprise_z has seen before the one it scores")
     p.add_argument("--max_frames", type=int, default=0, help="frames loaded per source (0 = all)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="inference precision, as the worker's --precision (int8: CPU only)")
     p.add_argument("--seed", type=int, default=1000, help="seed of samples and emulator states")
     p.add_argument("--out", type=Path, help="folder for eval.json and eval.png")
     return p
@@ -124,8 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not (args.sessions or args.images or args.games):
         return _fail("nothing to evaluate on: give --sessions, --images and/or --games")
+    if args.precision == "int8" and args.device != "cpu":
+        return _fail(f"--precision int8 is a CPU precision; with --device {args.device} use "
+                     "bf16 or auto")
     from iwm_bus.errors import CheckpointError
-    from iwm_bus.model import load_checkpoint, load_iwm
+    from iwm_bus.model import load_checkpoint, load_iwm, set_precision
     from train.data import DataError, FrameStore
     from train.evaluate import EvalConfig, evaluate, summary
 
@@ -141,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         if (run.get("objective") or {}).get("views_residual"):
             cfg = dataclasses.replace(cfg, aug_residual=True)
         # a training checkpoint is evaluated as it would ship: with its EMA target encoder
-        model = load_iwm(args.model, args.device, target_as_encoder=has_target)
+        model = set_precision(load_iwm(args.model, args.device, target_as_encoder=has_target),
+                              args.precision)
         mc = model.config
         sessions = FrameStore.from_sessions(args.sessions, mc.img_size, mc.cond_dim,
                                             args.max_frames or None) if args.sessions else None
@@ -154,9 +162,10 @@ def main(argv: list[str] | None = None) -> int:
                 sets += counterfactual_sets(game, args.cf_states, seed=args.seed + i)
     except (CheckpointError, DataError, ValueError) as e:
         return _fail(str(e))
-    results = evaluate(model, cfg, sessions, images, sets)
+    with model.inference_autocast():  # the eval calls the modules themselves
+        results = evaluate(model, cfg, sessions, images, sets)
     s = summary(results)
-    s["model"] = {"path": str(args.model), "config": mc.to_dict()}
+    s["model"] = {"path": str(args.model), "config": mc.to_dict(), "precision": args.precision}
     print(format_table(s))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

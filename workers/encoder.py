@@ -43,7 +43,7 @@ from iwm_bus.bus.transport import Endpoints, Publisher, Subscriber
 from iwm_bus.config import BusConfig, WorkerConfig
 from iwm_bus.errors import CheckpointError, RingError
 from iwm_bus.logs import Throttle
-from iwm_bus.model import IWM, create_iwm_model, load_iwm
+from iwm_bus.model import IWM, create_iwm_model, load_iwm, set_precision
 from workers.entry import StopFlag, stop_on_signals
 from workers.model_stream import ModelStream, StreamResult, finite, shared_input
 from workers.ring_reader import FIRST, INVALID, OLDER, RESTART, InlineFrames, RingReader
@@ -82,7 +82,7 @@ DRAIN_BUDGET = 1000
 def load_model(cfg: WorkerConfig, path: Path | None = None, variant: str | None = None,
                seed: int = SEED) -> IWM:
     """The checkpoint at ``path`` (default: ``cfg.checkpoint()``), or an untrained (seeded)
-    model with a warning.
+    model with a warning, set to ``cfg.precision``.
 
     Raises FileNotFoundError / CheckpointError for a missing or bad checkpoint and
     ValueError for a bad encoder / size override.
@@ -98,7 +98,7 @@ def load_model(cfg: WorkerConfig, path: Path | None = None, variant: str | None 
         if cfg.encoder not in (None, mc.encoder_name) or cfg.img_size not in (None, mc.img_size):
             logger.warning("checkpoint {} is {} / {} at {} px; the configured encoder and "
                            "size are ignored", path, mc.variant, mc.encoder_name, mc.img_size)
-        return model
+        return set_precision(model, cfg.precision)
     overrides: dict[str, Any] = {"num_actions": cfg.num_actions}
     if cfg.encoder:
         overrides["encoder_name"] = cfg.encoder
@@ -111,7 +111,7 @@ def load_model(cfg: WorkerConfig, path: Path | None = None, variant: str | None 
                    "latents, surprise and MRR come from an UNTRAINED {} model ({}, seed {}); "
                    "use them to test the plumbing only", variant,
                    model.config.encoder_name, seed)
-    return model
+    return set_precision(model, cfg.precision)
 
 
 def load_models(cfg: WorkerConfig) -> list[tuple[str, IWM]]:

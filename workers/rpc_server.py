@@ -75,7 +75,8 @@ class ModelService:
     def health(self, params: dict[str, Any]) -> dict[str, Any]:
         cfg = self.model.config
         return {"variant": cfg.variant, "encoder": cfg.encoder_name,
-                "device": str(self.model.device), **self.limits, **self.health_fn()}
+                "device": str(self.model.device), "precision": self.model.precision,
+                **self.limits, **self.health_fn()}
 
     def encode(self, params: dict[str, Any]) -> dict[str, Any]:
         z_cls, patches = self.model.encode(params["frames"])  # (B, D), (B, N, D)

@@ -9,7 +9,7 @@ Methods (arrays are wire arrays; B = batch, D = latent size, K = steps, C <= con
 
 | method  | params | result |
 |---|---|---|
-| health  | {} | variant, encoder, device, embed_dim, num_patches, cond_dim, num_actions, trained, model_path, frames, uptime_s, mode, version, abstraction_index (nil: not measured); a dual worker adds streams {name: variant, abstraction_index, checkpoint} |
+| health  | {} | variant, encoder, device, precision (auto, fp32, bf16, int8), embed_dim, num_patches, cond_dim, num_actions, trained, model_path, frames, uptime_s, mode, version, abstraction_index (nil: not measured); a dual worker adds streams {name: variant, abstraction_index, checkpoint} |
 | encode  | frames u8 (B,H,W,3) or (H,W,3); patches: bool | z_cls f4 (B,D); patches f4 (B,N,D) when asked; t_ns; mrr (running, or nil) |
 | encode_dual | as encode | a dual worker's (``--dual``) two streams of the same frames: z_cls_semantic, z_cls_equivariant (B,D); patches_semantic, patches_equivariant (B,N,D) when asked; t_ns; an error from a single-stream worker |
 | predict | z_cls f4 (B,D); patches f4 (B,N,D)?; cond f4 (B,C)?; action_id i8 (B,)? | z_cls_pred (B,D); patches_pred (B,N,D) when patches given; uncertainty (B,) |

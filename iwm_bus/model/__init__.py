@@ -9,6 +9,7 @@
 - :mod:`~iwm_bus.model.iwm` - :class:`IWM`: ``encode``/``predict``/``rollout``, ``forward``.
 - :mod:`~iwm_bus.model.checkpoint` - safe checkpoints (no pickled code).
 - :mod:`~iwm_bus.model.cuda_graphs` - CUDA-graph replay for batch-1 inference.
+- :mod:`~iwm_bus.model.precision` - inference precision: fp32, bf16 autocast, int8 (CPU).
 """
 
 from iwm_bus.model.checkpoint import (
@@ -32,11 +33,13 @@ from iwm_bus.model.ema import EMA, ema_momentum
 from iwm_bus.model.factory import create_iwm_model
 from iwm_bus.model.iwm import IWM, Prediction, Rollout
 from iwm_bus.model.objective import Objective, effective_rank
+from iwm_bus.model.precision import PRECISIONS, set_precision
 from iwm_bus.model.predictor import IWMPredictor, ensemble_spread
 
 __all__ = [
     "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "EMA", "IMAGENET_MEAN", "IMAGENET_STD", "IWM",
-    "VARIANTS", "VARIANT_DEPTHS", "IWMConfig", "IWMPredictor", "Objective", "Prediction",
+    "PRECISIONS", "VARIANTS", "VARIANT_DEPTHS", "IWMConfig", "IWMPredictor", "Objective", "Prediction",
     "Rollout", "create_iwm_model", "effective_rank", "ema_momentum", "ensemble_spread",
-    "load_checkpoint", "load_iwm", "pad_cond", "read_header", "save_checkpoint", "variant_for_depth",
+    "load_checkpoint", "load_iwm", "pad_cond", "read_header", "save_checkpoint", "set_precision",
+    "variant_for_depth",
 ]

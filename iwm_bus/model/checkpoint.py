@@ -51,6 +51,9 @@ def save_checkpoint(model: IWM, path: str | os.PathLike, **extra: Any) -> None:
     ``extra`` (step, optimizer state, ...) must be plain tensors/numbers/strings/containers,
     so that :func:`load_checkpoint` can read it back with ``weights_only=True``.
     """
+    if model.precision == "int8":
+        raise ValueError("an int8 model cannot be saved: its weights were quantised for "
+                         "inference; save the float model it was made from")
     _check_plain(extra, "extra")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,

@@ -63,6 +63,17 @@ class Rollout(NamedTuple):
     uncertainty_seq: Tensor  # (B, K)
 
 
+def _count_params(module: nn.Module) -> int:
+    """Parameters of ``module``, counting the packed weights of int8 (dynamically quantised)
+    linear layers, which are not parameters."""
+    n = sum(p.numel() for p in module.parameters())
+    for m in module.modules():
+        if callable(getattr(m, "weight", None)):  # quantised Linear: weight() / bias()
+            bias = m.bias()
+            n += m.weight().numel() + (bias.numel() if bias is not None else 0)
+    return n
+
+
 class IWM(nn.Module):
     """Image world model: timm ViT encoder + conditioned masked-token ensemble predictor."""
 
@@ -72,6 +83,9 @@ class IWM(nn.Module):
         self.config = cfg = config or IWMConfig()
         self.embed_dim, self.num_patches = cfg.embed_dim, cfg.num_patches
         self._amp, self.compiled, self.cuda_graphs = amp, compile, cuda_graphs
+        # bf16 autocast on a CPU too, and the inference precision's name
+        # (:func:`~iwm_bus.model.precision.set_precision`)
+        self.cpu_amp, self.precision = False, "auto"
         self.encoder = timm.create_model(cfg.encoder_name, **cfg.encoder_kwargs())
         self.predictor = IWMPredictor(cfg)
         self.target_encoder: nn.Module | None = None  # built by init_target_encoder()
@@ -109,7 +123,14 @@ class IWM(nn.Module):
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp and self.device.type == "cuda":  # no weight-cast cache: graph-capture safe
             return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+        if self.cpu_amp and self.device.type == "cpu":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def inference_autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast context inference runs in (bf16 per :attr:`amp` / ``cpu_amp``, or
+        none), for code that calls the encoder or predictor modules directly (iwm-eval)."""
+        return self._autocast()
 
     def _use_graphs(self) -> bool:
         return (self.cuda_graphs and not self.compiled and not self.training
@@ -129,14 +150,15 @@ class IWM(nn.Module):
         parts = {"encoder": self.encoder, "predictor": self.predictor}
         if self.target_encoder is not None:
             parts["target_encoder"] = self.target_encoder
-        return {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()}
+        return {k: _count_params(m) for k, m in parts.items()}
 
     def describe(self) -> dict[str, Any]:
         """Plain-data summary for health replies and logs."""
         return {"config": self.config.to_dict(), "checkpoint": self.provenance,
                 "embed_dim": self.embed_dim,
                 "num_patches": self.num_patches, "params": self.num_params(),
-                "device": str(self.device), "amp": self.amp, "compiled": self.compiled,
+                "device": str(self.device), "amp": self.amp, "precision": self.precision,
+                "compiled": self.compiled,
                 "cuda_graphs": self._use_graphs()}
 
     # -- training
@@ -158,6 +180,8 @@ class IWM(nn.Module):
 
         Images in the batch are preprocessed float (B, [K+1,] 3, S, S) (see :meth:`preprocess`).
         """
+        if self.precision == "int8":
+            raise RuntimeError("an int8 model is for inference only; train a float one")
         obj = objective or Objective()
         if "frames" in batch:
             out = dynamics_loss(self, batch, obj)

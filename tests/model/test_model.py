@@ -455,3 +455,67 @@ def test_the_conditioning_vector_alone_changes_the_prediction(model: IWM) -> Non
     for k in range(3):
         assert not torch.allclose(rolled.patches_seq[:, k], zeros.patches_seq[:, k],
                                   rtol=0, atol=1e-6), k
+
+
+# ------------------------------------------------------------------ inference precision
+
+
+def _blocks(n: int, seed: int) -> np.ndarray:
+    """n frames (n, 64, 64, 3) of coloured blocks on a dark ground, each its own scene."""
+    rng = np.random.default_rng(seed)
+    out = np.full((n, 64, 64, 3), 20, np.uint8)
+    for f in out:
+        for _ in range(4):
+            y, x, h, w = rng.integers(0, 48, 2).tolist() + rng.integers(6, 16, 2).tolist()
+            f[y:y + h, x:x + w] = rng.integers(40, 255, 3)
+    return out
+
+
+@pytest.fixture(scope="module")
+def shipped() -> Path:
+    from iwm_bus.default_model import dual_checkpoints
+
+    return dual_checkpoints()[0]  # trained weights: what the precisions are used on
+
+
+@pytest.mark.parametrize("precision, most", [("bf16", 0.02), ("int8", 0.05)])
+def test_a_lower_precision_is_close_to_fp32_without_being_it(shipped: Path, precision: str,
+                                                            most: float) -> None:
+    """The shipped semantic model at bf16 / int8 against itself at fp32, on the same frames:
+    latents and predictions within ``most`` (relative), each frame's nearest fp32 latent
+    still its own, and not bit-identical (kills "the precision is ignored")."""
+    from iwm_bus.model import set_precision
+
+    ref = load_iwm(shipped, "cpu")
+    low = set_precision(load_iwm(shipped, "cpu"), precision)
+    assert ref.precision == "auto" and low.describe()["precision"] == precision
+    assert low.num_params() == ref.num_params()  # int8's packed weights are counted too
+    f = _blocks(8, 0)
+    (z0, p0), (_, p1) = ref.encode(f), low.encode(f)
+    rel = float((p1 - p0).norm() / p0.norm())
+    assert 1e-5 < rel < most, rel
+    nearest = torch.cdist(p1.flatten(1), p0.flatten(1)).argmin(1)
+    assert nearest.tolist() == list(range(8))
+    ids = torch.arange(8) % 18
+    a, b = ref.predict(z0, p0, action_id=ids), low.predict(z0, p0, action_id=ids)
+    rel = float((b.patches - a.patches).norm() / a.patches.norm())
+    assert 1e-5 < rel < most, rel
+
+
+def test_int8_is_for_inference_on_a_cpu(shipped: Path, tmp_path: Path) -> None:
+    from iwm_bus.model import set_precision
+
+    q = set_precision(load_iwm(shipped, "cpu"), "int8")
+    assert not q.training
+    with pytest.raises(RuntimeError, match="inference only"):
+        q({"frames": torch.zeros(1, 2, 3, 64, 64)})
+    with pytest.raises(ValueError, match="cannot be saved"):
+        save_checkpoint(q, tmp_path / "q.pt")
+    with pytest.raises(ValueError, match="already int8"):
+        set_precision(q, "fp32")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        set_precision(tiny(), "fp16")
+    with pytest.raises(ValueError, match="int8 is a CPU precision"):
+        set_precision(tiny().to("meta"), "int8")
+    fp32 = set_precision(tiny(), "fp32")
+    assert not fp32.amp and not fp32.cpu_amp
