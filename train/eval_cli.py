@@ -42,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="transitions surprise_z has seen before the one it scores")
     p.add_argument("--max_frames", type=int, default=0, help="frames loaded per source (0 = all)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="inference precision, as the worker's --precision (int8: CPU only)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="inference precision, as the worker's --precision (default fp32; "
+                        "auto: bf16 on CUDA as the worker runs it; int8: CPU only)")
     p.add_argument("--seed", type=int, default=1000, help="seed of samples and emulator states")
     p.add_argument("--out", type=Path, help="folder for eval.json and eval.png")
     return p

@@ -3,6 +3,8 @@ folders, real torchrun processes, real checkpoints."""
 
 from __future__ import annotations
 
+import json
+
 import os
 import shutil
 import subprocess
@@ -335,6 +337,18 @@ def test_iwm_eval_prints_every_row_and_writes_the_png(sessions: Path, tmp_path: 
     png = tmp_path / "ev" / "eval.png"
     assert png.stat().st_size > 5000 and png.read_bytes()[:4] == b"\x89PNG"
     assert eval_cli.main(["--model", str(tmp_path / "nope.pt"), "--sessions", str(sessions)]) == 2
+    # the same model at int8: recorded as such, close to fp32 and not fp32 itself
+    assert eval_cli.main(["--model", str(tmp_path / "m" / "last.pt"), "--sessions",
+                          str(sessions), "--bank", "16", "--aug_images", "2", "--cut_gap", "20",
+                          "--precision", "int8", "--out", str(tmp_path / "ev8")]) == 0
+    fp32, int8 = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("ev", "ev8"))
+    assert (fp32["model"]["precision"], int8["model"]["precision"]) == ("fp32", "int8")
+    a, b = fp32["uncertainty"]["surprise_mean"], int8["uncertainty"]["surprise_mean"]
+    assert a != b and b == pytest.approx(a, rel=0.1)
+    capsys.readouterr()
+    assert eval_cli.main(["--model", str(tmp_path / "m" / "last.pt"), "--sessions",
+                          str(sessions), "--precision", "int8", "--device", "cuda"]) == 2
+    assert "--precision int8 is a CPU precision" in capsys.readouterr().err
 
 
 def test_next_latent_mrr_cannot_see_the_answer(sessions: Path) -> None:
