@@ -3,8 +3,10 @@
 Per-frame cost is the worker's own step, in this process, on frames of a real game (ALE
 Pong, random actions): ring-sized frame -> (one shared preprocessing) -> each stream's
 encode, prediction, surprise, MRR and rollout chains (``workers.model_stream``), the same
-code the worker runs. Rows: each stream alone (a single-stream worker) and the two
-together (``--dual``); ratio = dual / the single equivariant stream (issue 11 target <= 1.6).
+code the worker runs. Rows: each stream alone (a single-stream worker), the two together
+(``--dual``: rollout chains for the horizon MRR in the equivariant stream only, the one RPC
+``rollout`` reads them for), and the two with chains in both (what ``--dual`` ran before);
+ratio = dual / the single equivariant stream (issue 11 target <= 1.6).
 Memory is the RSS of a fresh process that loads the model(s) and runs 30 frames, and what
 the models add to the same process without them. ``--precisions`` repeats the rows at each
 inference precision (``iwm-launch --precision``; iwm_bus.model.precision), with the ratio to
@@ -55,17 +57,24 @@ def game_frames(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def step_times(paths: dict[str, str], device: str, frames: np.ndarray, actions: np.ndarray,
-               warmup: int, threads: int, precision: str = "auto") -> np.ndarray:
-    """Per-frame seconds of the worker's step with the given (name -> checkpoint) streams."""
+               warmup: int, threads: int, precision: str = "auto",
+               chains_everywhere: bool = False) -> np.ndarray:
+    """Per-frame seconds of the worker's step with the given (name -> checkpoint) streams,
+    each measuring the rollout horizons the worker gives it (``stream_horizons``: the first
+    stream all, the others none), or all of them with ``chains_everywhere``."""
     import torch
 
+    from iwm_bus.config import WorkerConfig
     from iwm_bus.model import load_iwm, set_precision
+    from workers.encoder import stream_horizons
     from workers.model_stream import ModelStream, shared_input
-    from workers.stream import Action
+    from workers.stream import HORIZON, Action
 
     torch.set_num_threads(threads)
-    streams = [ModelStream(set_precision(load_iwm(p, device).eval(), precision), name, 32)
-               for name, p in paths.items()]
+    horizons = [HORIZON] * len(paths) if chains_everywhere else \
+        stream_horizons(WorkerConfig(dual=len(paths) > 1), len(paths))
+    streams = [ModelStream(set_precision(load_iwm(p, device).eval(), precision), name, 32, h)
+               for (name, p), h in zip(paths.items(), horizons, strict=True)]
     cond_dim = streams[0].model.config.cond_dim
     times = []
     for i, (frame, a) in enumerate(zip(frames, actions, strict=True)):
@@ -115,15 +124,17 @@ def main() -> None:
     args = p.parse_args()
     precisions = [x for x in args.precisions.split(",") if x]
     frames, actions = game_frames(args.frames + args.warmup)
+    pair = {"equivariant": args.equivariant, "semantic": args.semantic}
     streams = {"equivariant alone": {"equivariant": args.equivariant},
                "semantic alone": {"semantic": args.semantic},
-               "dual (--dual)": {"equivariant": args.equivariant, "semantic": args.semantic}}
+               "dual (--dual)": pair, "dual, chains in both": pair}
     rows = [(name, prec) for prec in precisions for name in streams]
     times: dict[tuple[str, str], list[np.ndarray]] = {r: [] for r in rows}
     for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits all rows
         for name, prec in rows:
             times[name, prec].append(step_times(streams[name], args.device, frames, actions,
-                                                args.warmup, args.threads, prec))
+                                                args.warmup, args.threads, prec,
+                                                chains_everywhere=name.endswith("in both")))
     p50 = {r: float(np.median(np.concatenate(t))) for r, t in times.items()}
     first = p50["equivariant alone", precisions[0]]
     print(f"# dual-stream cost per frame, {args.device}, {args.threads} thread(s), "

@@ -130,6 +130,16 @@ def load_models(cfg: WorkerConfig) -> list[tuple[str, IWM]]:
     return [("equivariant", eq), ("semantic", sem)]
 
 
+def stream_horizons(cfg: WorkerConfig, n: int) -> list[int]:
+    """The rollout horizons each of ``n`` streams measures: all of them (``HORIZON``) for the
+    primary stream, whose model answers RPC ``rollout`` with them as its confidence; only the
+    per-frame MRR (1) for the others and for a named stream's worker, which serves no RPC.
+    Their rollout chains would cost a second predictor batch row on half the frames for
+    numbers nothing reads (a dual worker on this CPU: 1.8 ms a frame at fp32, 2.2 at int8)."""
+    primary = 1 if cfg.stream else HORIZON
+    return [primary, *[1] * (n - 1)]
+
+
 def check_pair(eq: IWM, sem: IWM) -> None:
     """A dual pair must take one input and one action (the worker preprocesses each frame
     once and gives both models the same action); ValueError naming the difference."""
@@ -172,7 +182,9 @@ class EncoderWorker:
         self._keys = ClientKeys.load(link.keys) if link is not None and link.keys else None
         if models is None:
             models = [("core", model)] if model is not None else load_models(cfg)
-        self.streams = [ModelStream(m.eval(), name, cfg.mrr_bank) for name, m in models]
+        self.streams = [ModelStream(m.eval(), name, cfg.mrr_bank, h)
+                        for (name, m), h in zip(models, stream_horizons(cfg, len(models)),
+                                                strict=True)]
         self.model = self.streams[0].model  # the primary stream's: RPC, health, actions
         mc = self.model.config
         self._log = Throttle()
@@ -517,11 +529,11 @@ def run_worker(cfg: WorkerConfig, endpoints: Endpoints, ring_name: str, *,
         return _run_worker(cfg, endpoints, ring_name, restarts, stop, takeover, link)
 
 
-def _warm_up_all(models: list[tuple[str, IWM]], ring_name: str, mrr_bank: int) -> None:
+def _warm_up_all(models: list[tuple[str, IWM]], ring_name: str, cfg: WorkerConfig) -> None:
     shape = _ring_frame_shape(ring_name)
-    for name, model in models:
+    for (name, model), horizon in zip(models, stream_horizons(cfg, len(models)), strict=True):
         _warm_up(model, name, shape or (model.config.img_size, model.config.img_size, 3),
-                 mrr_bank)
+                 cfg.mrr_bank, horizon)
 
 
 def _ring_frame_shape(ring_name: str) -> tuple[int, ...] | None:
@@ -537,14 +549,16 @@ def _ring_frame_shape(ring_name: str) -> tuple[int, ...] | None:
         ring.close()
 
 
-def _warm_up(model: IWM, name: str, shape: tuple[int, ...], mrr_bank: int) -> None:
+def _warm_up(model: IWM, name: str, shape: tuple[int, ...], mrr_bank: int,
+             horizon: int = HORIZON) -> None:
     """Run the worker's own per-frame step on frames of the capture's size until rollout
     chains have started and been advanced, so that a standby's first frame costs what later ones do. On
     CUDA each input shape (the frame's size; the prediction with and without chains) is a CUDA
     graph captured on first use; a standby warmed up with one encode at the model's input
     size and one single prediction was measured at 3.5 s from SIGKILL to surprise on an
     H200, against 0.4 s on CPU, where there are no graphs."""
-    stream = ModelStream(model, name, mrr_bank)  # a throwaway: the serving one starts clean
+    stream = ModelStream(model, name, mrr_bank, horizon)  # a throwaway: the serving one
+    # starts clean; horizon 1 (no rollout chains) warms the single prediction alone
     cond = np.zeros(model.config.cond_dim, np.float32)
     action = Action(cond, 0 if model.config.num_actions else -1)
     rng = np.random.default_rng(0)
@@ -569,7 +583,7 @@ def _run_worker(cfg: WorkerConfig, endpoints: Endpoints, ring_name: str, restart
         torch.manual_seed(SEED)
         torch.set_num_threads(_num_threads(cfg.device, cfg.threads))
         if takeover is not None:
-            _warm_up_all(models, ring_name, cfg.mrr_bank)
+            _warm_up_all(models, ring_name, cfg)
             logger.debug("standby worker ready")
             while takeover.value < 0:  # a dead launcher stops it (workers.entry.exit_with)
                 if stop.wait(0.02):

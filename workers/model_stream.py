@@ -20,7 +20,7 @@ import torch
 
 from iwm_bus import metrics
 from iwm_bus.model import IWM
-from workers.stream import MRR_WINDOW, Action, HorizonMRR, LatentBank, frame_key
+from workers.stream import HORIZON, MRR_WINDOW, Action, HorizonMRR, LatentBank, frame_key
 
 __all__ = ["MAX_GAP", "ModelStream", "StreamResult", "checkpoint_abstraction", "finite",
            "shared_input"]
@@ -80,10 +80,12 @@ class StreamResult:
 class ModelStream:
     """One model's per-frame state and step (see the module doc)."""
 
-    def __init__(self, model: IWM, name: str, mrr_bank: int) -> None:
+    def __init__(self, model: IWM, name: str, mrr_bank: int, horizon: int = HORIZON) -> None:
+        """``horizon``: the rollout horizons measured (``HorizonMRR``); 1 = the per-frame MRR
+        alone, no rollout chains (a stream whose model answers no RPC ``rollout``)."""
         self.model, self.name = model, name
         self.bank = LatentBank(mrr_bank, model.num_patches * model.embed_dim)
-        self.horizon = HorizonMRR()
+        self.horizon = HorizonMRR(horizon)
         self.mrr = metrics.RunningMean(MRR_WINDOW)
         self.surprise_z = metrics.SurpriseZ()
         self.surprise_last: float | None = None

@@ -4,7 +4,6 @@ folders, real torchrun processes, real checkpoints."""
 from __future__ import annotations
 
 import json
-
 import os
 import shutil
 import subprocess

@@ -94,6 +94,11 @@ def test_dual_worker_on_a_real_game_publishes_both_streams_serves_encode_dual_an
             assert last["abstraction_index"] == pytest.approx(want["equivariant"])
             assert {k: v["abstraction_index"] for k, v in last["streams"].items()} == \
                 pytest.approx(want)
+            # rollout chains only where RPC rollout reads them: the equivariant stream
+            horizons = {k: v["mrr_horizon"] for k, v in last["streams"].items()}
+            assert len(horizons["equivariant"]) == 5 and horizons["equivariant"] == \
+                last["mrr_horizon"]
+            assert horizons["semantic"] == pytest.approx([last["streams"]["semantic"]["mrr"]])
 
             # encode_dual over RPC, sync and asyncio: each stream is its own model's latent
             frame = np.random.default_rng(0).integers(0, 255, (210, 160, 3), np.uint8)
@@ -199,3 +204,15 @@ def test_a_model_never_trained_on_views_has_no_abstraction_index(tmp_path):
         model = create_iwm_model("invariant", **SMALL)
         save_checkpoint(model, tmp_path / "m.pt", info={**eval_only, "run_config": run})
         assert checkpoint_abstraction(load_iwm(tmp_path / "m.pt", "cpu")) == want, run
+
+
+def test_only_the_stream_that_answers_rollout_measures_rollout_horizons():
+    """The primary stream's model answers RPC rollout with its horizon MRR as confidence;
+    the semantic stream's, and a named stream's worker (no RPC), would be read by nothing."""
+    from iwm_bus.config import WorkerConfig
+    from workers.encoder import stream_horizons
+    from workers.stream import HORIZON
+
+    assert stream_horizons(WorkerConfig(), 1) == [HORIZON]
+    assert stream_horizons(WorkerConfig(dual=True), 2) == [HORIZON, 1]
+    assert stream_horizons(WorkerConfig(stream="semantic"), 1) == [1]
