@@ -91,14 +91,15 @@ def step_times(paths: dict[str, str], device: str, frames: np.ndarray, actions: 
 
 
 def rss_mb(paths: dict[str, str], device: str, n: int, threads: int,
-           precision: str = "auto") -> float:
+           precision: str = "auto", chains_everywhere: bool = False) -> float:
     """RSS (MB) of a fresh process after running ``n`` game frames through the streams (no
     streams: the same process without a model)."""
     code = (f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); "
             "import torch; from bench.dual import game_frames, step_times; "
             f"paths = json.loads({json.dumps(json.dumps(paths))}); "
             f"f, a = game_frames({n}); "
-            f"paths and step_times(paths, {device!r}, f, a, 0, {threads}, {precision!r}); "
+            f"paths and step_times(paths, {device!r}, f, a, 0, {threads}, {precision!r}, "
+            f"{chains_everywhere!r}); "
             "print([int(l.split()[1]) / 1024 for l in open('/proc/self/status') "
             "if l.startswith('VmRSS:')][0])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -147,7 +148,8 @@ def main() -> None:
     rss_none = rss_mb({}, args.device, 30, args.threads)
     for name, prec in rows:
         t = np.concatenate(times[name, prec]) * 1e3
-        rss = rss_mb(streams[name], args.device, 30, args.threads, prec)
+        rss = rss_mb(streams[name], args.device, 30, args.threads, prec,
+                     name.endswith("in both"))
         same = p50["equivariant alone", prec]
         print(f"{name:<22}{prec:>10}{np.median(t):>8.2f}{np.percentile(t, 90):>8.2f}"
               f"{p50[name, prec] / same:>10.2f}x{p50[name, prec] / first:>17.2f}x"

@@ -370,6 +370,9 @@ class WorkerConfig:
         if self.precision == "int8" and self.device != "cpu":
             fail(self, "precision", f"int8 is a CPU precision; with device {self.device} use "
                                     "bf16 or auto")
+        if self.precision == "bf16" and self.device == "mps":
+            fail(self, "precision", "bf16 autocast runs on a CPU or CUDA; with device mps use "
+                                    "fp32")
         check(self, "encoder", str, optional=True)
         check(self, "img_size", int, 16, optional=True)
         if self.img_size is not None and self.img_size % 16:

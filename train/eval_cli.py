@@ -163,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 sets += counterfactual_sets(game, args.cf_states, seed=args.seed + i)
     except (CheckpointError, DataError, ValueError) as e:
         return _fail(str(e))
-    with model.inference_autocast():  # the eval calls the modules themselves
-        results = evaluate(model, cfg, sessions, images, sets)
+    results = evaluate(model, cfg, sessions, images, sets)  # at the model's precision
     s = summary(results)
     s["model"] = {"path": str(args.model), "config": mc.to_dict(), "precision": args.precision}
     print(format_table(s))

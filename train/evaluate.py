@@ -142,9 +142,10 @@ def augmentation_mrr(model: IWM, store: FrameStore, cfg: EvalConfig,
         img = store.frames[i:i + 1].expand(cfg.bank, -1, -1, -1)
         src, tgt = apply_views(img, params)
         src, tgt = model.normalise_unit(src[:1]), model.normalise_unit(tgt)
-        targets = torch.cat([model.encode_features(tgt[j:j + cfg.batch], target=False)
-                             for j in range(0, cfg.bank, cfg.batch)])  # (K, N, D)
-        ctx = model.encode_features(src)  # (1, N, D)
+        with model.inference_autocast():  # the model's precision, not the views' or ranks'
+            targets = torch.cat([model.encode_features(tgt[j:j + cfg.batch], target=False)
+                                 for j in range(0, cfg.bank, cfg.batch)]).float()  # (K, N, D)
+            ctx = model.encode_features(src)  # (1, N, D)
         cond = cond_vector(params, model.config.cond_dim).to(model.device)  # (K, C)
         for c, out in ((cond, rr_model), (torch.zeros_like(cond), rr_zero)):
             preds = []
@@ -152,9 +153,10 @@ def augmentation_mrr(model: IWM, store: FrameStore, cfg: EvalConfig,
                 cj = c[j:j + cfg.batch]
                 b = len(cj)
                 c_b = ctx.expand(b, -1, -1)
-                heads = model.predictor(c_b, idx.expand(b, -1), idx.expand(b, -1), cj, None,
-                                        c_b if cfg.aug_residual else None)  # (E, b, N, D)
-                preds.append(heads.mean(0))
+                with model.inference_autocast():
+                    heads = model.predictor(c_b, idx.expand(b, -1), idx.expand(b, -1), cj, None,
+                                            c_b if cfg.aug_residual else None)  # (E, b, N, D)
+                preds.append(heads.float().mean(0))
             pf, tf = flat(torch.cat(preds)), flat(targets)  # (K, F)
             others = torch.stack([torch.cat([tf[:k], tf[k + 1:]]) for k in range(len(tf))])
             out.append(rr_truth(pf, tf, others).mean().item())

@@ -31,8 +31,9 @@ def set_precision(model: IWM, precision: str) -> IWM:
     """Set ``model`` (in place) to run inference at ``precision`` (one of
     :data:`PRECISIONS`) and return it. int8 also puts the model in eval mode.
 
-    Raises ValueError for an unknown precision, for int8 off the CPU, and for a model that
-    is already int8, since its weights cannot go back.
+    Raises ValueError for an unknown precision, for int8 off the CPU (or without a quantised
+    engine), for bf16 off CPU and CUDA, and for a model that is already int8, since its
+    weights cannot go back.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -41,13 +42,18 @@ def set_precision(model: IWM, precision: str) -> IWM:
                          "precision")
     if precision == "int8" and model.device.type != "cpu":
         raise ValueError(f"int8 is a CPU precision; on {model.device} use bf16 (or auto)")
+    if precision == "bf16" and model.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"bf16 autocast runs on a CPU or CUDA; on {model.device} use fp32")
     model.amp = precision in ("auto", "bf16")  # CUDA autocast
     model.cpu_amp = precision == "bf16"
     if precision == "int8":
         model.eval()
         with warnings.catch_warnings():  # eager-mode quantisation is marked for migration
             warnings.simplefilter("ignore")  # to torchao; it works as documented in 2.14
-            torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8,
-                                                   inplace=True)
+            try:
+                torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8,
+                                                       inplace=True)
+            except RuntimeError as e:  # e.g. no quantised engine in this torch build
+                raise ValueError(f"int8 is not available here ({e}); use fp32 or bf16") from e
     model.precision = precision
     return model

@@ -517,5 +517,7 @@ def test_int8_is_for_inference_on_a_cpu(shipped: Path, tmp_path: Path) -> None:
         set_precision(tiny(), "fp16")
     with pytest.raises(ValueError, match="int8 is a CPU precision"):
         set_precision(tiny().to("meta"), "int8")
+    with pytest.raises(ValueError, match="bf16 autocast runs on a CPU or CUDA"):
+        set_precision(tiny().to("meta"), "bf16")
     fp32 = set_precision(tiny(), "fp32")
     assert not fp32.amp and not fp32.cpu_amp
