@@ -138,18 +138,31 @@ def test_frames_reach_a_subscriber_and_match_the_source(run_dir, spawn, ring_nam
         assert np.array_equal(watcher.pixels[seq], expected[seq].pixels), f"seq {seq}"
 
 
+#: ring slots of the lossless captures below
+LOSSLESS_SLOTS = 4
+
+
+def _lossless_capture(run_dir, spawn, ring_name, watcher_factory, zmq_ctx, frames: int,
+                      **cfg_kw):
+    """A lossless synthetic 16x16 capture (``LOSSLESS_SLOTS`` ring slots) with a watcher and a fake worker
+    (a PUB on the worker endpoint), started and heard from: (watcher, worker, proc)."""
+    eps = Endpoints.ipc(run_dir)
+    cfg = CaptureConfig(source="synthetic:16x16", fps=0, mode="lossless", frames=frames,
+                        ring=RingConfig(slots=LOSSLESS_SLOTS, max_height=16, max_width=16),
+                        **cfg_kw)
+    watcher = watcher_factory(eps, ring_name)
+    worker = Publisher(eps.worker, ctx=zmq_ctx)
+    proc = spawn(exit_with, run_capture, cfg, eps, ring_name)
+    watcher.until(lambda: bool(watcher.stats), 20)  # capture is up and waiting; we hear it
+    return watcher, worker, proc
+
+
 def test_lossless_never_runs_more_than_slots_minus_one_ahead(run_dir, spawn, ring_name,
                                                               watcher_factory,
                                                               zmq_ctx) -> None:
-    eps = Endpoints.ipc(run_dir)
-    slots, frames = 4, 40
-    cfg = CaptureConfig(source="synthetic:16x16", fps=0, mode="lossless", frames=frames,
-                        ring=RingConfig(slots=slots, max_height=16, max_width=16),
-                        drain_timeout_s=20)
-    watcher = watcher_factory(eps, ring_name)
-    worker = Publisher(eps.worker, ctx=zmq_ctx)  # the fake worker
-    proc = spawn(exit_with, run_capture, cfg, eps, ring_name)
-    watcher.until(lambda: bool(watcher.stats), 20)  # capture is up and waiting; we hear it
+    slots, frames = LOSSLESS_SLOTS, 40
+    watcher, worker, proc = _lossless_capture(run_dir, spawn, ring_name, watcher_factory,
+                                              zmq_ctx, frames, drain_timeout_s=20)
     assert not watcher.notices  # nothing written before the worker spoke
     expected = expected_synthetic(16, 16, 0, frames)
     processed, next_hello = -1, 0.0
@@ -188,13 +201,8 @@ def test_lossless_starts_on_the_workers_ready_not_on_any_stats(run_dir, spawn, r
                                                                 zmq_ctx) -> None:
     """The worker's iwm.ready is the one message a lossless capture starts on: stats on the
     worker endpoint (a remote worker's gateway publishes its own there) are not it."""
-    eps = Endpoints.ipc(run_dir)
-    cfg = CaptureConfig(source="synthetic:16x16", fps=0, mode="lossless", frames=3,
-                        ring=RingConfig(slots=4, max_height=16, max_width=16))
-    watcher = watcher_factory(eps, ring_name)
-    worker = Publisher(eps.worker, ctx=zmq_ctx)
-    proc = spawn(exit_with, run_capture, cfg, eps, ring_name)
-    watcher.until(lambda: bool(watcher.stats), 20)
+    watcher, worker, proc = _lossless_capture(run_dir, spawn, ring_name, watcher_factory,
+                                              zmq_ctx, 3)
     for source in ("gateway", "worker"):
         for _ in range(8):
             worker.send(topics.STATS, {"t_ns": clock_ns(), "source": source,
@@ -216,13 +224,8 @@ def test_lossless_sends_the_unprocessed_notices_again_to_a_worker_that_took_over
         run_dir, spawn, ring_name, watcher_factory, zmq_ctx) -> None:
     """A new worker (iwm.ready with a higher restarts) lost the notices its dead predecessor
     got: the capture sends every unprocessed one again, as it was (action included)."""
-    eps = Endpoints.ipc(run_dir)
-    cfg = CaptureConfig(source="synthetic:16x16", fps=0, mode="lossless", frames=20,
-                        ring=RingConfig(slots=4, max_height=16, max_width=16))
-    watcher = watcher_factory(eps, ring_name)
-    worker = Publisher(eps.worker, ctx=zmq_ctx)
-    proc = spawn(exit_with, run_capture, cfg, eps, ring_name)
-    watcher.until(lambda: bool(watcher.stats), 20)
+    watcher, worker, proc = _lossless_capture(run_dir, spawn, ring_name, watcher_factory,
+                                              zmq_ctx, 20)
 
     def ready(restarts: int, notices: int = 1) -> None:
         worker.send(topics.READY, {"t_ns": clock_ns(), "notices": notices,
