@@ -126,16 +126,17 @@ def main() -> None:
     precisions = [x for x in args.precisions.split(",") if x]
     frames, actions = game_frames(args.frames + args.warmup)
     pair = {"equivariant": args.equivariant, "semantic": args.semantic}
-    streams = {"equivariant alone": {"equivariant": args.equivariant},
-               "semantic alone": {"semantic": args.semantic},
-               "dual (--dual)": pair, "dual, chains in both": pair}
+    # row -> (streams, rollout chains in every stream)
+    streams = {"equivariant alone": ({"equivariant": args.equivariant}, False),
+               "semantic alone": ({"semantic": args.semantic}, False),
+               "dual (--dual)": (pair, False), "dual, chains in both": (pair, True)}
     rows = [(name, prec) for prec in precisions for name in streams]
     times: dict[tuple[str, str], list[np.ndarray]] = {r: [] for r in rows}
     for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits all rows
         for name, prec in rows:
-            times[name, prec].append(step_times(streams[name], args.device, frames, actions,
-                                                args.warmup, args.threads, prec,
-                                                chains_everywhere=name.endswith("in both")))
+            paths, everywhere = streams[name]
+            times[name, prec].append(step_times(paths, args.device, frames, actions,
+                                                args.warmup, args.threads, prec, everywhere))
     p50 = {r: float(np.median(np.concatenate(t))) for r, t in times.items()}
     first = p50["equivariant alone", precisions[0]]
     print(f"# dual-stream cost per frame, {args.device}, {args.threads} thread(s), "
@@ -148,8 +149,8 @@ def main() -> None:
     rss_none = rss_mb({}, args.device, 30, args.threads)
     for name, prec in rows:
         t = np.concatenate(times[name, prec]) * 1e3
-        rss = rss_mb(streams[name], args.device, 30, args.threads, prec,
-                     name.endswith("in both"))
+        paths, everywhere = streams[name]
+        rss = rss_mb(paths, args.device, 30, args.threads, prec, everywhere)
         same = p50["equivariant alone", prec]
         print(f"{name:<22}{prec:>10}{np.median(t):>8.2f}{np.percentile(t, 90):>8.2f}"
               f"{p50[name, prec] / same:>10.2f}x{p50[name, prec] / first:>17.2f}x"

@@ -44,6 +44,18 @@ MODES = ("realtime", "lossless")
 #: inference precisions (iwm_bus.model.precision): auto = bf16 on CUDA, fp32 on a CPU
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
+
+
+def precision_error(precision: str, device: str) -> str | None:
+    """Why inference precision ``precision`` cannot run on ``device`` (a torch device
+    string: cpu, cuda:1, mps), or None. The one rule the worker's config (before start),
+    iwm-eval and ``iwm_bus.model.set_precision`` all check."""
+    kind = device.split(":")[0]
+    if precision == "int8" and kind != "cpu":
+        return f"int8 is a CPU precision; on {device} use bf16 or auto"
+    if precision == "bf16" and kind not in ("cpu", "cuda"):
+        return f"bf16 autocast runs on a CPU or CUDA; on {device} use fp32"
+    return None
 _UNSET: Any = object()
 
 # ------------------------------------------------------------------ one validator
@@ -367,12 +379,9 @@ class WorkerConfig:
         if not _DEVICE_RE.match(self.device):
             fail(self, "device", "must be cpu, cuda or cuda:N")
         check(self, "precision", str, choices=PRECISIONS)
-        if self.precision == "int8" and self.device != "cpu":
-            fail(self, "precision", f"int8 is a CPU precision; with device {self.device} use "
-                                    "bf16 or auto")
-        if self.precision == "bf16" and self.device == "mps":
-            fail(self, "precision", "bf16 autocast runs on a CPU or CUDA; with device mps use "
-                                    "fp32")
+        why = precision_error(self.precision, self.device)
+        if why:
+            fail(self, "precision", why)
         check(self, "encoder", str, optional=True)
         check(self, "img_size", int, 16, optional=True)
         if self.img_size is not None and self.img_size % 16:

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from iwm_bus.config import PRECISIONS
+from iwm_bus.config import PRECISIONS, precision_error
 
 __all__ = ["format_table", "main"]
 
@@ -129,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not (args.sessions or args.images or args.games):
         return _fail("nothing to evaluate on: give --sessions, --images and/or --games")
-    if args.precision == "int8" and args.device != "cpu":
-        return _fail(f"--precision int8 is a CPU precision; with --device {args.device} use "
-                     "bf16 or auto")
+    why = precision_error(args.precision, args.device)
+    if why:
+        return _fail(f"--precision {why}")
     from iwm_bus.errors import CheckpointError
     from iwm_bus.model import load_checkpoint, load_iwm, set_precision
     from train.data import DataError, FrameStore

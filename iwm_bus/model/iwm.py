@@ -83,9 +83,8 @@ class IWM(nn.Module):
         self.config = cfg = config or IWMConfig()
         self.embed_dim, self.num_patches = cfg.embed_dim, cfg.num_patches
         self._amp, self.compiled, self.cuda_graphs = amp, compile, cuda_graphs
-        # bf16 autocast on a CPU too, and the inference precision's name
-        # (:func:`~iwm_bus.model.precision.set_precision`)
-        self.cpu_amp, self.precision = False, "auto"
+        # the inference precision (:func:`~iwm_bus.model.precision.set_precision`)
+        self.precision = "auto"
         self.encoder = timm.create_model(cfg.encoder_name, **cfg.encoder_kwargs())
         self.predictor = IWMPredictor(cfg)
         self.target_encoder: nn.Module | None = None  # built by init_target_encoder()
@@ -120,17 +119,20 @@ class IWM(nn.Module):
         self._amp = bool(value)
         self.clear_cuda_graphs()
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
+    @property
+    def cpu_amp(self) -> bool:
+        """bf16 autocast on a CPU too (precision ``bf16``)."""
+        return self.precision == "bf16"
+
+    def inference_autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast context inference runs in (bf16 per :attr:`amp` / :attr:`cpu_amp`,
+        or none); code that calls the encoder or predictor modules directly (iwm-eval) runs
+        them in it too."""
         if self.amp and self.device.type == "cuda":  # no weight-cast cache: graph-capture safe
             return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
         if self.cpu_amp and self.device.type == "cpu":
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
-
-    def inference_autocast(self) -> contextlib.AbstractContextManager:
-        """The autocast context inference runs in (bf16 per :attr:`amp` / ``cpu_amp``, or
-        none), for code that calls the encoder or predictor modules directly (iwm-eval)."""
-        return self._autocast()
 
     def _use_graphs(self) -> bool:
         return (self.cuda_graphs and not self.compiled and not self.training
@@ -260,7 +262,7 @@ class IWM(nn.Module):
                 and torch.equal(self.pix_shift, other.pix_shift.to(self.device)))
 
     def _encode_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        with self._autocast():
+        with self.inference_autocast():
             patches = self._encode_fn(x).float()  # (B, N, D)
         return global_latent(patches), patches
 
@@ -291,7 +293,7 @@ class IWM(nn.Module):
     def _step_device(self, z: Tensor, p: Tensor | None, c: Tensor, a: Tensor | None
                      ) -> tuple[Tensor, Tensor | None, Tensor]:
         """One checked predictor step on the device (graph-capturable)."""
-        with self._autocast():
+        with self.inference_autocast():
             heads = self._heads(z, p, c, a, self._predict_fn)  # (E, B, N, D)
         heads = heads.float()
         mean = heads.mean(0)  # (B, N, D)

@@ -21,7 +21,7 @@ import warnings
 import torch
 from torch import nn
 
-from iwm_bus.config import PRECISIONS
+from iwm_bus.config import PRECISIONS, precision_error
 from iwm_bus.model.iwm import IWM
 
 __all__ = ["PRECISIONS", "set_precision"]
@@ -40,12 +40,10 @@ def set_precision(model: IWM, precision: str) -> IWM:
     if model.precision == "int8":
         raise ValueError("this model's weights are already int8; load it again for another "
                          "precision")
-    if precision == "int8" and model.device.type != "cpu":
-        raise ValueError(f"int8 is a CPU precision; on {model.device} use bf16 (or auto)")
-    if precision == "bf16" and model.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"bf16 autocast runs on a CPU or CUDA; on {model.device} use fp32")
-    model.amp = precision in ("auto", "bf16")  # CUDA autocast
-    model.cpu_amp = precision == "bf16"
+    why = precision_error(precision, str(model.device))
+    if why:
+        raise ValueError(why)
+    model.amp = precision in ("auto", "bf16")  # CUDA autocast (CPU: IWM.cpu_amp)
     if precision == "int8":
         model.eval()
         with warnings.catch_warnings():  # eager-mode quantisation is marked for migration
