@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["COND_LAYOUT", "AugConfig", "AugParams", "apply_views", "cond_vector",
-           "sample_params"]
+           "sample_params", "with_target_jitters"]
 
 COND_LAYOUT = ("d_brightness", "d_contrast", "d_saturation", "d_hue", "grayscale", "blur",
                "blur_sigma_half", "solarize")
@@ -60,6 +60,10 @@ class AugConfig:
     # views loss can only fall if the encoder ignores the augmentations (an invariant model,
     # as in I-JEPA / BYOL-style training)
     condition: bool = True
+    # target views per source view in a training batch: > 1 gives each source view this
+    # many targets of the same crop under their own colour jitters (always on), the groups
+    # that the views InfoNCE term (``Objective.views_nce_weight``) tells apart
+    target_views: int = 1
 
     def __post_init__(self) -> None:
         for f in ("flip_p", "jitter_p", "gray_p", "blur_p", "solarize_p"):
@@ -69,6 +73,9 @@ class AugConfig:
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"AugConfig.crop_scale must be 0 < a <= b <= 1, got {self.crop_scale!r}")
+        if isinstance(self.target_views, bool) or not isinstance(self.target_views, int) \
+                or self.target_views < 1:
+            raise ValueError(f"AugConfig.target_views must be an int >= 1, got {self.target_views!r}")
         if len(self.jitter) != 4 or any(a < 0 for a in self.jitter) or self.jitter[3] > 0.5:
             raise ValueError(f"AugConfig.jitter must be 4 amplitudes >= 0 (hue <= 0.5), "
                              f"got {self.jitter!r}")
@@ -119,6 +126,18 @@ def sample_params(gen: torch.Generator, n: int, cfg: AugConfig | None = None) ->
     sigma = torch.where(blur, _u(gen, n, *cfg.blur_sigma), torch.zeros(n))
     solar = torch.rand(n, generator=gen) < cfg.solarize_p
     return AugParams(torch.stack([top, left, h, w], 1), flip, jt, js, gray, blur, sigma, solar)
+
+
+def with_target_jitters(gen: torch.Generator, base: AugParams, k: int, cfg: AugConfig
+                        ) -> AugParams:
+    """``k`` copies of each of ``base``'s pairs (B * k, each pair's copies together), each
+    copy with its own target colour jitter (always on): one source view and ``k`` targets
+    that differ in colour alone. IWM's augmentation MRR ranks such a bank; the views
+    InfoNCE term trains on such groups."""
+    rep = {f.name: getattr(base, f.name).repeat_interleave(k, 0)
+           for f in fields(base) if f.name != "jitter_t"}
+    jt = sample_params(gen, len(base.flip) * k, AugConfig(jitter=cfg.jitter, jitter_p=1.0)).jitter_t
+    return AugParams(jitter_t=jt, **rep)
 
 
 def cond_vector(p: AugParams, cond_dim: int) -> Tensor:

@@ -137,6 +137,18 @@ class RunConfig:
     aug: AugConfig = field(default_factory=AugConfig)
     masks: MaskConfig = field(default_factory=MaskConfig)
 
+    def __post_init__(self) -> None:
+        if self.objective.views_nce_weight:
+            if self.aug.target_views < 2:
+                raise ValueError("objective.views_nce_weight needs aug.target_views >= 2: the "
+                                 "InfoNCE term tells apart the targets of one source view")
+            if not self.aug.condition:
+                raise ValueError("objective.views_nce_weight needs aug.condition: without the "
+                                 "parameters no prediction can tell its target from the others")
+        if self.train.batch_size % self.aug.target_views:
+            raise ValueError(f"aug.target_views={self.aug.target_views} does not divide "
+                             f"train.batch_size={self.train.batch_size}")
+
     def to_dict(self) -> dict[str, Any]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in _PARTS}
 

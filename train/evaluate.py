@@ -44,7 +44,7 @@ from torch import Tensor
 
 from iwm_bus import metrics
 from iwm_bus.model import IWM, effective_rank
-from train.augment import AugConfig, AugParams, apply_views, cond_vector, sample_params
+from train.augment import AugConfig, apply_views, cond_vector, sample_params, with_target_jitters
 from train.data import FrameStore, resize_u8
 
 __all__ = ["EvalConfig", "action_discrimination", "augmentation_mrr", "chance_mrr",
@@ -120,14 +120,6 @@ def predict_all(model: IWM, patches: Tensor, actions: Tensor | None, cond: Tenso
 # ----------------------------------------------------------------------------- augmentation
 
 
-def _jitter_bank(gen: torch.Generator, base: AugParams, bank: int, aug: AugConfig) -> AugParams:
-    """``bank`` copies of one image's parameters, each with its own target jitter."""
-    rep = {k: getattr(base, k).expand(bank, *getattr(base, k).shape[1:]).clone()
-           for k in ("crop", "flip", "jitter_s", "gray", "blur", "sigma", "solarize")}
-    jt = sample_params(gen, bank, AugConfig(jitter=aug.jitter, jitter_p=1.0)).jitter_t
-    return AugParams(jitter_t=jt, **rep)
-
-
 @torch.no_grad()
 def augmentation_mrr(model: IWM, store: FrameStore, cfg: EvalConfig,
                      aug: AugConfig | None = None) -> dict[str, float]:
@@ -138,7 +130,7 @@ def augmentation_mrr(model: IWM, store: FrameStore, cfg: EvalConfig,
     idx = model.all_idx
     rr_model, rr_zero, gain, align = [], [], [], []
     for i in pick.tolist():
-        params = _jitter_bank(gen, sample_params(gen, 1, aug), cfg.bank, aug)
+        params = with_target_jitters(gen, sample_params(gen, 1, aug), cfg.bank, aug)
         img = store.frames[i:i + 1].expand(cfg.bank, -1, -1, -1)
         src, tgt = apply_views(img, params)
         src, tgt = model.normalise_unit(src[:1]), model.normalise_unit(tgt)

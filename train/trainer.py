@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from iwm_bus.errors import CheckpointError
 from iwm_bus.model import IWM, create_iwm_model, load_checkpoint, load_iwm, save_checkpoint
-from train.augment import apply_views, cond_vector, sample_params
+from train.augment import apply_views, cond_vector, sample_params, with_target_jitters
 from train.config import RunConfig, TrainConfig
 from train.data import DataError, FrameStore, batch_indices, find_images, find_sessions
 from train.logbook import Logbook
@@ -139,6 +139,11 @@ class Trainer:
         if self.tc.batch_size % self.dist.world:
             raise ValueError(f"batch size {self.tc.batch_size} does not divide over "
                              f"{self.dist.world} DDP ranks")
+        k = run.aug.target_views
+        if (self.tc.batch_size // self.dist.world) % k:
+            raise ValueError(f"aug.target_views={k} does not divide the batch of each rank "
+                             f"({self.tc.batch_size // self.dist.world}): a group of views "
+                             "must not straddle two ranks")
         self.device = torch.device(self.tc.device if not self.tc.device.startswith("cuda")
                                    or not self.tc.ddp else f"cuda:{self.dist.local_rank}")
         self.out = Path(self.tc.out_dir)
@@ -220,15 +225,23 @@ class Trainer:
                ) -> dict[str, Tensor]:
         """A views (Phase 1) batch of uint8 frames (b, S, S, 3): this rank's ``sl`` of the
         global batch's random augmentations and masks."""
-        mc, n = self.run_cfg.model, self.tc.batch_size
-        params = sample_params(gen, n, self.run_cfg.aug)
+        mc, aug, n = self.run_cfg.model, self.run_cfg.aug, self.tc.batch_size
+        k = aug.target_views  # groups of k rows: one source view, k colour-jittered targets
+        if k > 1:
+            params = with_target_jitters(gen, sample_params(gen, n // k, aug), k, aug)
+            frames = frames[::k].repeat_interleave(k, 0)  # a group's rows: one frame
+        else:
+            params = sample_params(gen, n, aug)
         ctx, tgt = sample_masks(gen, n, mc.grid, self.run_cfg.masks)
         src, tgt_img = apply_views(frames, params.slice(sl))
-        return {"src": self.model.normalise_unit(src), "tgt": self.model.normalise_unit(tgt_img),
-                "cond": (cond_vector(params, mc.cond_dim) if self.run_cfg.aug.condition
-                         else torch.zeros(n, mc.cond_dim))[sl].to(self.device),
-                "ctx_idx": ctx[sl].to(self.device), "tgt_idx": tgt[sl].to(self.device),
-                "boot": boot[:, sl].to(self.device)}
+        views = {"src": self.model.normalise_unit(src), "tgt": self.model.normalise_unit(tgt_img),
+                 "cond": (cond_vector(params, mc.cond_dim) if aug.condition
+                          else torch.zeros(n, mc.cond_dim))[sl].to(self.device),
+                 "ctx_idx": ctx[sl].to(self.device), "tgt_idx": tgt[sl].to(self.device),
+                 "boot": boot[:, sl].to(self.device)}
+        if k > 1:
+            views["group"] = (torch.arange(n) // k)[sl].to(self.device)
+        return views
 
     # -- optimisation
 

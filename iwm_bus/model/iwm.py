@@ -190,6 +190,8 @@ class IWM(nn.Module):
             if "views" in batch and obj.views_weight:
                 views = views_loss(self, batch["views"], obj)
                 out["views_pred"] = views["pred"]
+                if "nce" in views:
+                    out["views_nce"] = views["nce"]
                 out["loss"] = out["loss"] + obj.views_weight * views["loss"]
             return out
         if "src" in batch:

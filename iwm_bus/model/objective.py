@@ -18,6 +18,13 @@ Two batch kinds, told apart by their keys:
   predictor maps target-space latents to target-space latents, the space inference runs in
   (the target encoder is what :mod:`train.export` ships, as I-JEPA and V-JEPA release it).
 
+A views batch of ``views_residual`` may carry ``group`` (B,): rows of one group share their
+source view and differ in the target's colour jitter alone. ``views_nce_weight`` then adds
+an InfoNCE term (van den Oord et al. 2018): each row's prediction must pick its own target
+among its group's, by the cosine of the layer-normed tokens: the retrieval that IWM's
+augmentation MRR scores (Garrido et al. 2024), which an L2 loss teaches slowly because the
+targets of one group differ little next to the prediction's error.
+
 A dynamics batch may also carry ``views``: a views batch (the keys above) made from its own
 frames; its loss is added with weight ``views_weight`` (``views_pred`` in the output). Both
 tasks share the conditioning embedding without clashing: a views batch has no action
@@ -43,7 +50,8 @@ from torch import Tensor
 
 from iwm_bus.model.encoder import gather_tokens, global_latent
 
-__all__ = ["Objective", "dynamics_loss", "effective_rank", "views_loss", "vicreg_terms"]
+__all__ = ["Objective", "dynamics_loss", "effective_rank", "group_nce", "views_loss",
+           "vicreg_terms"]
 
 LOSSES = ("smooth_l1", "l1", "l2")
 
@@ -64,7 +72,7 @@ class Objective:
     var_weight: float = 0.0
     # VICReg covariance term on the online encoder's tokens (0 = off)
     cov_weight: float = 0.0
-    # dynamics: keep the encoder frozen (targets and context from it, no gradient)
+    # keep the encoder frozen (targets and context from it, no gradient; views loss too)
     freeze_encoder: bool = False
     # activation checkpointing in the online encoder (seed: "OOM during training")
     grad_checkpointing: bool = False
@@ -75,6 +83,11 @@ class Objective:
     # change of each position's latent (prior = the source's target-space latent): the
     # next-frame call, with the augmentation as the "action" (False: I-JEPA block masks)
     views_residual: bool = False
+    # views: weight of the InfoNCE term over each group of targets (the batch's ``group``;
+    # needs ``views_residual``; 0 = off)
+    views_nce_weight: float = 0.0
+    # views: temperature of that term's cosine similarities
+    views_nce_temperature: float = 0.02
 
     def __post_init__(self) -> None:
         if not isinstance(self.views_residual, bool):
@@ -82,10 +95,16 @@ class Objective:
         if self.loss not in LOSSES:
             raise ValueError(f"Objective.loss must be one of {LOSSES}, got {self.loss!r}")
         for f in ("rollout_weight", "global_weight", "change_weight", "var_weight",
-                  "cov_weight", "views_weight"):
+                  "cov_weight", "views_weight", "views_nce_weight"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
                 raise ValueError(f"Objective.{f} must be a number >= 0, got {v!r}")
+        t = self.views_nce_temperature
+        if isinstance(t, bool) or not isinstance(t, int | float) or t <= 0:
+            raise ValueError(f"Objective.views_nce_temperature must be a number > 0, got {t!r}")
+        if self.views_nce_weight and not self.views_residual:
+            raise ValueError("Objective.views_nce_weight needs views_residual: the InfoNCE term "
+                             "compares whole target views")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -149,28 +168,47 @@ def _reg(obj: Objective, ctx: Tensor, out: dict[str, Tensor]) -> Tensor:
     return obj.var_weight * var + obj.cov_weight * cov
 
 
+def group_nce(pred: Tensor, target: Tensor, group: Tensor, temperature: float) -> Tensor:
+    """InfoNCE of predictions (B, N, D) against targets (B, N, D): row i's positive is target
+    i, its negatives the other targets of its ``group`` (B,); similarity is the cosine of
+    the flattened, per-token layer-normed latents (how the evaluation ranks them)."""
+    p = F.normalize(F.layer_norm(pred.float(), pred.shape[-1:]).flatten(1), dim=1)
+    t = F.normalize(F.layer_norm(target.float(), target.shape[-1:]).flatten(1), dim=1)
+    logits = (p @ t.T / temperature).masked_fill(group[:, None] != group[None], float("-inf"))
+    return F.cross_entropy(logits, torch.arange(len(p), device=p.device))
+
+
 def views_loss(model: Any, batch: dict[str, Tensor], obj: Objective) -> dict[str, Tensor]:
     """Phase 1: predict the target view's masked tokens from the source view's context
-    (``views_residual``: all its tokens, as changes of the source's)."""
+    (``views_residual``: all its tokens, as changes of the source's). With
+    ``freeze_encoder`` the context is the frozen encoder's, without a gradient."""
     src, tgt, cond = batch["src"], batch["tgt"], batch["cond"]
     if obj.views_residual:
         idx = model.all_idx.expand(src.shape[0], -1)  # (B, N)
         with torch.no_grad():
             target = model.encode_features(tgt, target=True)  # (B, N, D)
             prior = model.encode_features(src, target=True)
-        ctx = model.encode_features(src, checkpointing=obj.grad_checkpointing)
+        ctx = prior if obj.freeze_encoder else model.encode_features(
+            src, checkpointing=obj.grad_checkpointing)
         heads = model.predictor(ctx, idx, idx, cond, None, prior=prior)  # (E, B, N, D)
     else:
         ctx_idx, tgt_idx = batch["ctx_idx"], batch["tgt_idx"]
         with torch.no_grad():
             target = gather_tokens(model.encode_features(tgt, target=True), tgt_idx)
-        ctx = model.encode_features(src, keep=ctx_idx, checkpointing=obj.grad_checkpointing)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not obj.freeze_encoder):
+            ctx = model.encode_features(src, target=obj.freeze_encoder, keep=ctx_idx,
+                                        checkpointing=obj.grad_checkpointing)
         heads = model.predictor(ctx, ctx_idx, tgt_idx, cond)  # (E, B, T, D)
     out: dict[str, Tensor] = {}
     pred = _head_loss(heads, target, _boot(batch, model.config.ensemble, src.shape[0], ctx),
                       obj.loss)
     out["pred"] = pred.detach()
-    out["loss"] = pred + _reg(obj, ctx, out)
+    loss = pred
+    if obj.views_nce_weight and "group" in batch:
+        nce = group_nce(heads.mean(0), target, batch["group"], obj.views_nce_temperature)
+        out["nce"] = nce.detach()
+        loss = loss + obj.views_nce_weight * nce
+    out["loss"] = loss + _reg(obj, ctx, out)
     out.update({k: torch.tensor(v) for k, v in collapse_stats(target).items()})
     return out
 

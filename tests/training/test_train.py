@@ -270,6 +270,12 @@ def test_torchrun_ddp_equals_single_process(sessions: Path, tmp_path: Path) -> N
      "minutes does not work with ddp"),
     (["--phase", "3", "--sessions", "{sessions}", "--set", "model.num_actions=3"],
      "action ids up to 4"),
+    (["--phase", "3", "--sessions", "{sessions}", "--set", "objective.views_residual=true",
+      "--set", "objective.views_nce_weight=1"], "needs aug.target_views >= 2"),
+    (["--phase", "3", "--sessions", "{sessions}", "--set", "objective.views_nce_weight=1",
+      "--set", "aug.target_views=4"], "needs views_residual"),
+    (["--phase", "3", "--sessions", "{sessions}", "--set", "aug.target_views=3"],
+     "does not divide train.batch_size=32"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv: list[str], message: str | None,
                                           sessions: Path, tmp_path: Path,
