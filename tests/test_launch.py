@@ -129,6 +129,7 @@ def test_sigterm_exits_zero_and_leaves_nothing():
         _assert_clean(sc)
 
 
+@pytest.mark.timeout(300)  # its own waits (start, restart: 120 s each) decide, not the default
 def test_worker_sigkill_is_restarted_and_capture_keeps_going():
     with Sidecar("--source", "synthetic:64x64", "--fps", "20", "--duration", "180",
                  *TINY) as sc:
