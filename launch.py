@@ -80,10 +80,15 @@ class Child:
     backoff: float = 0.5
     extra: dict = field(default_factory=dict)
     kwargs: dict = field(default_factory=dict)
+    # the shared value a promoted standby was told to take over through: held while its
+    # process runs, because a freed one is reused by the next standby's (set back to -1),
+    # and a standby still warming up would then wait for a takeover that already happened
+    takeover: Any = None
 
     def start(self, ctx: Any) -> None:
         from workers.entry import exit_with
 
+        self.takeover = None  # a process of its own: no standby's value to hold
         kwargs = {**self.kwargs, **({"restarts": self.restarts} if self.restart else {})}
         self.proc = ctx.Process(target=exit_with, args=(self.target, *self.args), kwargs=kwargs,
                                 name=f"iwm-{self.name}", daemon=False)
@@ -261,7 +266,8 @@ class Launcher:
         if child is not self.worker or self.standby is None or not self.standby.proc.is_alive():
             return False
         child.restarts += 1
-        self.standby.kwargs["takeover"].value = child.restarts
+        child.takeover = self.standby.kwargs["takeover"]
+        child.takeover.value = child.restarts
         logger.warning("worker died ({}); the standby took over (restart #{})",
                        _describe_exit(child.proc.exitcode), child.restarts)
         child.proc, child.started_at = self.standby.proc, time.monotonic()

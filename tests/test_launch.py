@@ -581,3 +581,34 @@ def test_the_worker_command_takes_the_launchers_worker_flags(monkeypatch):
     assert got["cfg"].publish_patches
     with pytest.raises(SystemExit):  # a bad value: one usage error naming the flag
         encoder.main(["--ring", "r", "--threads", "999"])
+
+
+def test_a_promoted_standby_keeps_its_takeover_value_while_it_runs(monkeypatch):
+    """The launcher tells a standby to take over by storing the restart count in a shared
+    value. If the launcher let go of that value, the next standby's (made 5 s later, -1)
+    would reuse its memory, and a standby still warming up then (a slow machine) would wait
+    for ever: the worker SIGKILL test saw no worker for 120 s."""
+    import ctypes
+    import gc
+    import types
+
+    import multiprocess as mp
+
+    from launch import Child
+
+    ctx = mp.get_context("spawn")
+    alive = types.SimpleNamespace(is_alive=lambda: True, exitcode=-9, pid=1)
+    launcher = Launcher.__new__(Launcher)
+    launcher.worker = Child("worker", "x", (), restart=True, proc=alive)
+    launcher.standby = Child("standby", "x", (), proc=alive,
+                             kwargs={"takeover": ctx.Value("i", -1)})
+    monkeypatch.setattr(launcher, "write_manifest", lambda: None)
+    told = launcher.standby.kwargs["takeover"]
+    address = ctypes.addressof(told.get_obj())
+    del told
+    assert launcher._take_over(launcher.worker)
+    assert launcher.standby is None and launcher.worker.restarts == 1
+    gc.collect()
+    nxt = ctx.Value("i", -1)  # the next standby's, as _keep_standby makes it
+    assert ctypes.addressof(nxt.get_obj()) != address  # not the promoted one's memory
+    assert launcher.worker.takeover.value == 1
