@@ -30,7 +30,9 @@ def test_an_int8_worker_serves_the_int8_model(tmp_path):
                  "--precision", "int8")
     try:
         sc.manifest()
-        with IWMClient(sc.run_dir) as client:
+        # the manifest is written before the worker has loaded: wait for it as long as the
+        # test may run, not the client's default 5 s (a slow machine took longer)
+        with IWMClient(sc.run_dir, timeout_s=90) as client:
             assert client.health()["precision"] == "int8"
             got = client.encode_image(frame).z_cls
         np.testing.assert_allclose(got, int8, atol=1e-5)
