@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from iwm_bus.model.encoder import gather_tokens, global_latent
+from iwm_bus.model.encoder import gather_tokens, global_latent, normed_targets
 
 __all__ = ["Objective", "dynamics_loss", "effective_rank", "group_nce", "views_loss",
            "vicreg_terms"]
@@ -172,8 +172,7 @@ def group_nce(pred: Tensor, target: Tensor, group: Tensor, temperature: float) -
     """InfoNCE of predictions (B, N, D) against targets (B, N, D): row i's positive is target
     i, its negatives the other targets of its ``group`` (B,); similarity is the cosine of
     the flattened, per-token layer-normed latents (how the evaluation ranks them)."""
-    p = F.normalize(F.layer_norm(pred.float(), pred.shape[-1:]).flatten(1), dim=1)
-    t = F.normalize(F.layer_norm(target.float(), target.shape[-1:]).flatten(1), dim=1)
+    p, t = (F.normalize(normed_targets(x).flatten(1), dim=1) for x in (pred, target))
     logits = (p @ t.T / temperature).masked_fill(group[:, None] != group[None], float("-inf"))
     return F.cross_entropy(logits, torch.arange(len(p), device=p.device))
 
