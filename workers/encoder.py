@@ -44,6 +44,7 @@ from iwm_bus.config import BusConfig, WorkerConfig
 from iwm_bus.errors import CheckpointError, RingError
 from iwm_bus.logs import Throttle
 from iwm_bus.model import IWM, create_iwm_model, load_iwm, set_precision
+from iwm_bus.provenance import checkpoint_summary
 from workers.entry import StopFlag, stop_on_signals
 from workers.model_stream import ModelStream, StreamResult, finite, shared_input
 from workers.ring_reader import FIRST, INVALID, OLDER, RESTART, InlineFrames, RingReader
@@ -460,16 +461,18 @@ class EncoderWorker:
         self._next_stats = time.monotonic() + interval
 
     def _health(self) -> dict[str, Any]:
+        # each checkpoint as a flat summary (name, step, recipe, eval numbers, config): the
+        # whole provenance of a stream nests deeper than the wire carries
         prov = self.model.provenance  # path, training data, eval summary (None: random init)
         out = {"trained": prov is not None, "model_path": prov["path"] if prov else None,
-               "checkpoint": prov, "frames": self.stats.frames,
+               "checkpoint": checkpoint_summary(prov), "frames": self.stats.frames,
                "uptime_s": time.monotonic() - self._t_start, "mode": self.cfg.mode,
                "version": __version__, "ready": True,
                "abstraction_index": self.streams[0].abstraction_index}
         if len(self.streams) > 1:
             out["streams"] = {st.name: {"variant": st.variant,
                                         "abstraction_index": st.abstraction_index,
-                                        "checkpoint": st.model.provenance}
+                                        "checkpoint": checkpoint_summary(st.model.provenance)}
                               for st in self.streams}
         return out
 

@@ -9,14 +9,18 @@ Methods (arrays are wire arrays; B = batch, D = latent size, K = steps, C <= con
 
 | method  | params | result |
 |---|---|---|
-| health  | {} | variant, encoder, device, precision (auto, fp32, bf16, int8), embed_dim, num_patches, cond_dim, num_actions, trained, model_path, frames, uptime_s, mode, version, abstraction_index (nil: not measured); a dual worker adds streams {name: variant, abstraction_index, checkpoint} |
+| health  | {} | variant, encoder, device, precision (auto, fp32, bf16, int8), embed_dim, num_patches, cond_dim, num_actions, trained, model_path, checkpoint (a flat summary, ``iwm_bus.provenance``), frames, uptime_s, mode, version, abstraction_index (nil: not measured); a dual worker adds streams {name: variant, abstraction_index, checkpoint} |
 | encode  | frames u8 (B,H,W,3) or (H,W,3); patches: bool | z_cls f4 (B,D); patches f4 (B,N,D) when asked; t_ns; mrr (running, or nil) |
 | encode_dual | as encode | a dual worker's (``--dual``) two streams of the same frames: z_cls_semantic, z_cls_equivariant (B,D); patches_semantic, patches_equivariant (B,N,D) when asked; t_ns; an error from a single-stream worker |
 | predict | z_cls f4 (B,D); patches f4 (B,N,D)?; cond f4 (B,C)?; action_id i8 (B,)? | z_cls_pred (B,D); patches_pred (B,N,D) when patches given; uncertainty (B,) |
 | rollout | z_cls f4 (B,D); patches?; cond_seq f4 (B,K,C)?; action_seq i8 (B,K)?; k int? | z_cls_seq (B,K,D); patches_last (B,N,D) when patches given; uncertainty_seq (B,K); mrr_seq (K,) |
 
 ``check_params`` validates and normalises params; the client calls it before sending (so a
-bad argument fails before anything is sent) and the worker calls it on receipt.
+bad argument fails before anything is sent) and the worker calls it on receipt. It also
+refuses a request whose reply could not travel: ``reply_bytes`` is the size of the reply's
+arrays, at most ``MAX_REPLY_ARRAY_BYTES`` (a rollout of 4096 candidates x 64 steps of a
+192-wide latent would reply 193 MiB, three times the wire's 64 MiB message). ``health``
+carries no arrays, and each checkpoint in it as a flat summary (``iwm_bus.provenance``).
 """
 
 from __future__ import annotations
@@ -26,7 +30,12 @@ from typing import Any
 
 import numpy as np
 
+from iwm_bus.bus.wire import MAX_MESSAGE_BYTES
+
 METHODS = ("health", "encode", "encode_dual", "predict", "rollout")
+#: most bytes of arrays one reply may hold: the wire's message limit less room for the rest
+#: of the reply (keys, scalars, each array's dtype and shape)
+MAX_REPLY_ARRAY_BYTES = MAX_MESSAGE_BYTES - 64 * 1024
 #: most candidates x steps one rollout call may ask for (keeps a request from exhausting memory)
 MAX_ROLLOUT_STEPS_TOTAL = 1_000_000
 MAX_BATCH = 4096
@@ -75,13 +84,46 @@ def check_params(method: str, params: Mapping[str, Any], *, embed_dim: int, cond
                  num_actions: int, num_patches: int | None = None) -> dict[str, Any]:
     """Validate ``params`` of ``method`` against the model's sizes; return normalised params.
 
-    Raises ``ValueError`` naming the argument and the problem.
+    Raises ``ValueError`` naming the argument and the problem, also when the reply would
+    hold more than ``MAX_REPLY_ARRAY_BYTES`` of arrays.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; one of {', '.join(METHODS)}")
-    unknown = set(params) - _ALLOWED[method]
+    unknown = set(params) - PARAMS[method]
     if unknown:
         raise ValueError(f"{method}: unknown params {sorted(unknown)}")
+    out = _checked(method, params, embed_dim, cond_dim, num_actions, num_patches)
+    nbytes = reply_bytes(method, out, embed_dim, num_patches)
+    if nbytes > MAX_REPLY_ARRAY_BYTES:
+        raise ValueError(f"{method}: the reply would hold {nbytes / 2**20:.0f} MiB of arrays, "
+                         f"more than a message carries ({MAX_MESSAGE_BYTES >> 20} MiB); "
+                         "split the batch")
+    return out
+
+
+def reply_bytes(method: str, params: Mapping[str, Any], embed_dim: int,
+                num_patches: int | None) -> int:
+    """Bytes of the arrays (float32) in the reply to ``params`` as ``check_params`` returns
+    them; ``num_patches`` None (not known) counts encode's patches as none."""
+    d, f4 = embed_dim, 4
+    if method == "health":
+        return 0
+    if method in ("encode", "encode_dual"):
+        b = params["frames"].shape[0]
+        per_stream = b * d + (b * (num_patches or 0) * d if params["patches"] else 0)
+        return f4 * per_stream * (2 if method == "encode_dual" else 1)
+    b = params["z_cls"].shape[0]
+    patches = params.get("patches")
+    patch_values = 0 if patches is None else patches.shape[0] * patches.shape[1] * d
+    if method == "predict":  # z_cls_pred (B, D), uncertainty (B,), patches_pred (B, N, D)
+        return f4 * (b * d + b + patch_values)
+    seq = params["cond_seq"] if "cond_seq" in params else params["action_seq"]
+    k = seq.shape[1]  # z_cls_seq (B, K, D), uncertainty_seq (B, K), mrr_seq (K,), patches_last
+    return f4 * (b * k * d + b * k + k + patch_values)
+
+
+def _checked(method: str, params: Mapping[str, Any], embed_dim: int, cond_dim: int,
+             num_actions: int, num_patches: int | None) -> dict[str, Any]:
     if method == "health":
         return {}
     if method in ("encode", "encode_dual"):
@@ -172,7 +214,8 @@ def _required(method: str, params: Mapping[str, Any], name: str) -> Any:
     return params[name]
 
 
-_ALLOWED = {
+#: the params of each method
+PARAMS = {
     "health": set(),
     "encode": {"frames", "patches"},
     "encode_dual": {"frames", "patches"},

@@ -43,6 +43,7 @@ from iwm_bus.model.inputs import (
 )
 from iwm_bus.model.objective import Objective, dynamics_loss, views_loss
 from iwm_bus.model.predictor import IWMPredictor, ensemble_spread
+from iwm_bus.provenance import checkpoint_summary
 
 __all__ = ["IWM", "Prediction", "Rollout"]
 
@@ -156,7 +157,8 @@ class IWM(nn.Module):
 
     def describe(self) -> dict[str, Any]:
         """Plain-data summary for health replies and logs."""
-        return {"config": self.config.to_dict(), "checkpoint": self.provenance,
+        return {"config": self.config.to_dict(),
+                "checkpoint": checkpoint_summary(self.provenance),  # flat: fits the wire
                 "embed_dim": self.embed_dim,
                 "num_patches": self.num_patches, "params": self.num_params(),
                 "device": str(self.device), "amp": self.amp, "precision": self.precision,

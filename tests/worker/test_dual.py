@@ -216,3 +216,37 @@ def test_only_the_stream_that_answers_rollout_measures_rollout_horizons():
     assert stream_horizons(WorkerConfig(), 1) == [HORIZON]
     assert stream_horizons(WorkerConfig(dual=True), 2) == [HORIZON, 1]
     assert stream_horizons(WorkerConfig(stream="semantic"), 1) == [1]
+
+
+@pytest.mark.timeout(240)  # its own waits: the manifest (60 s) and the worker's load (90 s)
+def test_the_shipped_pair_answers_health_encode_dual_and_rollout():
+    """``iwm-launch --dual`` with its default checkpoints (iwm_bus/weights), as a new user runs
+    it. Their provenance (run config, eval summary) is deeper than the tiny pair's above:
+    health once carried it whole, deeper than the wire allows, and the worker could not send
+    its reply ("message nests deeper than 8 levels")."""
+    sc = Sidecar("--dual", "--source", "gym:ALE/Breakout-v5", "--fps", "10",
+                 "--duration", "150", "--no-standby", "--agent", "none")
+    try:
+        sc.manifest(timeout=60)
+        frame = np.random.default_rng(2).integers(0, 255, (210, 160, 3), np.uint8)
+        # the manifest comes before the worker has loaded: wait as long as it may take
+        with IWMClient(sc.run_dir, timeout_s=90) as client:
+            health = client.health()
+            dual = client.encode_dual(frame)
+            roll = client.rollout(dual.equivariant.z_cls, action_seq=[1, 2, 3])
+        streams = health["streams"]
+        assert {k: v["variant"] for k, v in streams.items()} == \
+            {"semantic": "invariant", "equivariant": "equivariant"}
+        # a summary of each checkpoint: its name, step and headline eval numbers
+        names = {k: v["checkpoint"]["name"] for k, v in streams.items()}
+        assert names == {"semantic": "iwm-invariant-v1", "equivariant": "iwm-equivariant-v1"}
+        for stream in streams.values():
+            assert stream["checkpoint"]["step"] > 0
+            assert 0 < stream["checkpoint"]["eval"]["next_latent_mrr.model"] <= 1
+        assert health["checkpoint"]["name"] == "iwm-equivariant-v1"
+        d = health["embed_dim"]
+        assert dual.semantic.z_cls.shape == dual.equivariant.z_cls.shape == (d,)
+        assert not np.allclose(dual.semantic.z_cls, dual.equivariant.z_cls, atol=1e-3)
+        assert roll.z_cls_seq.shape == (3, d) and np.isfinite(roll.z_cls_seq).all()
+    finally:
+        sc.close()
