@@ -26,7 +26,10 @@ also feeds ``vision_semantic``, and ``.equivariant`` (or a plain latent whose va
 Malformed or unexpected messages are counted (``decode_errors``, ``unexpected``) and
 skipped; missing latent seqs are counted in ``gaps`` (frames the worker skipped in realtime
 mode, or messages the bus dropped); a hook that raises is logged and counted
-(``callback_errors``) and never stops the bridge.
+(``callback_errors``) and never stops the bridge. A newer worker's messages are read without
+the fields this bridge does not know and its new kinds skipped (``unknown_fields``,
+``unknown_kinds``); a worker of another major wire version is refused (``other_major``, one
+log line naming both versions; docs/wire.md).
 
 Actions. ``publish_action`` binds the agent's PUB socket (``Endpoints.agent``) on first use,
 or call ``open_actions()`` early: subscribers (the worker) connect to it within tens of ms,

@@ -17,9 +17,10 @@ Sync and asyncio flavours with the same methods (the seed's names)::
 Arguments are checked with ``iwm_bus.bus.rpc.check_params`` against the sizes from a cached
 ``health()`` before anything is sent, so a wrong latent size or action length raises
 ``ValueError`` naming the argument. Every call has a timeout: a dead, missing or overloaded
-worker gives ``ServiceTimeout`` within it, an error reply gives ``ServiceError``. Requests carry
-ids and a reply to an older request is dropped (counted in ``stale_replies``), never returned
-for a newer one; after a timeout the socket is recreated, so requests queued for a dead worker
+worker gives ``ServiceTimeout`` within it, an error reply gives ``ServiceError``, and so, at
+once, does a worker of another major wire version (docs/wire.md). Requests carry ids and a
+reply to an older request is dropped (counted in ``stale_replies``), never returned for a
+newer one; after a timeout the socket is recreated, so requests queued for a dead worker
 are not delivered to its replacement. One request is in flight at a time per client (calls
 from several threads or tasks queue on a lock); use several clients for parallel requests.
 Result arrays are read-only views of the reply; copy them to edit in place.
@@ -45,7 +46,7 @@ import zmq.asyncio
 from agent_bridge.bridge import Target, resolve_endpoints
 from iwm_bus.bus import rpc, topics, wire
 from iwm_bus.bus.transport import Endpoints
-from iwm_bus.errors import ServiceError, ServiceTimeout, WireError
+from iwm_bus.errors import ServiceError, ServiceTimeout, WireError, WireVersionError
 
 __all__ = ["AsyncIWMClient", "BatchRolloutResult", "DualEncodeResult", "EncodeResult", "IWMClient",
            "PredictResult", "RolloutResult"]
@@ -168,6 +169,8 @@ class _Core:
         """The result of reply ``rid``; None for a stale or garbled reply (counted)."""
         try:
             _, msg = wire.unpack(frames)
+        except WireVersionError as e:  # waiting would only end in a timeout
+            raise ServiceError(f"{method}: the worker at {self.endpoint}: {e}") from None
         except WireError:
             self.bad_replies += 1
             return None

@@ -19,7 +19,7 @@ from loguru import logger
 
 from agent_bridge.state import BeingState
 from iwm_bus.bus import topics, wire
-from iwm_bus.errors import StaleDataError, WireError
+from iwm_bus.errors import StaleDataError, UnknownMessage, WireError, WireVersionError
 from iwm_bus.logs import worth_logging
 
 __all__ = ["BridgeStats", "Callback", "Hook", "SEMANTIC_SUFFIXES", "Tracker", "check_max_age"]
@@ -41,6 +41,12 @@ class BridgeStats:
     decode_errors: int = 0
     # valid messages with unexpected content (e.g. a z_cls that is not (D,)), skipped
     unexpected: int = 0
+    # a newer worker's messages (docs/wire.md): read without the fields this bridge does not
+    # know / of kinds it does not know, skipped
+    unknown_fields: int = 0
+    unknown_kinds: int = 0
+    # messages of a worker of another major wire version, refused (logged once)
+    other_major: int = 0
     # times the latent seq went backwards (worker or capture restarted)
     restarts: int = 0
     # hook callbacks that raised
@@ -75,6 +81,7 @@ class Tracker:
         self._pending: dict[str, tuple[dict[str, Any], int]] = {}
         self._dual = False  # seen a semantic stream (a dual worker)
         self._bad_logged = 0
+        self._unknown = wire.Unknowns()
 
     def add_hook(self, kind: str, threshold: float | None, callback: Callback) -> int:
         if not callable(callback):
@@ -89,12 +96,24 @@ class Tracker:
         return hook.id
 
     def decode(self, frames: list[bytes]) -> tuple[str, dict[str, Any]] | None:
+        """The message, or None for one to skip: malformed, of another major version, or of
+        a kind this bridge does not know (each counted)."""
+        unknown = self._unknown
         try:
-            return wire.unpack(frames)
+            return wire.unpack(frames, unknown=unknown)
+        except UnknownMessage:
+            return None
+        except WireVersionError as e:
+            self.stats.other_major += 1
+            if self.stats.other_major % 1000 == 1:  # one line, not one a message
+                logger.error("VisionBridge: {} (#{})", e, self.stats.other_major)
+            return None
         except WireError as e:
             self.stats.decode_errors += 1
             self._log_bad(f"dropped malformed message: {e}")
             return None
+        finally:
+            self.stats.unknown_fields, self.stats.unknown_kinds = unknown.fields, unknown.kinds
 
     def apply(self, topic: str, msg: dict[str, Any], t_ns: int) -> list[Hook]:
         """Update the state from one message; return the hooks to run (in order)."""

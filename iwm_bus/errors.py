@@ -14,6 +14,15 @@ class WireError(IWMError, ValueError):
     """A message on the bus is malformed (bad bytes, wrong types, missing fields, too big)."""
 
 
+class UnknownMessage(WireError):
+    """A well-formed message of a kind, or on a topic, this side does not know (a newer
+    writer's): readers pass it over and count it (docs/wire.md), it is not malformed."""
+
+
+class WireVersionError(WireError):
+    """A message from a peer of another major schema version, which this side refuses."""
+
+
 class RingError(IWMError):
     """A shared-memory FrameRing cannot be created, attached or used."""
 

@@ -35,7 +35,7 @@ import zmq
 from loguru import logger
 
 from iwm_bus import __version__
-from iwm_bus.bus import topics
+from iwm_bus.bus import topics, wire
 from iwm_bus.bus.link import Link
 from iwm_bus.bus.ring import FrameRing, clock_ns
 from iwm_bus.bus.security import ClientKeys
@@ -434,6 +434,7 @@ class EncoderWorker:
                 "dropped_overwritten": s.dropped_overwritten, "torn": s.torn,
                 "skipped": s.skipped,
                 "decode_errors": self._frames_sub.decode_errors,
+                **self._unknown_counts(),
                 "notice_gaps": self._frames_sub.gaps, "actions": self.actions.received,
                 "bad_actions": self.actions.bad, "action_ids_ignored": self.actions.ids_ignored,
                 "rpc_requests": rpc.requests if rpc else 0, "rpc_errors": rpc.errors if rpc else 0,
@@ -447,6 +448,15 @@ class EncoderWorker:
                 "checkpoint": self._checkpoint_name,
                 **({"streams": {st.name: st.stats() for st in self.streams}}
                    if len(self.streams) > 1 else {})}
+
+    def _unknown_counts(self) -> dict[str, int]:
+        """What newer peers sent that this worker passed over (docs/wire.md), and messages
+        of another major version it refused: notices and actions, and RPC requests."""
+        assert self._frames_sub
+        parts = [self._frames_sub.unknown] + ([self._rpc.unknown] if self._rpc else [])
+        return {"unknown_fields": sum(u.fields for u in parts),
+                "unknown_kinds": sum(u.kinds for u in parts),
+                "other_major": self._frames_sub.other_major}
 
     def _publish_stats(self) -> None:
         assert self._pub is not None
@@ -467,7 +477,7 @@ class EncoderWorker:
         out = {"trained": prov is not None, "model_path": prov["path"] if prov else None,
                "checkpoint": checkpoint_summary(prov), "frames": self.stats.frames,
                "uptime_s": time.monotonic() - self._t_start, "mode": self.cfg.mode,
-               "version": __version__, "ready": True,
+               "version": __version__, "wire": wire.version_text(), "ready": True,
                "abstraction_index": self.streams[0].abstraction_index}
         if len(self.streams) > 1:
             out["streams"] = {st.name: {"variant": st.variant,

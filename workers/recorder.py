@@ -281,6 +281,11 @@ class Recorder:
                 "last_seq": self.reader.order.last_seq,
                 "recording_s": round(time.monotonic() - self.t_start, 3),
                 "decode_errors": sum(s.decode_errors for s in self.subs),
+                # a newer writer's fields and kinds, passed over (docs/wire.md); messages of
+                # another major version, refused
+                "unknown_fields": sum(s.unknown.fields for s in self.subs),
+                "unknown_kinds": sum(s.unknown.kinds for s in self.subs),
+                "other_major": sum(s.other_major for s in self.subs),
                 "queued_bytes": self.thread.queued_bytes}
 
     def close(self) -> None:

@@ -5,7 +5,11 @@ A client (DEALER) sends ``wire.pack("iwm.rpc", {"kind": "rpc_request", "id": n, 
 one reply ``[identity, topic, payload]`` with the request's id, ``ok`` and either a ``result``
 map or an ``error`` string (see :mod:`iwm_bus.bus.rpc` for the method table). A request that
 cannot be decoded is answered with ``ok=False`` and id ``-1`` when its id cannot be read;
-every ``ok=False`` reply is counted in ``errors``. Replies are sent with ``NOBLOCK`` and
+every ``ok=False`` reply is counted in ``errors``. A request of another major wire version is
+answered with the one line naming both versions; fields, and params of a method, that this
+worker does not know are left out (counted in ``unknown``; the params listed in the result's
+``ignored_params``), as the compatibility rule says (docs/wire.md). Replies are sent with
+``NOBLOCK`` and
 ``ROUTER_MANDATORY``: a reply to a client that is gone, or whose queue is full, is dropped
 and counted in ``replies_dropped`` instead of blocking the worker.
 
@@ -29,7 +33,7 @@ import zmq
 from loguru import logger
 
 from iwm_bus.bus import rpc, topics, transport, wire
-from iwm_bus.errors import WireError
+from iwm_bus.errors import WireError, WireVersionError
 from iwm_bus.logs import Throttle
 from iwm_bus.model import IWM
 
@@ -168,6 +172,7 @@ class RPCServer:
         self.requests = 0
         self.errors = 0
         self.replies_dropped = 0
+        self.unknown = wire.Unknowns()  # fields and params of newer clients, left out
         self._log = Throttle()
 
     def handle_pending(self, budget: int = DEFAULT_BUDGET) -> int:
@@ -192,7 +197,7 @@ class RPCServer:
             return
         identity, body = frames[0], frames[1:]
         try:
-            req_id, method, params = self._decode(body)
+            req_id, method, params, ignored = self._decode(body)
             result = self._call(req_id, method, params)
         except RequestError as e:
             self.errors += 1
@@ -200,23 +205,33 @@ class RPCServer:
             self._reply(identity, {"id": e.req_id, "ok": False, "result": None,
                                    "error": str(e)})
             return
+        if ignored:
+            result = {**result, "ignored_params": ignored}
         self._reply(identity, {"id": req_id, "ok": True, "result": result, "error": None})
 
-    def _decode(self, body: list[bytes]) -> tuple[int, str, dict[str, Any]]:
+    def _decode(self, body: list[bytes]) -> tuple[int, str, dict[str, Any], list[str]]:
+        """(id, method, checked params, the params this worker does not know)."""
         try:
-            topic, msg = wire.unpack(body)
+            topic, msg = wire.unpack(body, unknown=self.unknown)
+        except WireVersionError as e:
+            raise RequestError(_peek_id(body), str(e)) from None
         except WireError as e:
             raise RequestError(_peek_id(body), f"malformed request: {e}") from None
         req_id = msg.get("id", -1)
         if topics.base_topic(topic) != topics.RPC or msg["kind"] != "rpc_request":
             raise RequestError(req_id, f"expected an rpc_request on {topics.RPC!r}, got a "
                                f"{msg['kind']} message on {topic!r}")
-        method = msg["method"]
+        method, params = msg["method"], msg["params"]
+        ignored = sorted(set(params) - rpc.PARAMS.get(method, set(params)))
+        if ignored:  # a newer client's optional params
+            self.unknown.fields += 1
+            self.unknown.last = f"{method} params {ignored}"
+            params = {k: v for k, v in params.items() if k not in ignored}
         try:
-            params = rpc.check_params(method, msg["params"], **self.service.limits)
+            params = rpc.check_params(method, params, **self.service.limits)
         except (ValueError, TypeError) as e:
             raise RequestError(req_id, f"bad params for {method!r}: {e}") from None
-        return req_id, method, params
+        return req_id, method, params, ignored
 
     def _call(self, req_id: int, method: str, params: dict[str, Any]) -> dict[str, Any]:
         try:

@@ -9,7 +9,7 @@ Methods (arrays are wire arrays; B = batch, D = latent size, K = steps, C <= con
 
 | method  | params | result |
 |---|---|---|
-| health  | {} | variant, encoder, device, precision (auto, fp32, bf16, int8), embed_dim, num_patches, cond_dim, num_actions, trained, model_path, checkpoint (a flat summary, ``iwm_bus.provenance``), frames, uptime_s, mode, version, abstraction_index (nil: not measured); a dual worker adds streams {name: variant, abstraction_index, checkpoint} |
+| health  | {} | variant, encoder, device, precision (auto, fp32, bf16, int8), embed_dim, num_patches, cond_dim, num_actions, trained, model_path, checkpoint (a flat summary, ``iwm_bus.provenance``), frames, uptime_s, mode, version, wire (schema version), abstraction_index (nil: not measured); a dual worker adds streams {name: variant, abstraction_index, checkpoint} |
 | encode  | frames u8 (B,H,W,3) or (H,W,3); patches: bool | z_cls f4 (B,D); patches f4 (B,N,D) when asked; t_ns; mrr (running, or nil) |
 | encode_dual | as encode | a dual worker's (``--dual``) two streams of the same frames: z_cls_semantic, z_cls_equivariant (B,D); patches_semantic, patches_equivariant (B,N,D) when asked; t_ns; an error from a single-stream worker |
 | predict | z_cls f4 (B,D); patches f4 (B,N,D)?; cond f4 (B,C)?; action_id i8 (B,)? | z_cls_pred (B,D); patches_pred (B,N,D) when patches given; uncertainty (B,) |
@@ -21,6 +21,10 @@ refuses a request whose reply could not travel: ``reply_bytes`` is the size of t
 arrays, at most ``MAX_REPLY_ARRAY_BYTES`` (a rollout of 4096 candidates x 64 steps of a
 192-wide latent would reply 193 MiB, three times the wire's 64 MiB message). ``health``
 carries no arrays, and each checkpoint in it as a flat summary (``iwm_bus.provenance``).
+
+Compatibility (docs/wire.md): a new method, or a new param of a method, is optional. The
+worker answers a method it does not know with an error naming it, and reads a request
+without the params it does not know, listing them in the result's ``ignored_params``.
 """
 
 from __future__ import annotations

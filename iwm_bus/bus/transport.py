@@ -25,7 +25,7 @@ import zmq
 from loguru import logger
 
 from iwm_bus.bus import wire
-from iwm_bus.errors import WireError
+from iwm_bus.errors import UnknownMessage, WireError, WireVersionError
 from iwm_bus.logs import worth_logging
 
 #: longest ipc path the kernel accepts (sun_path is 108 bytes with the terminating NUL)
@@ -238,6 +238,10 @@ class Subscriber:
     Malformed messages are counted in ``decode_errors`` and skipped (logged, rate-limited);
     missing ``seq`` numbers per topic are counted in ``gaps``. An endpoint named twice is
     connected once (a remote worker takes frames and actions from one gateway port).
+    A newer publisher's messages follow the compatibility rule (docs/wire.md): fields this
+    side does not know are left out, kinds it does not know are skipped (both counted in
+    ``unknown``), and a publisher of another major version is refused (``other_major``,
+    logged in one line naming both versions).
     """
 
     def __init__(self, endpoints: Iterable[str], topics: Iterable[str], *,
@@ -248,6 +252,8 @@ class Subscriber:
         self.received = 0
         self.decode_errors = 0
         self.gaps = 0
+        self.unknown = wire.Unknowns()
+        self.other_major = 0
         self._last_seq: dict[tuple[str, str], int] = {}
 
     def recv(self, timeout_ms: int = 1000) -> tuple[str, dict[str, Any]] | None:
@@ -277,7 +283,14 @@ class Subscriber:
     def decode(self, frames: list[bytes]) -> tuple[str, dict[str, Any]] | None:
         """Decode raw frames (e.g. from an asyncio socket); None (counted) when malformed."""
         try:
-            topic, msg = wire.unpack(frames)
+            topic, msg = wire.unpack(frames, unknown=self.unknown)
+        except UnknownMessage:
+            return None  # a newer publisher's kind: counted in unknown
+        except WireVersionError as e:
+            self.other_major += 1
+            if self.other_major % 1000 == 1:  # one line, not one a message
+                logger.error("{}: {} (#{})", self.endpoints, e, self.other_major)
+            return None
         except WireError as e:
             self.decode_errors += 1
             if worth_logging(self.decode_errors):

@@ -10,6 +10,14 @@ subscribers in other languages; ``SCHEMA`` below is the same table in code.
 ``WireError`` for anything malformed and nothing else, and never allocates according to a size
 it has not checked.
 
+Compatibility (docs/wire.md): the schema is v1.``MINOR``, and ``v`` on the wire is its major
+version. A reader ignores the fields it does not know (``unpack`` returns the message without
+them) and passes over the kinds and topics it does not know (``UnknownMessage``, a
+``WireError``); an ``Unknowns`` given to ``unpack`` counts both. A field a minor version adds
+is optional (``HISTORY`` lists them); a breaking change bumps ``VERSION``, and a message from a
+peer of another major is refused with ``WireVersionError``, one line naming both versions.
+``pack`` stays strict: a writer sends only what its own schema has.
+
     frames = pack("iwm.surprise", {"seq": 7, "t_capture_ns": t, "t_publish_ns": t2,
                                    "surprise": 0.41, "action": None, "variant": "core"})
     topic, msg = unpack(frames)
@@ -19,19 +27,33 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
 
 from iwm_bus.bus.topics import TOPIC_KINDS, base_topic
-from iwm_bus.errors import WireError
+from iwm_bus.errors import UnknownMessage, WireError, WireVersionError
 
-__all__ = ["ARRAY_KEYS", "DTYPES", "MAX_ARRAY_ELEMENTS", "MAX_DEPTH", "MAX_MESSAGE_BYTES",
-           "MAX_NDIM", "MAX_TOPIC_BYTES", "SCHEMA", "VERSION", "WireError", "decision_text",
-           "decode_array", "encode_array", "make_action", "make_decision", "pack", "unpack"]
+__all__ = ["ARRAY_KEYS", "DTYPES", "HISTORY", "MAX_ARRAY_ELEMENTS", "MAX_DEPTH",
+           "MAX_MESSAGE_BYTES", "MAX_NDIM", "MAX_TOPIC_BYTES", "MINOR", "SCHEMA", "VERSION",
+           "UnknownMessage", "Unknowns", "WireError", "WireVersionError", "decision_text",
+           "decode_array", "encode_array", "make_action", "make_decision", "pack",
+           "schema_at", "unpack", "version_text"]
 
+#: the major version, ``v`` in every message: a peer of another major is refused
 VERSION = 1
+#: what each minor version of schema v1 added to v1.0, as "kind" (a new kind) or
+#: "kind.field" (a new field, always optional); SCHEMA below is v1.MINOR. A new field or kind
+#: gets a new minor here (tests/bus/test_compat.py holds v1.0 and checks the rest)
+HISTORY: dict[int, tuple[str, ...]] = {
+    1: ("surprise.surprise_z",),
+    2: ("decision",),
+    3: ("frame.ring_id",),
+    4: ("ready",),
+}
+MINOR = max(HISTORY)
 #: largest payload accepted (a 1080p RGB frame inline is ~6 MiB)
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 #: largest single array accepted, in elements
@@ -89,6 +111,36 @@ SCHEMA: dict[str, dict[str, str]] = {
     "rpc_request": {"id": "int", "method": "str", "params": "map"},
     "rpc_reply": {"id": "int", "ok": "bool", "result": "map?", "error": "str?"},
 }
+
+
+
+
+def schema_at(minor: int) -> dict[str, dict[str, str]]:
+    """The kinds and fields of schema v1.``minor``: SCHEMA less what later minors added (what
+    a reader of that version knows; ``unpack(frames, schema=schema_at(0))`` reads as v1.0)."""
+    if isinstance(minor, bool) or not isinstance(minor, int) or not 0 <= minor <= MINOR:
+        raise ValueError(f"minor must be an int in 0..{MINOR}, got {minor!r}")
+    later = {item for m, items in HISTORY.items() if m > minor for item in items}
+    return {kind: {name: spec for name, spec in fields.items() if f"{kind}.{name}" not in later}
+            for kind, fields in SCHEMA.items() if kind not in later}
+
+
+def version_text() -> str:
+    """This side's schema version, ``"1.4"``."""
+    return f"{VERSION}.{MINOR}"
+
+
+@dataclass
+class Unknowns:
+    """What a reader passed over under the compatibility rule (docs/wire.md), for its
+    counters; ``unpack(frames, unknown=...)`` adds to it."""
+
+    # messages that carried fields this side does not know (read without them)
+    fields: int = 0
+    # messages of a kind, or on a topic, this side does not know (passed over)
+    kinds: int = 0
+    # the last thing passed over: "surprise.surprise_q", "kind 'flow' on 'iwm.flow'"
+    last: str | None = None
 
 
 # ---------------------------------------------------------------- encoding
@@ -150,20 +202,26 @@ def pack(topic: str, msg: Mapping[str, Any]) -> list[bytes]:
 # ---------------------------------------------------------------- decoding
 
 
-def unpack(frames: Sequence[bytes]) -> tuple[str, dict[str, Any]]:
+def unpack(frames: Sequence[bytes], *, schema: Mapping[str, Mapping[str, str]] | None = None,
+           unknown: Unknowns | None = None) -> tuple[str, dict[str, Any]]:
     """Decode ``[topic, payload]`` into ``(topic, msg)``; arrays come back as read-only numpy.
 
+    Fields the schema does not know are left out of ``msg`` (in action maps too); a kind or
+    topic it does not know raises ``UnknownMessage``, a peer of another major version
+    ``WireVersionError``; ``unknown`` counts the first two. ``schema``: the kinds and fields
+    this reader knows (default ``SCHEMA``; ``schema_at(minor)`` reads as an older version).
     Raises ``WireError`` (and nothing else) for any malformed input.
     """
     try:
-        return _unpack(frames)
+        return _unpack(frames, schema, unknown)
     except WireError:
         raise
     except Exception as e:  # noqa: BLE001 - the contract is: only WireError escapes
         raise WireError(f"malformed message: {type(e).__name__}: {e}") from e
 
 
-def _unpack(frames: Sequence[bytes]) -> tuple[str, dict[str, Any]]:
+def _unpack(frames: Sequence[bytes], schema: Mapping[str, Mapping[str, str]] | None,
+            unknown: Unknowns | None) -> tuple[str, dict[str, Any]]:
     if len(frames) != 2:
         raise WireError(f"expected 2 frames [topic, payload], got {len(frames)}")
     raw_topic, payload = bytes(frames[0]), frames[1]
@@ -175,7 +233,7 @@ def _unpack(frames: Sequence[bytes]) -> tuple[str, dict[str, Any]]:
         topic = raw_topic.decode()
     except UnicodeDecodeError as e:
         raise WireError("topic is not UTF-8") from e
-    kinds = _topic_kinds(topic)
+    kinds = _known_kinds(topic)  # None: not a topic of ours
     try:
         body = msgpack.unpackb(
             payload, raw=False, strict_map_key=True, max_bin_len=MAX_MESSAGE_BYTES,
@@ -184,12 +242,51 @@ def _unpack(frames: Sequence[bytes]) -> tuple[str, dict[str, Any]]:
         raise WireError(f"payload on {topic!r} is not valid msgpack: {e}") from e
     if not isinstance(body, dict):
         raise WireError(f"payload on {topic!r} is a {type(body).__name__}, not a map")
-    msg = _unpack_fast(body)
-    if msg is None:  # not a plain valid message: the generic path raises the precise error
-        _validate(body)
-    if body["kind"] not in kinds:
-        raise WireError(f"topic {topic!r} carries {'/'.join(kinds)}, got {body['kind']!r}")
-    return topic, _decode_arrays(body, 0) if msg is None else msg
+    msg = _unpack_fast(body) if schema is None and kinds is not None else None
+    if msg is None:  # not a plain valid message: the generic path reads it or words the error
+        return topic, _read(topic, kinds, body, SCHEMA if schema is None else schema, unknown)
+    if msg["kind"] not in kinds:
+        raise WireError(f"topic {topic!r} carries {'/'.join(kinds)}, got {msg['kind']!r}")
+    return topic, msg
+
+
+def _read(topic: str, kinds: tuple[str, ...] | None, body: dict[str, Any],
+          schema: Mapping[str, Mapping[str, str]], unknown: Unknowns | None) -> dict[str, Any]:
+    """The generic way in: version, kind, the known fields checked, the unknown ones left out
+    (counted), arrays decoded."""
+    _check_version(body)
+    kind = body.get("kind")
+    if not isinstance(kind, str):
+        raise WireError(f"message kind must be a str, got {type(kind).__name__}")
+    fields = schema.get(kind)
+    if kinds is None or fields is None:
+        if unknown is not None:
+            unknown.kinds += 1
+            unknown.last = f"kind {kind!r:.40} on {topic!r}"
+        if kinds is None:
+            raise UnknownMessage(f"unknown topic {topic!r}; known topics: "
+                                 f"{', '.join(TOPIC_KINDS)}")
+        raise UnknownMessage(f"unknown message kind {kind!r:.40} on {topic!r}; this reader "
+                             f"knows {', '.join(schema)}")
+    if kind not in kinds:
+        raise WireError(f"topic {topic!r} carries {'/'.join(kinds)}, got {kind!r}")
+    extra = _validate(body, schema, strict=False)
+    if extra:
+        if unknown is not None:
+            unknown.fields += 1
+            unknown.last = f"{kind}.{extra[0]:.40}"
+        body = _known_part(body, fields)
+    return _decode_arrays(body, 0)
+
+
+def _known_part(body: dict[str, Any], fields: Mapping[str, str]) -> dict[str, Any]:
+    """``body`` without the fields (and action-map keys) that ``fields`` does not have."""
+    out = {k: v for k, v in body.items() if k in fields or k in ("v", "kind")}
+    for name, spec in fields.items():
+        value = out.get(name)
+        if spec.rstrip("?") == "action" and isinstance(value, dict):
+            out[name] = {k: v for k, v in value.items() if k in _ACTION_KEYS}
+    return out
 
 
 def decode_array(value: Any) -> np.ndarray:
@@ -247,33 +344,58 @@ def _topic_kinds(topic: str) -> tuple[str, ...]:
     return kinds
 
 
+def _known_kinds(topic: str) -> tuple[str, ...] | None:
+    """The kinds ``topic`` carries, or None when it is not one of ours (a newer writer's)."""
+    try:
+        return _topic_kinds(topic)
+    except WireError:
+        return None
+
+
 _MAX_CACHED_TOPICS = 256
 _KINDS_OF_TOPIC: dict[str, tuple[str, ...]] = {}
 
 
-def _validate(body: dict[str, Any]) -> None:
+def _check_version(body: dict[str, Any]) -> None:
     version = body.get("v")
-    if type(version) is not int or version != VERSION:  # 1.0 and True are not 1
+    if type(version) is int and version != VERSION:
+        raise WireVersionError(f"refused a message of wire schema v{version}: this side speaks "
+                               f"v{version_text()}, and another major version is not "
+                               "compatible; run the same major version on both ends")
+    if type(version) is not int:  # 1.0 and True are not 1
         raise WireError(f"schema version {version!r} not supported (this side speaks {VERSION})")
+
+
+def _validate(body: dict[str, Any], schema: Mapping[str, Mapping[str, str]] = SCHEMA,
+              strict: bool = True) -> list[str]:
+    """Check ``body``'s version, kind and known fields; return the names of the fields
+    ``schema`` does not know (``action.<key>`` in an action map), which ``strict`` (what
+    ``pack`` sends) refuses instead."""
+    _check_version(body)
     kind = body.get("kind")
-    fields = SCHEMA.get(kind) if isinstance(kind, str) else None
+    fields = schema.get(kind) if isinstance(kind, str) else None
     if fields is None:
-        raise WireError(f"unknown message kind {kind!r}; known: {', '.join(SCHEMA)}")
+        raise WireError(f"unknown message kind {kind!r}; known: {', '.join(schema)}")
+    extra = []
     for name, spec in fields.items():
-        _check_field(kind, name, spec, body.get(name))
-    extra = set(body) - set(fields) - {"v", "kind"}
-    if extra:
-        raise WireError(f"{kind} message has unknown fields {sorted(extra)}")
+        extra += _check_field(kind, name, spec, body.get(name), strict)
+    unknown = sorted(set(body) - set(fields) - {"v", "kind"})
+    if strict and unknown:
+        raise WireError(f"{kind} message has unknown fields {unknown}")
+    return unknown + extra
 
 
-def _check_field(kind: str, name: str, spec: str, value: Any) -> None:
+def _check_field(kind: str, name: str, spec: str, value: Any, strict: bool = True
+                 ) -> list[str]:
+    """Check one field; the unknown keys of an action map that ``strict`` lets pass."""
     optional = spec.endswith("?")
     base = spec.rstrip("?")
     where = f"{kind}.{name}"
+    extra: list[str] = []
     if value is None:
         if not optional:
             raise WireError(f"{where} is missing (or nil)")
-        return
+        return extra
     if base == "int":
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif base == "number":
@@ -291,14 +413,16 @@ def _check_field(kind: str, name: str, spec: str, value: Any) -> None:
             raise WireError(f"{where}: {e}") from None
         ok = True
     elif base == "action":
-        ok = isinstance(value, dict) and set(value) <= set(_ACTION_FIELDS)
+        ok = isinstance(value, dict) and (not strict or value.keys() <= _ACTION_KEYS)
         if ok:
+            extra = [f"{name}.{k}" for k in value if k not in _ACTION_KEYS]
             for sub, sub_spec in _ACTION_FIELDS.items():
                 _check_field(where, sub, sub_spec, value.get(sub))
     else:  # pragma: no cover - a typo in SCHEMA
         raise AssertionError(f"bad spec {spec!r} for {where}")
     if not ok:
         raise WireError(f"{where} must be {base}, got {type(value).__name__}")
+    return extra
 
 
 # ---------------------------------------------------------------- the hot path

@@ -168,7 +168,7 @@ def encode_action(action: Mapping[str, Any] | None) -> dict[str, Any] | None:
 def _decode_action(value: Any) -> dict[str, Any] | None:
     if value is None:
         return None
-    if not isinstance(value, dict) or not set(value) <= {"vector", "action_id"}:
+    if not isinstance(value, dict):  # keys a newer writer added are left out
         raise ValueError(f"frame action must be a map of vector/action_id, got {value!r:.80}")
     out: dict[str, Any] = {}
     if value.get("vector") is not None:
@@ -188,11 +188,16 @@ def wire_action(msg: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return out or None
 
 
-def frame_record(data: bytes) -> FrameRecord:
+def frame_record(data: bytes, unknown: wire.Unknowns | None = None) -> FrameRecord:
+    """A stored frame record; fields a newer writer added are left out (counted in
+    ``unknown``), as the wire's compatibility rule says (docs/wire.md)."""
     body = msgpack.unpackb(data, raw=False, strict_map_key=True, max_ext_len=0)
-    if not isinstance(body, dict) or set(body) != set(_FRAME_FIELDS):
+    if not isinstance(body, dict) or not body.keys() >= set(_FRAME_FIELDS):
         keys = sorted(body) if isinstance(body, dict) else type(body).__name__
         raise ValueError(f"frame record must have fields {_FRAME_FIELDS}, got {keys}")
+    if unknown is not None and len(body) > len(_FRAME_FIELDS):
+        unknown.fields += 1
+        unknown.last = f"frame record {sorted(set(body) - set(_FRAME_FIELDS))}"
     ints = ("seq", "t_ns", "height", "width", "channels")
     if not all(isinstance(body[k], int) and not isinstance(body[k], bool) for k in ints):
         raise ValueError(f"frame record fields {ints} must be ints")

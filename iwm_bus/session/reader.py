@@ -33,6 +33,12 @@ stay msgpack only. The readers here skip the viewer channels (``topics`` leaves 
 ``viewer_topics`` lists them). Format 1 files (no viewer channels) read the same; ``convert``
 adds the viewer channels to one.
 
+Compatibility follows the wire's rule (docs/wire.md): ``format_version`` is the major
+version; a newer writer may add metadata keys, frame-record fields, channels, and wire fields
+and kinds in the event channels without changing it, and the readers here leave out what
+they do not know and count it (``SessionReader.unknown``); a file of a newer major version
+is refused with one line naming both versions.
+
 Every message's MCAP ``log_time`` is its capture time (``t_capture_ns``, wall clock;
 ``t_ns`` for actions), so events line up with the frames they describe; ``publish_time`` is
 the time it was written. Metadata record ``iwm_bus.session`` holds the format version, the
@@ -79,6 +85,7 @@ from tqdm import tqdm
 from iwm_bus import __version__
 from iwm_bus.bus import wire
 from iwm_bus.bus.topics import TOPIC_KINDS, base_topic
+from iwm_bus.errors import UnknownMessage
 from iwm_bus.session.codec import (
     ACTIONS_TOPIC,
     CONVERT_META_NAME,
@@ -98,6 +105,14 @@ from iwm_bus.session.scan import ChunkRef, bad, build_index, chunk_records, read
 from iwm_bus.session.writer import SessionOptions, SessionWriter
 
 __all__ = ["ConvertResult", "RecoverResult", "SessionReader", "convert", "recover"]
+
+
+def _is_wire_topic(topic: str) -> bool:
+    try:
+        base_topic(topic)
+    except KeyError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- reader
@@ -122,12 +137,18 @@ class SessionReader:
             self._topic_ids.setdefault(ch.topic, set()).add(cid)
         self.metadata = self._decoded_metadata(META_NAME)
         self.end_metadata = self._decoded_metadata(END_META_NAME) or None
+        # what a newer writer put in that this reader leaves out: fields of frame records
+        # and events, and messages of channels or kinds it does not know
+        self.unknown = wire.Unknowns()
         if self.metadata.get("format") != "iwm-bus-session":
             raise bad(self.path, "is an MCAP file but not an iwm-bus session "
                        f"(no {META_NAME} metadata record)")
-        if self.metadata.get("format_version", 0) > FORMAT_VERSION:
-            raise bad(self.path, f"session format {self.metadata['format_version']} is newer "
-                       f"than this iwm-bus reads ({FORMAT_VERSION}); upgrade iwm-bus")
+        version = self.metadata.get("format_version", 1)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise bad(self.path, f"format_version {version!r} is not an integer")
+        if version > FORMAT_VERSION:
+            raise bad(self.path, f"session format {version} is newer than this iwm-bus reads "
+                       f"({FORMAT_VERSION}); upgrade iwm-bus")
 
     def _decoded_metadata(self, name: str) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -216,18 +237,29 @@ class SessionReader:
                     heapq.heappush(heap, (msg.log_time, 1, offset, j, msg))
 
     def _decode(self, topic: str, msg: Message) -> Any:
+        """The record, or None for a channel or kind this reader does not know (counted)."""
         try:
             if topic == FRAMES_TOPIC:
-                return frame_record(msg.data)
-            return wire.unpack([topic.encode(), msg.data])[1]
+                return frame_record(msg.data, self.unknown)
+            if not _is_wire_topic(topic):  # a newer writer's channel
+                self.unknown.kinds += 1
+                self.unknown.last = f"channel {topic!r}"
+                return None
+            return wire.unpack([topic.encode(), msg.data], unknown=self.unknown)[1]
+        except UnknownMessage:
+            return None
         except (ValueError, TypeError, KeyError, msgpack.UnpackException) as e:
             raise bad(self.path, f"bad {topic} message at t={msg.log_time}: {e}") from e
 
     def messages(self, topics: Iterable[str] | None = None, start_ns: int | None = None,
                  end_ns: int | None = None) -> Iterator[tuple[str, int, Any]]:
-        """``(topic, log_time_ns, msg)``: frames as ``FrameRecord``, the rest as wire dicts."""
+        """``(topic, log_time_ns, msg)``: frames as ``FrameRecord``, the rest as wire dicts;
+        messages of channels and kinds this reader does not know are passed over and
+        counted in ``unknown``."""
         for topic, msg in self.raw_messages(topics, start_ns, end_ns):
-            yield topic, msg.log_time, self._decode(topic, msg)
+            got = self._decode(topic, msg)
+            if got is not None:
+                yield topic, msg.log_time, got
 
     def frame_records(self, start_ns: int | None = None,
                       end_ns: int | None = None) -> Iterator[FrameRecord]:
@@ -544,7 +576,7 @@ def _convert_into(reader: SessionReader, dest: Path) -> tuple[int, int, int]:
                     w._add_viewer_frame(decoded, msg.publish_time)
                 except ValueError as e:
                     raise bad(reader.path, f"frame {decoded.seq} does not decode: {e}") from e
-            else:
+            elif decoded is not None:  # None: a kind this reader does not know (copied)
                 w._add_viewer_event(topic, kind, msg.log_time, decoded, msg.publish_time)
         w.frames_written = frames
         viewer = w.messages_written - messages

@@ -127,7 +127,7 @@ class SessionWriter:
     def _header_metadata(self, user: Mapping[str, Any]) -> dict[str, str]:
         now = time.time()
         head = {"format": "iwm-bus-session", "format_version": FORMAT_VERSION,
-                "software_version": __version__,
+                "software_version": __version__, "wire_schema": wire.version_text(),
                 "created_utc": datetime.fromtimestamp(now, timezone.utc).isoformat(),
                 "created_unix_ns": time.time_ns(), "clock": "wall (time.time_ns)",
                 "frame_encoding": self.options.frame_encoding,

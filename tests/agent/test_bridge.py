@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 import zmq
+from future import future, future_kind, other_major
 from fuzz import mutated
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -88,6 +89,39 @@ def worker_pub(run_dir: Path) -> Iterator[tuple[Endpoints, Publisher]]:
     eps = Endpoints.ipc(run_dir)
     with Publisher(eps.worker) as pub:
         yield eps, pub
+
+
+# ----------------------------------------------------------------------------- a newer worker
+
+
+def test_a_newer_worker_is_read_without_what_the_bridge_does_not_know(worker_pub: Any) -> None:
+    """A worker of schema v1.x newer than this bridge (fields and a kind it does not know,
+    tests/future.py) keeps the state current: its messages are read without the new fields,
+    its new kind passed over, both counted, none taken for malformed. A worker of another
+    major version is refused (docs/wire.md)."""
+    eps, pub = worker_pub
+    with VisionBridge(eps) as bridge:
+        _sync(pub, lambda: bridge.stats.received)
+        for seq in (1, 2):
+            pub.send_frames(future(topics.SURPRISE, _surprise(seq, 0.25 * seq, 1.5 * seq)))
+            pub.send_frames(future(topics.MRR, _mrr(seq, 0.5, 0.25 * seq)))
+            pub.send_frames(future(topics.LATENT, _latent(seq, np.full(D, seq, np.float32))))
+        pub.send_frames(future_kind(topics.LATENT))
+        pub.send_frames(future(topics.STATS, {"t_ns": clock_ns(), "source": "worker",
+                                              "values": {"fps": 30.0}}))
+        st = bridge.wait_update(after_seq=1, timeout_s=WAIT_S)
+        _wait(lambda: bridge.stats.unknown_fields == 7 and bridge.stats.unknown_kinds == 1,
+              "the newer worker's fields and kind counted")
+        pub.send_frames(other_major(topics.LATENT, _latent(3, np.full(D, 3, np.float32))))
+        _wait(lambda: bridge.stats.other_major == 1, "the other major refused")
+        latest = bridge.read_latest()
+        stats = bridge.stats
+    assert st.frame_seq == 2 and st.vision_core_latent[0] == 2.0
+    assert (st.vision_prediction_surprise, st.vision_surprise_z, st.vision_mrr) == \
+        (0.5, 3.0, 0.5)
+    assert bridge.worker_stats()["worker"]["fps"] == 30.0
+    assert latest.frame_seq == 2  # nothing of the other major applied
+    assert stats.decode_errors == 0 and stats.unexpected == 0
 
 
 # ----------------------------------------------------------------------------- BeingState

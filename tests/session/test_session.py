@@ -15,8 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
+from future import NEW_ACTION_KEY, NEW_FIELDS, future, future_kind
 from mcap.reader import make_reader
 from mcap.writer import Writer
 from PIL import Image
@@ -25,6 +27,7 @@ from iwm_bus.bus.topics import ACTION, LATENT, MRR, SURPRISE
 from iwm_bus.bus.wire import make_action
 from iwm_bus.errors import SessionError
 from iwm_bus.session import (
+    FORMAT_VERSION,
     FRAMES_TOPIC,
     SessionOptions,
     SessionReader,
@@ -32,6 +35,7 @@ from iwm_bus.session import (
     recover,
 )
 from iwm_bus.session.cli import main as cli
+from iwm_bus.session.codec import encode_frame
 from train.datasets import SessionDataset, iter_transitions, torch_dataset
 
 pytestmark = pytest.mark.timeout(60)
@@ -354,6 +358,70 @@ def test_truncated_corrupted_and_foreign_files(tmp_path: Path) -> None:
         w.finish()
     with pytest.raises(SessionError, match=r"other\.mcap: is an MCAP file but not an iwm-bus"):
         SessionReader(tmp_path / "other.mcap")
+
+
+# ---------------------------------------------------------------- a newer writer
+
+
+class _NewerWriter(SessionWriter):
+    """The session writer of a newer iwm-bus of format ``major``: a metadata key, a
+    frame-record field, a channel, and wire fields and kinds in the events that today's
+    reader does not know (tests/future.py)."""
+
+    major = FORMAT_VERSION
+
+    def _header_metadata(self, user: dict) -> dict[str, str]:
+        return {**super()._header_metadata(user), "format_version": json.dumps(self.major),
+                "codec_q": json.dumps({"frames": "av1"})}
+
+    def _channel(self, topic: str, kind: str) -> int:
+        if kind.endswith("_q") and topic not in self._channels:  # no schema of ours for it
+            self._channels[topic] = self._mcap.register_channel(topic, "msgpack", 0,
+                                                                {"kind": kind})
+        return super()._channel(topic, kind)
+
+
+def test_a_newer_writers_session_is_read_without_what_this_reader_does_not_know(
+        tmp_path: Path) -> None:
+    """Session files follow the wire's compatibility rule (docs/wire.md): what a newer
+    writer added is left out and counted; a newer major format is refused in one line
+    naming both versions."""
+    path = tmp_path / "newer.mcap"
+    px = frame_at(3)
+    with _NewerWriter(path) as w:
+        for i in range(3):
+            w.write_frame(i, T0 + i * DT, frame_at(i), action=make_action(action_id=i))
+        w._add(FRAMES_TOPIC, "frame-record", T0 + 3 * DT, msgpack.packb(
+            {"seq": 3, "t_ns": T0 + 3 * DT, "encoding": "zstd-raw", "height": 48, "width": 64,
+             "channels": 3, "data": encode_frame(px, "zstd-raw"),
+             "action": {"action_id": 1, NEW_ACTION_KEY: 33}, "codec_params_q": {"level": 3}},
+            use_bin_type=True), 3)
+        w._add("depth_q", "depth_q", T0 + DT, b"\x01\x02", 1)
+        w.write_event(SURPRISE, T0, surprise_msg(0, None))
+        w._add(SURPRISE, "surprise", T0 + DT, future(SURPRISE, surprise_msg(1, 0.5))[1], 1)
+        w._add(SURPRISE, "flow_q", T0 + 2 * DT, future_kind(SURPRISE)[1], 2)
+    with SessionReader(path) as reader:
+        assert "depth_q" in reader.topics  # listed, and passed over when read
+        got = list(reader.messages())
+        assert reader.unknown.fields == 2 and reader.unknown.kinds == 2
+        assert {t for t, _, _ in got} == {FRAMES_TOPIC, SURPRISE}
+        frames = list(reader.frames())
+        assert [f.seq for f in frames] == [0, 1, 2, 3]
+        np.testing.assert_array_equal(frames[3].pixels, px)
+        assert frames[3].action == {"action_id": 1}
+        assert [m["surprise"] for m in reader.events(SURPRISE)] == [None, 0.5]
+        assert not set(NEW_FIELDS) & set().union(*reader.events(SURPRISE))
+        assert len(list(reader.transitions())) == 3 and reader.info()["frames"] == 4
+
+    class NextMajorWriter(_NewerWriter):
+        major = FORMAT_VERSION + 1
+
+    newer = tmp_path / "major.mcap"
+    with NextMajorWriter(newer) as w:
+        w.write_frame(0, T0, frame_at(0))
+    with pytest.raises(SessionError, match=rf"session format {FORMAT_VERSION + 1} is newer "
+                                           rf"than this iwm-bus reads \({FORMAT_VERSION}\)"):
+        SessionReader(newer)
 
 
 # ---------------------------------------------------------------- CLI
