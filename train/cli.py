@@ -39,6 +39,7 @@ _FLAGS = {  # flag -> (section, key, type)
     "out_dir": ("train", "out_dir", str), "init_from": ("train", "init_from", str),
     "max_frames": ("train", "max_frames", int), "ckpt_every": ("train", "ckpt_every", int),
     "load_workers": ("train", "load_workers", int), "minutes": ("train", "minutes", float),
+    "cf_states": ("train", "cf_states", int),
 }
 _ENV = {"IWM_BATCH_SIZE": ("batch_size", int), "IWM_EPOCHS": ("epochs", int),
         "IWM_LR": ("lr", float)}

@@ -66,6 +66,13 @@ class TrainConfig:
     seed: int = 0
     # Phase 3: transitions per training sequence (teacher forcing + K-1 rollout steps)
     k_steps: int = 2
+    # action terms (objective.cf_weight): counterfactual states a step, read from the
+    # ``.cf.npz`` sidecars beside the sessions (``train.record --counterfactual``)
+    cf_states: int = 0
+    # at most this many distinct next frames of a state go into a step
+    cf_outcomes: int = 8
+    # queries a state by random actions, beside one per kept outcome
+    cf_extra: int = 2
     # start from this checkpoint's weights (e.g. a Phase 1 model for Phase 3)
     init_from: str | None = None
     # save a checkpoint every this many steps (and at the end)
@@ -82,6 +89,8 @@ class TrainConfig:
     minutes: float = 0.0
     # bf16 autocast on CUDA
     amp: bool = True
+    # bf16 autocast on a CPU too (AVX512-BF16 here: a ViT-Ti step ~2-3x faster than fp32)
+    cpu_amp: bool = False
     # use torch.distributed as set up by torchrun (RANK, WORLD_SIZE, LOCAL_RANK)
     ddp: bool = False
     # show a tqdm progress bar
@@ -93,9 +102,9 @@ class TrainConfig:
             raise ValueError(f"{o}.phase must be 1 or 3, got {self.phase!r}")
         for name in ("batch_size", "epochs", "k_steps", "ckpt_every", "log_every"):
             _pos_int(o, name, getattr(self, name))
-        for name in ("load_workers",):
+        for name in ("load_workers", "cf_outcomes"):
             _pos_int(o, name, getattr(self, name))
-        for name in ("steps", "warmup_steps", "seed", "max_frames"):
+        for name in ("steps", "warmup_steps", "seed", "max_frames", "cf_states", "cf_extra"):
             _pos_int(o, name, getattr(self, name), 0)
         for name in ("lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad", "minutes"):
             _nonneg(o, name, getattr(self, name))
@@ -138,6 +147,23 @@ class RunConfig:
     masks: MaskConfig = field(default_factory=MaskConfig)
 
     def __post_init__(self) -> None:
+        obj, tc = self.objective, self.train
+        if obj.action_terms and tc.phase != 3:
+            raise ValueError("objective.cf_weight / temporal_weight train on recorded sessions: "
+                             "set train.phase 3")
+        if bool(obj.cf_weight) != bool(tc.cf_states):
+            raise ValueError(f"objective.cf_weight={obj.cf_weight} and train.cf_states="
+                             f"{tc.cf_states} go together: both > 0 (counterfactual term on) "
+                             "or both 0")
+        if obj.cf_weight and tc.cf_outcomes < 2:
+            raise ValueError(f"train.cf_outcomes={tc.cf_outcomes} must be >= 2: the "
+                             "counterfactual term tells apart two or more outcomes")
+        if obj.inverse_weight and not self.model.inverse_dynamics:
+            raise ValueError("objective.inverse_weight needs model.inverse_dynamics (the head "
+                             "it trains)")
+        if obj.inverse_weight and not obj.action_terms:
+            raise ValueError("objective.inverse_weight is an action term: it needs "
+                             "objective.cf_weight or temporal_weight")
         if self.objective.views_nce_weight:
             if self.aug.target_views < 2:
                 raise ValueError("objective.views_nce_weight needs aug.target_views >= 2: the "

@@ -21,8 +21,10 @@ that end are reset, and a state is never taken at an episode's end. numpy only a
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -30,7 +32,11 @@ import numpy as np
 from iwm_bus.actions import NUM_ACTIONS
 from train.explore import ExplorationPolicy, ExploreConfig
 
-__all__ = ["CounterfactualSet", "branch", "counterfactual_sets", "distinct_count", "main"]
+__all__ = ["CF_SUFFIX", "CounterfactualSet", "CounterfactualWriter", "branch", "can_branch",
+           "counterfactual_sets", "distinct_count", "main", "outcome_index", "sidecar_path"]
+
+#: a session's counterfactual sidecar: ``<game>-s<seed>.mcap`` -> ``<game>-s<seed>.cf.npz``
+CF_SUFFIX = ".cf.npz"
 
 #: second stream of the seed: the gaps between states (the first is the policy's)
 _GAP_STREAM = 1
@@ -68,6 +74,68 @@ def branch(source: Any, frame: np.ndarray, num_actions: int = NUM_ACTIONS) -> Co
     finally:
         ale.restoreState(state)
     return CounterfactualSet(np.array(frame, np.uint8, copy=True), next_frames)
+
+
+def can_branch(source: Any) -> bool:
+    """Whether ``source`` can clone and restore its emulator state (an ALE ``GymSource``)."""
+    env = getattr(source, "env", None)
+    return env is not None and hasattr(getattr(env, "unwrapped", None), "ale")
+
+
+def sidecar_path(session: str | os.PathLike[str]) -> Path:
+    """Where the counterfactual sidecar of session file ``session`` lives."""
+    p = Path(session)
+    return p.with_name(p.name.removesuffix(".mcap") + CF_SUFFIX)
+
+
+class CounterfactualWriter:
+    """Collects :func:`branch` results of one recorded session and writes its sidecar.
+
+    The sidecar (``np.savez_compressed``) holds, for C states: ``seq`` (C,) the session seq of
+    the state's frame; ``frames`` (C, H, W, 3) that frame; ``outcomes`` (Q, H, W, 3) the
+    distinct next frames of all states, state after state; ``offsets`` (C + 1,) where each
+    state's outcomes start; ``outcome_of`` (C, A) int8, the outcome (0-based within its state)
+    each action leads to. Distinct means different pixels at the game's native size, as the
+    action-discrimination eval counts them.
+    """
+
+    def __init__(self, env_id: str, seed: int) -> None:
+        self.env_id, self.seed = env_id, seed
+        self._seq: list[int] = []
+        self._frames: list[np.ndarray] = []
+        self._outcomes: list[np.ndarray] = []
+        self._of: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return len(self._seq)
+
+    def add(self, seq: int, cset: CounterfactualSet) -> None:
+        nxt = cset.next_frames
+        of = outcome_index(nxt)
+        first = [int(np.flatnonzero(of == g)[0]) for g in range(int(of.max()) + 1)]
+        self._seq.append(int(seq))
+        self._frames.append(cset.frame)
+        self._outcomes.append(nxt[first])
+        self._of.append(of.astype(np.int8))
+
+    def write(self, path: str | os.PathLike[str]) -> Path:
+        """Write the sidecar atomically; returns its path."""
+        path = Path(path)
+        counts = [len(o) for o in self._outcomes]
+        shape = self._frames[0].shape if self._frames else (0, 0, 3)
+        tmp = path.with_name(path.name + ".part")
+        with open(tmp, "wb") as f:
+            np.savez_compressed(
+                f, seq=np.asarray(self._seq, np.int64),
+                frames=np.stack(self._frames) if self._frames else np.empty((0, *shape), np.uint8),
+                outcomes=(np.concatenate(self._outcomes) if self._outcomes
+                          else np.empty((0, *shape), np.uint8)),
+                offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                outcome_of=(np.stack(self._of) if self._of
+                            else np.empty((0, NUM_ACTIONS), np.int8)),
+                env_id=np.asarray(self.env_id), seed=np.asarray(self.seed))
+        os.replace(tmp, path)
+        return path
 
 
 def counterfactual_sets(env_id: str, n_states: int, seed: int, min_gap: int = 10,
@@ -119,10 +187,18 @@ def counterfactual_sets(env_id: str, n_states: int, seed: int, min_gap: int = 10
     return out
 
 
+def outcome_index(next_frames: np.ndarray) -> np.ndarray:
+    """(A,) int: the distinct outcome each action leads to, numbered in order of the first
+    action that leads there (exact pixel equality; hashing rows, far faster than
+    ``np.unique(axis=0)`` on frames)."""
+    seen: dict[bytes, int] = {}
+    return np.array([seen.setdefault(np.ascontiguousarray(f).tobytes(), len(seen))
+                     for f in next_frames], np.int64)
+
+
 def distinct_count(cset: CounterfactualSet) -> int:
     """How many different next frames the actions of ``cset`` lead to."""
-    flat = cset.next_frames.reshape(len(cset.next_frames), -1)
-    return len(np.unique(flat, axis=0))
+    return int(outcome_index(cset.next_frames).max()) + 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

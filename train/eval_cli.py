@@ -23,7 +23,7 @@ from typing import Any
 
 from iwm_bus.config import PRECISIONS, precision_error
 
-__all__ = ["format_table", "main"]
+__all__ = ["format_games", "format_table", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="checkpoint to evaluate")
     p.add_argument("--sessions", nargs="+", help="held-out session files or folders")
     p.add_argument("--images", nargs="+", help="held-out image folders (augmentation MRR)")
-    p.add_argument("--games", help="comma-separated ALE ids for action discrimination")
+    p.add_argument("--games", help="comma-separated ALE ids for action discrimination: games "
+                                   "of the training mix (held-out episodes: other seeds)")
+    p.add_argument("--unseen_games", help="comma-separated ALE ids never trained on, scored "
+                                          "as their own split")
     p.add_argument("--cf_states", type=int, default=30, help="cloned states per game")
     p.add_argument("--bank", type=int, default=256)
     p.add_argument("--max_transitions", type=int, default=1024)
@@ -51,7 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fmt(v: Any) -> str:
-    return "-" if v is None or (isinstance(v, float) and v != v) else f"{v:.3f}"
+    return "n/a" if v is None or (isinstance(v, float) and v != v) else f"{v:.3f}"
+
+
+def format_games(ad: dict[str, Any]) -> str:
+    """Action discrimination per game: the model beside every baseline."""
+    cols = ("model", "oracle", "copy_last", "chance", "centroid", "shuffled", "no_action",
+            "inverse", "inverse_majority")
+    per = ad.get("per_game", {})
+    unseen = set(ad.get("unseen", {}).get("games", ()))
+    w = max([len(g) + 9 for g in per] + [4])
+    lines = [f"{'game':<{w}}  " + "  ".join(f"{c:>9}" for c in cols)]
+    for g, d in per.items():
+        name = g + (" (unseen)" if g in unseen else "")
+        lines.append(f"{name:<{w}}  " + "  ".join(f"{_fmt(d.get(c)):>9}" for c in cols))
+    return "\n".join(lines)
 
 
 def format_table(s: dict[str, Any]) -> str:
@@ -71,7 +88,20 @@ def format_table(s: dict[str, Any]) -> str:
         rows.append(("abstraction index", _fmt(s["augmentation_mrr"]["abstraction_index"]),
                      "1 = invariant, 0 = equivariant"))
     add("next-latent MRR", "next_latent_mrr", ["copy_last", "shuffled", "chance"])
-    add("action discrimination MRR", "action_discrimination", ["copy_last", "chance"])
+    ad = s.get("action_discrimination", {})
+    for split in ("seen", "unseen"):
+        if split in ad:
+            d = ad[split]
+            rows.append((f"action discrimination, {split} ({len(d['games'])} games)",
+                         _fmt(d.get("model")), "  ".join(
+                             f"{b}={_fmt(d.get(b))}" for b in
+                             ("oracle", "copy_last", "chance", "centroid", "shuffled",
+                              "no_action"))))
+    if "seen" not in ad and "unseen" not in ad:
+        add("action discrimination MRR", "action_discrimination", ["copy_last", "chance"])
+    if ad:
+        rows.append(("inverse dynamics accuracy", _fmt(ad.get("inverse")),
+                     f"majority={_fmt(ad.get('inverse_majority'))}"))
     add("surprise AUROC (cuts)", "surprise_auroc", ["copy_last"])
     if "z" in s.get("surprise_auroc", {}):
         d = s["surprise_auroc"]["z"]
@@ -101,7 +131,8 @@ def write_png(results: dict[str, Any], path: Path) -> None:
     axes = list(axes) if len(keys) else [axes]
     for ax, k in zip(axes, keys, strict=False):
         d = {n: v for n, v in results[k].items()
-             if n in ("model", "zero_cond", "copy_last", "shuffled", "chance")
+             if n in ("model", "zero_cond", "copy_last", "shuffled", "chance", "oracle",
+                      "centroid", "no_action")
              and isinstance(v, float)}
         ax.bar(list(d), [0 if v != v else v for v in d.values()],
                color=["C0"] + ["C7"] * (len(d) - 1))
@@ -127,8 +158,14 @@ def _fail(msg: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not (args.sessions or args.images or args.games):
-        return _fail("nothing to evaluate on: give --sessions, --images and/or --games")
+    if not (args.sessions or args.images or args.games or args.unseen_games):
+        return _fail("nothing to evaluate on: give --sessions, --images, --games and/or "
+                     "--unseen_games")
+    seen_games = [g for g in (args.games or "").split(",") if g]
+    unseen_games = [g for g in (args.unseen_games or "").split(",") if g]
+    both = sorted(set(seen_games) & set(unseen_games))
+    if both:
+        return _fail(f"{', '.join(both)} given in both --games and --unseen_games")
     why = precision_error(args.precision, args.device)
     if why:
         return _fail(f"--precision {why}")
@@ -156,17 +193,19 @@ def main(argv: list[str] | None = None) -> int:
                                             args.max_frames or None) if args.sessions else None
         images = FrameStore.from_images(args.images, mc.img_size, mc.cond_dim) \
             if args.images else None
-        sets: list[Any] = []
-        if args.games:
+        sets: dict[str, list[Any]] = {}
+        if seen_games or unseen_games:
             from train.counterfactual import counterfactual_sets
-            for i, game in enumerate(g for g in args.games.split(",") if g):
-                sets += counterfactual_sets(game, args.cf_states, seed=args.seed + i)
+            for i, game in enumerate(seen_games + unseen_games):
+                sets[game] = counterfactual_sets(game, args.cf_states, seed=args.seed + i)
     except (CheckpointError, DataError, ValueError) as e:
         return _fail(str(e))
-    results = evaluate(model, cfg, sessions, images, sets)  # at the model's precision
+    results = evaluate(model, cfg, sessions, images, sets, unseen_games)  # model's precision
     s = summary(results)
     s["model"] = {"path": str(args.model), "config": mc.to_dict(), "precision": args.precision}
     print(format_table(s))
+    if "per_game" in s.get("action_discrimination", {}):
+        print(format_games(s["action_discrimination"]))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "eval.json").write_text(json.dumps(s, indent=2))

@@ -18,8 +18,12 @@ of the truth (a candidate identical to the true latent does not cost a rank).
   prediction is the current latent) and action-shuffled (the model fed another
   transition's action).
 - **Action discrimination**: from cloned emulator states, the next frame under every action;
-  the rank of the true next latent among the distinct next latents. Baselines: copy-last and
-  chance (the mean of 1/rank for a uniformly random rank).
+  the rank of the true next latent among the distinct next latents, per game and split into
+  games seen in training (held-out episodes) and unseen games. Baselines: copy-last, chance
+  (the mean of 1/rank for a uniformly random rank), the action-blind oracle (outcomes ranked
+  by how many actions share them: what no model that ignores the action beats), the
+  outcomes' centroid, and the model fed a wrong action or none. Also the inverse-dynamics
+  head's accuracy on the same states beside the best constant action.
 - **Surprise AUROC**: surprise (:func:`iwm_bus.metrics.patch_surprise`) on normal
   transitions vs transitions whose next frame was replaced by a frame ``cut_gap`` or more
   frames away in the same episode; copy-last's distance as the baseline detector. Also for
@@ -33,7 +37,7 @@ of the truth (a candidate identical to the true latent does not cost a rank).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,8 +51,9 @@ from iwm_bus.model import IWM, effective_rank
 from train.augment import AugConfig, apply_views, cond_vector, sample_params, with_target_jitters
 from train.data import FrameStore, resize_u8
 
-__all__ = ["EvalConfig", "action_discrimination", "augmentation_mrr", "chance_mrr",
-           "evaluate", "next_latent_mrr", "summary", "surprise_auroc"]
+__all__ = ["EvalConfig", "action_discrimination", "action_discrimination_games",
+           "augmentation_mrr", "chance_mrr", "evaluate", "next_latent_mrr", "oracle_rr",
+           "summary", "surprise_auroc"]
 
 
 @dataclass
@@ -287,19 +292,48 @@ def _surprise_z_auroc(model: IWM, store: FrameStore, cfg: EvalConfig, lat: Tenso
 # ----------------------------------------------------------------------------- counterfactuals
 
 
+def oracle_rr(outcome_of: np.ndarray) -> np.ndarray:
+    """The action-blind oracle's expected reciprocal rank of each action's true outcome.
+
+    It ranks a state's distinct outcomes by how many actions lead to each (ties in random
+    order), the best any ranking that ignores the action can do in expectation: with m
+    outcomes shared by more actions and t tied with the truth, E[1/rank] = mean_j 1/(m + j).
+    """
+    counts = np.bincount(outcome_of)
+    out = np.empty(len(outcome_of))
+    for a, g in enumerate(outcome_of):
+        m, t = int((counts > counts[g]).sum()), int((counts == counts[g]).sum())
+        out[a] = np.mean(1.0 / (m + np.arange(1, t + 1)))
+    return out
+
+
+_DISCRIMINATION_ROWS = ("model", "copy_last", "chance", "oracle", "centroid", "shuffled",
+                        "no_action", "inverse", "inverse_majority")
+
+
 @torch.no_grad()
-def action_discrimination(model: IWM, sets: Sequence[Any], cfg: EvalConfig) -> dict[str, float]:
+def action_discrimination(model: IWM, sets: Sequence[Any], cfg: EvalConfig) -> dict[str, Any]:
     """Rank of the true next latent among the distinct counterfactual next latents.
 
     ``sets``: objects with ``frame`` (H, W, 3) and ``next_frames`` (A, H, W, 3) uint8, the
-    next frame under action a = 0..A-1 from one cloned state.
+    next frame under action a = 0..A-1 from one cloned state; states with one outcome are
+    skipped. Each action of a state is one query (outcomes that many actions share weigh
+    more). Beside the model: copy-last, chance, the action-blind oracle (:func:`oracle_rr`),
+    the outcomes' centroid, the model fed another action (``shuffled``) and no action
+    (``no_action``). ``inverse``: the inverse-dynamics head's accuracy on (state, outcome)
+    pairs, right when its top action leads to that outcome, beside the best constant action
+    (``inverse_majority``); None for a model without the head.
     """
+    from train.counterfactual import outcome_index
+
     s = model.config.img_size
-    rr_m, rr_c, rr_0 = [], [], []
+    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    rows: dict[str, list[float]] = {k: [] for k in _DISCRIMINATION_ROWS}
+    const_hits = []
     for cs in sets:
         nxt = np.asarray(cs.next_frames)
-        _, inverse = np.unique(nxt.reshape(len(nxt), -1), axis=0, return_inverse=True)
-        inverse = inverse.ravel()
+        n_act = min(len(nxt), model.config.num_actions) if model.config.num_actions else len(nxt)
+        inverse = outcome_index(nxt)[:n_act]
         n_distinct = int(inverse.max()) + 1
         if n_distinct < 2:
             continue
@@ -307,19 +341,70 @@ def action_discrimination(model: IWM, sets: Sequence[Any], cfg: EvalConfig) -> d
         frames = resize_u8(np.concatenate([np.asarray(cs.frame)[None], nxt[first]]), s)
         lat = encode_all(model, frames, cfg.batch)  # (1 + G, N, D)
         cur, cands = lat[:1], flat(lat[1:])  # (1, N, D), (G, F)
-        n_act = len(nxt) if model.config.num_actions >= len(nxt) else model.config.num_actions
-        acts = torch.arange(n_act)
-        pred, _ = predict_all(model, cur.expand(n_act, -1, -1), acts, None, cfg.batch)
-        truth = torch.as_tensor(inverse[:n_act])
+        truth = torch.as_tensor(inverse)
         others = torch.stack([cands[torch.arange(n_distinct) != g] for g in truth.tolist()])
-        rr_m.append(rr_truth(flat(pred), cands[truth], others).mean().item())
-        rr_c.append(rr_truth(flat(cur).expand(n_act, -1), cands[truth], others).mean().item())
-        rr_0.append(chance_mrr(n_distinct))
-    if not rr_m:
-        return {"model": float("nan"), "copy_last": float("nan"), "chance": float("nan"),
-                "n_states": 0}
-    return {"model": float(np.mean(rr_m)), "copy_last": float(np.mean(rr_c)),
-            "chance": float(np.mean(rr_0)), "n_states": len(rr_m)}
+
+        def rr(pred_flat: Tensor, cands: Tensor = cands, truth: Tensor = truth,
+               others: Tensor = others) -> float:
+            return rr_truth(pred_flat, cands[truth], others).mean().item()
+
+        acts = torch.arange(n_act)
+        use_acts = model.config.num_actions > 0
+        pred, _ = predict_all(model, cur.expand(n_act, -1, -1), acts if use_acts else None,
+                              None, cfg.batch)
+        rows["model"].append(rr(flat(pred)))
+        rows["copy_last"].append(rr(flat(cur).expand(n_act, -1)))
+        rows["chance"].append(chance_mrr(n_distinct))
+        rows["oracle"].append(float(oracle_rr(inverse).mean()))
+        rows["centroid"].append(rr(cands.mean(0, keepdim=True).expand(n_act, -1)))
+        if use_acts:
+            shift = torch.randint(1, n_act, (n_act,), generator=gen)
+            sh, _ = predict_all(model, cur.expand(n_act, -1, -1), (acts + shift) % n_act,
+                                None, cfg.batch)
+            rows["shuffled"].append(rr(flat(sh)))
+            none, _ = predict_all(model, cur.expand(n_act, -1, -1),
+                                  torch.full((n_act,), -1), None, cfg.batch)
+            rows["no_action"].append(rr(flat(none)))
+        same = inverse[:, None] == inverse[None, :]  # (A, A): action c leads where a does
+        const_hits.append(same.mean(0))  # per constant action c: share of queries it gets
+        if model.inverse is not None:
+            probs = model.infer_action(cur.expand(n_distinct, -1, -1), lat[1:])  # (G, A)
+            top = probs[:, :n_act].argmax(-1).numpy()  # (G,)
+            rows["inverse"].append(float(np.mean(inverse[top[inverse]] == inverse)))
+    if not rows["model"]:
+        return {**{k: None for k in _DISCRIMINATION_ROWS}, "n_states": 0}
+    out: dict[str, Any] = {k: (float(np.mean(v)) if v else None) for k, v in rows.items()}
+    out["inverse_majority"] = float(np.max(np.mean(const_hits, 0)))
+    if not rows["inverse"]:
+        out["inverse_majority"] = None  # no head: the row is n/a, its baseline too
+    out["n_states"] = len(rows["model"])
+    return out
+
+
+def action_discrimination_games(model: IWM, games: Mapping[str, Sequence[Any]],
+                                unseen: Collection[str], cfg: EvalConfig) -> dict[str, Any]:
+    """:func:`action_discrimination` per game, and its means over the ``seen`` games (in the
+    training mix; held-out episodes) and the ``unseen`` ones (never trained on), each game
+    weighing the same; the top-level rows are the mean over all games."""
+    per = {g: action_discrimination(model, sets, cfg) for g, sets in games.items()}
+    out: dict[str, Any] = {}
+
+    def mean(names: Sequence[str]) -> dict[str, Any]:
+        res: dict[str, Any] = {}
+        for k in _DISCRIMINATION_ROWS:
+            vals = [per[g][k] for g in names if per[g].get(k) is not None]
+            res[k] = float(np.mean(vals)) if vals else None
+        res["n_states"] = int(sum(per[g]["n_states"] for g in names))
+        res["games"] = list(names)
+        return res
+
+    out.update(mean(list(per)))
+    for split, names in (("seen", [g for g in per if g not in unseen]),
+                         ("unseen", [g for g in per if g in unseen])):
+        if names:
+            out[split] = mean(names)
+    out["per_game"] = per
+    return out
 
 
 # ----------------------------------------------------------------------------- all
@@ -327,9 +412,13 @@ def action_discrimination(model: IWM, sets: Sequence[Any], cfg: EvalConfig) -> d
 
 @torch.no_grad()
 def evaluate(model: IWM, cfg: EvalConfig, sessions: FrameStore | None = None,
-             images: FrameStore | None = None, counterfactuals: Sequence[Any] = ()
-             ) -> dict[str, Any]:
-    """Every evaluation the data allows; keys starting with ``_`` hold raw series."""
+             images: FrameStore | None = None,
+             counterfactuals: Mapping[str, Sequence[Any]] | Sequence[Any] = (),
+             unseen: Collection[str] = ()) -> dict[str, Any]:
+    """Every evaluation the data allows; keys starting with ``_`` hold raw series.
+
+    ``counterfactuals``: counterfactual sets by game (or one list: one game, ``"all"``);
+    ``unseen``: the games of those never trained on."""
     model.eval()
     out: dict[str, Any] = {}
     aug_src = images if images is not None else sessions
@@ -352,7 +441,9 @@ def evaluate(model: IWM, cfg: EvalConfig, sessions: FrameStore | None = None,
                               len(fl), generator=torch.Generator().manual_seed(cfg.seed))[:2048]]),
                           "dim": int(lat.shape[-1])}
     if counterfactuals:
-        out["action_discrimination"] = action_discrimination(model, counterfactuals, cfg)
+        games = counterfactuals if isinstance(counterfactuals, Mapping) \
+            else {"all": counterfactuals}
+        out["action_discrimination"] = action_discrimination_games(model, games, unseen, cfg)
     return out
 
 

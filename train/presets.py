@@ -59,7 +59,30 @@ _EQUIVARIANT = {
 _GPU_MODEL = {"encoder_name": "vit_small_patch16_224", "img_size": 224, "pred_dim": 384,
               "pred_heads": 6, "num_actions": 18}
 
+# the action-aware default (issue 23): the cpu-default model with the action in every predictor
+# block and an inverse-dynamics head, trained on counterfactual + temporal InfoNCE, inverse
+# dynamics and a regression anchor (``iwm_bus.model.action_terms``); from the previous default
+_ACTIONS_MODEL = {**_TINY_MODEL, "variant": "custom", "pred_depth": 3,
+                  "action_every_layer": True, "local_mix": True, "inverse_dynamics": True,
+                  "ema_momentum_start": 0.98, "ema_momentum_end": 0.995}
+_ACTIONS_OBJECTIVE = {**_GUARD, "change_weight": 2.0, "cf_weight": 1.0, "temporal_weight": 1.0,
+                      "inverse_weight": 0.5, "anchor_weight": 1.0, "rollout_weight": 0.5,
+                      "nce_temperature": 0.1}
+_ACTIONS_TRAIN = {"phase": 3, "batch_size": 16, "cf_states": 16, "cf_outcomes": 6,
+                  "cf_extra": 2, "lr": 8e-4, "warmup_steps": 60, "steps": 4000,
+                  "ckpt_every": 100, "log_every": 20, "cpu_amp": True}
+
 PRESETS: dict[str, dict[str, Any]] = {
+    # the action-aware default (issue 23, train/recipes/actions.sh): ~1.5 s a step here;
+    # ``--minutes`` fits the schedule to the time given
+    "cpu-actions": {"model": _ACTIONS_MODEL, "train": _ACTIONS_TRAIN,
+                    "objective": _ACTIONS_OBJECTIVE},
+    # the same on one GPU: 16x the batch
+    "gpu-actions": {"model": _ACTIONS_MODEL, "objective": _ACTIONS_OBJECTIVE,
+                    "train": {**_ACTIONS_TRAIN, "device": "cuda", "batch_size": 256,
+                              "cf_states": 256, "lr": 1e-3, "warmup_steps": 300,
+                              "steps": 20000, "ckpt_every": 1000, "log_every": 100,
+                              "load_workers": 8}},
     # the shipped default (issue 10): Phase 3 on the recorded game mix, about an hour here
     # (iwm-default-v1 is its last step, 2400)
     "cpu-default": {

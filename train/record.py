@@ -48,6 +48,7 @@ from loguru import logger
 
 from iwm_bus.errors import SessionError
 from iwm_bus.session import FRAME_ENCODINGS, SessionOptions, SessionReader, SessionWriter
+from train.counterfactual import sidecar_path
 from train.explore import ExplorationPolicy, ExploreConfig
 
 __all__ = ["GAMES", "GROUPS", "GameSpec", "RecordConfig", "main", "parse_seeds", "record_all",
@@ -138,6 +139,10 @@ class RecordConfig:
     overwrite: bool = False
     # leave a session that is already complete (closed, with `frames` frames) as it is
     skip_existing: bool = False
+    # every this many frames, also the next frame under every action from a cloned state
+    # (a ``.cf.npz`` sidecar beside the session, ``train.counterfactual``); 0 = none;
+    # ALE games only (emulator clone / restore)
+    counterfactual_every: int = 0
     # the policy config of each session is made from these plus the session's seed
     explore: ExploreConfig = field(init=False)
 
@@ -157,6 +162,16 @@ class RecordConfig:
         if self.frame_encoding not in FRAME_ENCODINGS or self.frame_encoding == "jpeg":
             raise ValueError(f"RecordConfig.frame_encoding={self.frame_encoding!r}: must be "
                              "zstd-raw or png (lossless)")
+        ce = self.counterfactual_every
+        if isinstance(ce, bool) or not isinstance(ce, int) or ce < 0:
+            raise ValueError(f"RecordConfig.counterfactual_every={ce!r}: must be an int >= 0")
+        if ce:
+            cannot = [spec.env_id for _, spec in resolve_games(self.games)
+                      if not spec.env_id.startswith("ALE/")]
+            if cannot:
+                raise ValueError(f"--counterfactual needs sources that can clone their state "
+                                 f"(ALE games); {', '.join(cannot)} cannot: record those "
+                                 "without --counterfactual")
         if self.overwrite and self.skip_existing:
             raise ValueError("RecordConfig: overwrite and skip_existing exclude each other")
         self.explore = ExploreConfig(min_hold=self.min_hold, max_hold=self.max_hold)
@@ -169,11 +184,16 @@ def session_path(out: Path, name: str, seed: int) -> Path:
 
 def record_session(game: GameSpec, path: str | Path, *, seed: int, frames: int,
                    explore: ExploreConfig | None = None, frame_encoding: str = "zstd-raw",
-                   overwrite: bool = False, name: str | None = None) -> dict[str, Any]:
+                   overwrite: bool = False, name: str | None = None,
+                   counterfactual_every: int = 0) -> dict[str, Any]:
     """Play ``game`` with the exploration policy for ``frames`` frames into ``path``.
 
-    Returns ``{path, game, env_id, seed, frames, episodes, seconds, fps, bytes}``.
+    ``counterfactual_every`` > 0: every that many frames (not at an episode's end), the next
+    frame under every action is taken from a clone of the emulator state and the sidecar
+    ``train.counterfactual.sidecar_path(path)`` is written beside the session.
+    Returns ``{path, game, env_id, seed, frames, episodes, seconds, fps, bytes, cf_states}``.
     """
+    from train.counterfactual import CounterfactualWriter, branch, can_branch, sidecar_path
     from workers.sources import open_source  # the capture's own source (imports gymnasium)
 
     explore = ExploreConfig(**{**asdict(explore or ExploreConfig()), "seed": seed})
@@ -192,18 +212,28 @@ def record_session(game: GameSpec, path: str | Path, *, seed: int, frames: int,
         with SessionWriter(path, metadata=meta, overwrite=overwrite,
                            options=SessionOptions(frame_encoding=frame_encoding,
                                                   viewer=False)) as writer:
+            if counterfactual_every and not can_branch(src):
+                raise ValueError(f"{game.env_id}: --counterfactual needs a source that can "
+                                 "clone its state (an ALE game)")
+            cf = CounterfactualWriter(game.env_id, seed) if counterfactual_every else None
             t0 = time.time_ns()
             frame = src.reset()
             writer.write_frame(0, t0, frame.pixels, frame.action)
             for i in range(1, frames):
+                if cf is not None and (i - 1) % counterfactual_every == 0 \
+                        and not src.env.unwrapped.ale.game_over():
+                    cf.add(i - 1, branch(src, frame.pixels))
                 frame = src.step({"action_id": policy.act()})
                 writer.write_frame(i, t0 + i * period_ns, frame.pixels, frame.action)
             episodes = src.episodes
             writer.close(end_metadata={"episodes": episodes})
+            if cf is not None:
+                cf.write(sidecar_path(path))
     seconds = time.perf_counter() - t_start
     return {"path": str(path), "game": name or game.env_id, "env_id": game.env_id,
             "seed": seed, "frames": frames, "episodes": episodes, "seconds": round(seconds, 3),
-            "fps": round(frames / seconds, 1), "bytes": Path(path).stat().st_size}
+            "fps": round(frames / seconds, 1), "bytes": Path(path).stat().st_size,
+            "cf_states": len(cf) if cf is not None else 0}
 
 
 def _complete(path: Path, frames: int) -> bool:
@@ -217,7 +247,8 @@ def _complete(path: Path, frames: int) -> bool:
 def _job(args: tuple[GameSpec, Path, int, RecordConfig, str]) -> dict[str, Any]:
     game, path, seed, cfg, name = args
     return record_session(game, path, seed=seed, frames=cfg.frames, explore=cfg.explore,
-                          frame_encoding=cfg.frame_encoding, overwrite=cfg.overwrite, name=name)
+                          frame_encoding=cfg.frame_encoding, overwrite=cfg.overwrite, name=name,
+                          counterfactual_every=cfg.counterfactual_every)
 
 
 def record_all(cfg: RecordConfig) -> list[dict[str, Any]]:
@@ -227,7 +258,8 @@ def record_all(cfg: RecordConfig) -> list[dict[str, Any]]:
     for name, game in resolve_games(cfg.games):
         for seed in cfg.seeds:
             path = session_path(cfg.out, name, seed)
-            if cfg.skip_existing and _complete(path, cfg.frames):
+            if cfg.skip_existing and _complete(path, cfg.frames) and (
+                    not cfg.counterfactual_every or sidecar_path(path).exists()):
                 logger.info("record: {} is complete; skipped", path)
                 continue
             if cfg.skip_existing:
@@ -265,6 +297,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-hold", type=int, default=8)
     p.add_argument("--frame-encoding", default="zstd-raw", choices=["zstd-raw", "png"])
     p.add_argument("--jobs", type=int, default=1, help="parallel processes (default 1)")
+    p.add_argument("--counterfactual", type=int, default=0, metavar="EVERY",
+                   help="every EVERY frames also record the next frame under every action "
+                        "from a cloned state (ALE only; a .cf.npz beside each session)")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--overwrite", action="store_true", help="replace existing sessions")
     what.add_argument("--skip-existing", action="store_true",
@@ -289,7 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                            seeds=parse_seeds(args.seeds), frames=args.frames,
                            min_hold=args.min_hold, max_hold=args.max_hold,
                            frame_encoding=args.frame_encoding, jobs=args.jobs,
-                           overwrite=args.overwrite, skip_existing=args.skip_existing)
+                           overwrite=args.overwrite, skip_existing=args.skip_existing,
+                           counterfactual_every=args.counterfactual)
         t0 = time.perf_counter()
         results = record_all(cfg)
     except (ValueError, FileExistsError) as e:

@@ -28,7 +28,9 @@ from torch import Tensor, nn
 
 from iwm_bus.errors import CheckpointError
 from iwm_bus.model import IWM, create_iwm_model, load_checkpoint, load_iwm, save_checkpoint
+from iwm_bus.model.action_terms import SEQ_LEN
 from train.augment import apply_views, cond_vector, sample_params, with_target_jitters
+from train.cf_data import CounterfactualStore
 from train.config import RunConfig, TrainConfig
 from train.data import DataError, FrameStore, batch_indices, find_images, find_sessions
 from train.logbook import Logbook
@@ -72,6 +74,8 @@ def wd_at(step: int, total: int, tc: TrainConfig) -> float:
 
 
 ENCODER_FIELDS = ("encoder_name", "img_size", "patch_size", "encoder_depth")
+# predictor parts a checkpoint without them starts at zero (the predictor it had, unchanged)
+NEW_PREDICTOR_PARTS = ("layer_cond.", "local.")
 
 
 def init_model(run: RunConfig, device: torch.device) -> IWM:
@@ -105,9 +109,17 @@ def init_model(run: RunConfig, device: torch.device) -> IWM:
             model.encoder.load_state_dict(src.encoder.state_dict())
             model.target_encoder.load_state_dict(src.target_encoder.state_dict())
             try:
-                model.predictor.load_state_dict(src.predictor.state_dict())
-                logger.info("{}: all weights loaded (config differs: {})", tc.init_from, diff)
+                missing, unexpected = model.predictor.load_state_dict(
+                    src.predictor.state_dict(), strict=False)
+                if unexpected or any(not k.startswith(NEW_PREDICTOR_PARTS) for k in missing):
+                    raise RuntimeError(f"missing {missing}, unexpected {unexpected}")
+                logger.info("{}: all weights loaded (config differs: {}; new: {})",
+                            tc.init_from, diff, sorted({k.split(".")[0] for k in missing}
+                                                       | ({"inverse"} if model.inverse else set())))
             except RuntimeError:
+                model.predictor = create_iwm_model(
+                    run.model.variant, device=device, seed=tc.seed,
+                    **{k: v for k, v in run.model.to_dict().items() if k != "variant"}).predictor
                 logger.warning("{}: encoder and target encoder loaded; the predictor differs "
                                "({}) and starts new", tc.init_from, sorted(diff))
     model.amp = tc.amp
@@ -148,6 +160,8 @@ class Trainer:
                                    or not self.tc.ddp else f"cuda:{self.dist.local_rank}")
         self.out = Path(self.tc.out_dir)
         self.store = store if store is not None else self.load_data()
+        self.cf = CounterfactualStore.for_sessions(self.store.sources, run.model.img_size) \
+            if run.objective.cf_weight else None
         self._check_data()
         self.model = init_model(run, self.device)
         self.ddp_model: nn.Module = self.model
@@ -184,7 +198,9 @@ class Trainer:
     def _check_data(self) -> None:
         mc, tc = self.run_cfg.model, self.tc
         if tc.phase == 3:
-            self.starts = self.store.sequence_starts(tc.k_steps)
+            # action terms read frames t-1 .. t+2 (3 transitions); Phase 3 k_steps transitions
+            self.starts = self.store.sequence_starts(
+                SEQ_LEN - 1 if self.run_cfg.objective.action_terms else tc.k_steps)
             if self.store.num_actions > mc.num_actions:
                 raise DataError(f"the sessions hold action ids up to {self.store.num_actions - 1} "
                                 f"but the model has num_actions={mc.num_actions}")
@@ -208,6 +224,8 @@ class Trainer:
         if tc.phase == 1:
             return self._views(gen, self.store.frames[idx[sl]], sl, boot)
         start = self.starts[idx[sl]]  # (b,)
+        if self.run_cfg.objective.action_terms:
+            return self._action_batch(gen, start, boot[:, sl])
         k = tc.k_steps
         fi = start[:, None] + torch.arange(k + 1)  # (b, K+1)
         frames = self.store.frames[fi].permute(0, 1, 4, 2, 3).float() / 255.0  # (b, K+1, 3, S, S)
@@ -220,6 +238,35 @@ class Trainer:
         if self.run_cfg.objective.views_weight:
             batch["views"] = self._views(gen, self.store.frames[start], sl, boot)
         return batch
+
+    def _action_batch(self, gen: torch.Generator, start: Tensor, boot: Tensor
+                      ) -> dict[str, Tensor]:
+        """An action-term batch (``iwm_bus.model.action_terms``): factual frames t-1 .. t+2
+        from ``start`` and, with the counterfactual term, this rank's share of ``cf_states``
+        states (drawn from its own generator stream)."""
+        tc, dev = self.tc, self.device
+        fi = start[:, None] + torch.arange(SEQ_LEN)  # (b, 4)
+        u8 = self.store.frames[fi]  # (b, 4, S, S, 3)
+        b = u8.shape[0]
+        flat = u8.reshape(b * SEQ_LEN, -1)
+        pos = flat.view(b, SEQ_LEN, -1)[:, 2:]  # (b, 2, F): the positives t+1, t+2
+        same = (pos[:, :, None] == flat[None, None]).all(-1)  # (b, 2, 4b)
+        batch = {"seq_frames": self._unit(u8.flatten(0, 1)).unflatten(0, (b, SEQ_LEN)),
+                 "seq_actions": self.store.action_id[fi].to(dev), "seq_same": same.to(dev),
+                 "boot": boot.to(dev)}
+        if self.cf is not None:
+            if self.dist.rank:
+                gen = torch.Generator().manual_seed(int(torch.randint(2**62, (), generator=gen))
+                                                    + self.dist.rank)
+            part = self.cf.sample(gen, max(1, tc.cf_states // self.dist.world), tc.cf_outcomes,
+                                  tc.cf_extra)
+            part["cf_cur"], part["cf_out"] = self._unit(part["cf_cur"]), self._unit(part["cf_out"])
+            batch.update({k: v.to(dev) for k, v in part.items()})
+        return batch
+
+    def _unit(self, u8: Tensor) -> Tensor:
+        """uint8 (n, S, S, 3) -> the encoder's input (n, 3, S, S) on the device."""
+        return self.model.normalise_unit(u8.permute(0, 3, 1, 2).float() / 255.0)
 
     def _views(self, gen: torch.Generator, frames: Tensor, sl: slice, boot: Tensor
                ) -> dict[str, Tensor]:
@@ -255,8 +302,10 @@ class Trainer:
         lr, wd = lr_at(step, self.total, tc), wd_at(step, self.total, tc)
         self.opt.param_groups[0]["lr"] = self.opt.param_groups[1]["lr"] = lr
         self.opt.param_groups[0]["weight_decay"] = wd
-        autocast = torch.autocast("cuda", torch.bfloat16) if (
-            tc.amp and self.device.type == "cuda") else torch.autocast("cpu", enabled=False)
+        if self.device.type == "cuda":
+            autocast = torch.autocast("cuda", torch.bfloat16, enabled=tc.amp)
+        else:
+            autocast = torch.autocast("cpu", torch.bfloat16, enabled=tc.cpu_amp)
         with autocast:
             out = self.ddp_model(batch, self.run_cfg.objective)
         t2 = time.perf_counter()

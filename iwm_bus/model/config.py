@@ -86,6 +86,16 @@ class IWMConfig:
     ensemble: int = 4
     # dropout in the predictor blocks (attention and projections) while training
     dropout: float = 0.0
+    # the conditioning (action and vector) also enters every predictor block, added to its
+    # tokens through a per-block projection, not only the mask tokens at the input
+    action_every_layer: bool = False
+    # a residual 3x3 convolution over the grid of target tokens (with the conditioning
+    # concatenated) before every predictor block, where the targets are the whole frame (the
+    # next-frame call): local motion (a sprite moved by the action) is a shift on the grid
+    local_mix: bool = False
+    # an inverse-dynamics head (ICM, Pathak et al. 2017): the action id from a frame's and the
+    # next frame's latents (needs num_actions)
+    inverse_dynamics: bool = False
     # EMA target-encoder momentum at step 0 (I-JEPA: 0.996)
     ema_momentum_start: float = 0.996
     # EMA momentum at the last training step (I-JEPA: 1.0)
@@ -103,6 +113,12 @@ class IWMConfig:
         for name in ("patch_size", "encoder_depth"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), 1)
+        for name in ("action_every_layer", "local_mix", "inverse_dynamics"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"IWMConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.inverse_dynamics and not self.num_actions:
+            raise ValueError("IWMConfig.inverse_dynamics needs num_actions > 0: the head "
+                             "predicts a discrete action id")
         _check_float("pred_mlp_ratio", self.pred_mlp_ratio, 0.25, 64.0)
         _check_float("dropout", self.dropout, 0.0, 0.99)
         _check_float("ema_momentum_start", self.ema_momentum_start, 0.0, 1.0)

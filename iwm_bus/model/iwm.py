@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from iwm_bus.model.action_terms import action_loss
 from iwm_bus.model.config import IMAGENET_MEAN, IMAGENET_STD, IWMConfig
 from iwm_bus.model.cuda_graphs import GraphCache
 from iwm_bus.model.ema import EMA
@@ -41,6 +42,7 @@ from iwm_bus.model.inputs import (
     check_rollout_inputs,
     check_step_inputs,
 )
+from iwm_bus.model.inverse import InverseDynamics
 from iwm_bus.model.objective import Objective, dynamics_loss, views_loss
 from iwm_bus.model.predictor import IWMPredictor, ensemble_spread
 from iwm_bus.provenance import checkpoint_summary
@@ -88,6 +90,8 @@ class IWM(nn.Module):
         self.precision = "auto"
         self.encoder = timm.create_model(cfg.encoder_name, **cfg.encoder_kwargs())
         self.predictor = IWMPredictor(cfg)
+        self.inverse = InverseDynamics(cfg.embed_dim, cfg.num_actions) \
+            if cfg.inverse_dynamics else None
         self.target_encoder: nn.Module | None = None  # built by init_target_encoder()
         # where the weights came from (set by load_iwm; None = random init)
         self.provenance: dict[str, Any] | None = None
@@ -151,6 +155,8 @@ class IWM(nn.Module):
     def num_params(self) -> dict[str, int]:
         """Parameter counts: encoder, predictor (and target encoder when built)."""
         parts = {"encoder": self.encoder, "predictor": self.predictor}
+        if self.inverse is not None:
+            parts["inverse"] = self.inverse
         if self.target_encoder is not None:
             parts["target_encoder"] = self.target_encoder
         return {k: _count_params(m) for k, m in parts.items()}
@@ -187,6 +193,8 @@ class IWM(nn.Module):
         if self.precision == "int8":
             raise RuntimeError("an int8 model is for inference only; train a float one")
         obj = objective or Objective()
+        if "seq_frames" in batch:
+            return action_loss(self, batch, obj)
         if "frames" in batch:
             out = dynamics_loss(self, batch, obj)
             if "views" in batch and obj.views_weight:
@@ -198,8 +206,8 @@ class IWM(nn.Module):
             return out
         if "src" in batch:
             return views_loss(self, batch, obj)
-        raise ValueError(f"batch must hold 'frames' (Phase 3) or 'src'/'tgt' (Phase 1), "
-                         f"got keys {sorted(batch)}")
+        raise ValueError(f"batch must hold 'frames' (Phase 3), 'seq_frames' (action terms) "
+                         f"or 'src'/'tgt' (Phase 1), got keys {sorted(batch)}")
 
     # -- encoder
 
@@ -302,6 +310,23 @@ class IWM(nn.Module):
         heads = heads.float()
         mean = heads.mean(0)  # (B, N, D)
         return global_latent(mean), mean if p is not None else None, ensemble_spread(heads)
+
+    @torch.no_grad()
+    def infer_action(self, patches: ArrayLike, next_patches: ArrayLike) -> Tensor:
+        """Inverse dynamics: action probabilities (B, num_actions) from a frame's patches
+        (B, N, D) and the next frame's; RuntimeError for a model without the head."""
+        if self.inverse is None:
+            raise RuntimeError("this model has no inverse-dynamics head (trained without "
+                               "IWMConfig.inverse_dynamics)")
+        z0 = torch.as_tensor(patches, dtype=torch.float32, device=self.device)
+        z1 = torch.as_tensor(next_patches, dtype=torch.float32, device=self.device)
+        if z0.ndim != 3 or z0.shape != z1.shape or z0.shape[1:] != (self.num_patches,
+                                                                     self.embed_dim):
+            raise ValueError(f"infer_action: patches and next_patches must both be (B, "
+                             f"{self.num_patches}, {self.embed_dim}), got {tuple(z0.shape)} "
+                             f"and {tuple(z1.shape)}")
+        with self.inference_autocast():
+            return self.inverse(z0, z1).float().softmax(-1)
 
     @torch.no_grad()
     def predict(self, z_cls: ArrayLike, patches: ArrayLike | None = None,

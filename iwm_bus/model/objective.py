@@ -50,8 +50,9 @@ from torch import Tensor
 
 from iwm_bus.model.encoder import gather_tokens, global_latent, normed_targets
 
-__all__ = ["Objective", "dynamics_loss", "effective_rank", "group_nce", "views_loss",
-           "vicreg_terms"]
+__all__ = ["Objective", "boot_weights", "change_weights", "collapse_stats", "dynamics_loss",
+           "effective_rank", "group_nce", "head_loss", "pick_logits", "pick_nce", "regulariser",
+           "views_loss", "vicreg_terms"]
 
 LOSSES = ("smooth_l1", "l1", "l2")
 
@@ -88,6 +89,21 @@ class Objective:
     views_nce_weight: float = 0.0
     # views: temperature of that term's cosine similarities
     views_nce_temperature: float = 0.02
+    # action terms (:mod:`iwm_bus.model.action_terms`; a batch with ``seq_frames``):
+    # counterfactual InfoNCE: the prediction under action a picks the next frame under a
+    # among the distinct next frames of the same emulator state
+    cf_weight: float = 0.0
+    # temporal InfoNCE: the prediction picks the true next frame among the frames around it
+    # (the current one included) and the other samples' (a held-action rollout step too,
+    # scaled by ``rollout_weight``)
+    temporal_weight: float = 0.0
+    # inverse dynamics: the action from (z_t, z_t+1) (needs IWMConfig.inverse_dynamics)
+    inverse_weight: float = 0.0
+    # per-head regression of the next latent beside those terms (keeps the ensemble's spread
+    # an uncertainty and the prediction in the latent space; ``loss`` distance)
+    anchor_weight: float = 1.0
+    # temperature of the action terms' cosine similarities
+    nce_temperature: float = 0.1
 
     def __post_init__(self) -> None:
         if not isinstance(self.views_residual, bool):
@@ -95,19 +111,26 @@ class Objective:
         if self.loss not in LOSSES:
             raise ValueError(f"Objective.loss must be one of {LOSSES}, got {self.loss!r}")
         for f in ("rollout_weight", "global_weight", "change_weight", "var_weight",
-                  "cov_weight", "views_weight", "views_nce_weight"):
+                  "cov_weight", "views_weight", "views_nce_weight", "cf_weight",
+                  "temporal_weight", "inverse_weight", "anchor_weight"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
                 raise ValueError(f"Objective.{f} must be a number >= 0, got {v!r}")
-        t = self.views_nce_temperature
-        if isinstance(t, bool) or not isinstance(t, int | float) or t <= 0:
-            raise ValueError(f"Objective.views_nce_temperature must be a number > 0, got {t!r}")
+        for f in ("views_nce_temperature", "nce_temperature"):
+            t = getattr(self, f)
+            if isinstance(t, bool) or not isinstance(t, int | float) or t <= 0:
+                raise ValueError(f"Objective.{f} must be a number > 0, got {t!r}")
         if self.views_nce_weight and not self.views_residual:
             raise ValueError("Objective.views_nce_weight needs views_residual: the InfoNCE term "
                              "compares whole target views")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def action_terms(self) -> bool:
+        """Whether training batches are action-term batches (counterfactual / temporal)."""
+        return bool(self.cf_weight or self.temporal_weight)
 
 
 def _token_error(pred: Tensor, target: Tensor, kind: str) -> Tensor:
@@ -119,7 +142,7 @@ def _token_error(pred: Tensor, target: Tensor, kind: str) -> Tensor:
     return (pred - target).square().mean(-1)
 
 
-def _head_loss(heads: Tensor, target: Tensor, boot: Tensor, kind: str,
+def head_loss(heads: Tensor, target: Tensor, boot: Tensor, kind: str,
                tok_w: Tensor | None = None) -> Tensor:
     """Bootstrap-weighted loss of heads (E, B, T, D) vs target (B, T, D); boot (E, B)."""
     err = _token_error(heads.float(), target[None].float(), kind)  # (E, B, T)
@@ -155,12 +178,12 @@ def collapse_stats(targets: Tensor) -> dict[str, float]:
     return {"target_std": float(flat.std(0).mean()), "target_rank": effective_rank(flat)}
 
 
-def _boot(batch: dict[str, Tensor], ensemble: int, b: int, ref: Tensor) -> Tensor:
+def boot_weights(batch: dict[str, Tensor], ensemble: int, b: int, ref: Tensor) -> Tensor:
     boot = batch.get("boot")
     return boot.to(ref) if boot is not None else ref.new_ones(ensemble, b)
 
 
-def _reg(obj: Objective, ctx: Tensor, out: dict[str, Tensor]) -> Tensor:
+def regulariser(obj: Objective, ctx: Tensor, out: dict[str, Tensor]) -> Tensor:
     if not (obj.var_weight or obj.cov_weight) or not ctx.requires_grad:
         return ctx.new_zeros(())
     var, cov = vicreg_terms(ctx)
@@ -168,13 +191,26 @@ def _reg(obj: Objective, ctx: Tensor, out: dict[str, Tensor]) -> Tensor:
     return obj.var_weight * var + obj.cov_weight * cov
 
 
+def pick_logits(pred: Tensor, cands: Tensor, allowed: Tensor, temperature: float) -> Tensor:
+    """Logits (R, K) of predictions (R, N, D) over candidates (K, N, D): the cosine of the
+    flattened, per-token layer-normed latents (how the evaluation ranks them) over
+    ``temperature``; ``-inf`` where ``allowed`` (R, K) is False."""
+    p, c = (F.normalize(normed_targets(x).flatten(1), dim=1) for x in (pred, cands))
+    return (p @ c.T / temperature).masked_fill(~allowed, float("-inf"))
+
+
+def pick_nce(pred: Tensor, cands: Tensor, pos: Tensor, allowed: Tensor,
+             temperature: float) -> Tensor:
+    """InfoNCE (van den Oord et al. 2018): prediction r must pick candidate ``pos[r]`` among
+    the candidates ``allowed[r]`` lets it see (see :func:`pick_logits`)."""
+    return F.cross_entropy(pick_logits(pred, cands, allowed, temperature), pos)
+
+
 def group_nce(pred: Tensor, target: Tensor, group: Tensor, temperature: float) -> Tensor:
     """InfoNCE of predictions (B, N, D) against targets (B, N, D): row i's positive is target
-    i, its negatives the other targets of its ``group`` (B,); similarity is the cosine of
-    the flattened, per-token layer-normed latents (how the evaluation ranks them)."""
-    p, t = (F.normalize(normed_targets(x).flatten(1), dim=1) for x in (pred, target))
-    logits = (p @ t.T / temperature).masked_fill(group[:, None] != group[None], float("-inf"))
-    return F.cross_entropy(logits, torch.arange(len(p), device=p.device))
+    i, its negatives the other targets of its ``group`` (B,)."""
+    return pick_nce(pred, target, torch.arange(len(pred), device=pred.device),
+                    group[:, None] == group[None], temperature)
 
 
 def views_loss(model: Any, batch: dict[str, Tensor], obj: Objective) -> dict[str, Tensor]:
@@ -199,7 +235,7 @@ def views_loss(model: Any, batch: dict[str, Tensor], obj: Objective) -> dict[str
                                         checkpointing=obj.grad_checkpointing)
         heads = model.predictor(ctx, ctx_idx, tgt_idx, cond)  # (E, B, T, D)
     out: dict[str, Tensor] = {}
-    pred = _head_loss(heads, target, _boot(batch, model.config.ensemble, src.shape[0], ctx),
+    pred = head_loss(heads, target, boot_weights(batch, model.config.ensemble, src.shape[0], ctx),
                       obj.loss)
     out["pred"] = pred.detach()
     loss = pred
@@ -207,12 +243,12 @@ def views_loss(model: Any, batch: dict[str, Tensor], obj: Objective) -> dict[str
         nce = group_nce(heads.mean(0), target, batch["group"], obj.views_nce_temperature)
         out["nce"] = nce.detach()
         loss = loss + obj.views_nce_weight * nce
-    out["loss"] = loss + _reg(obj, ctx, out)
+    out["loss"] = loss + regulariser(obj, ctx, out)
     out.update({k: torch.tensor(v) for k, v in collapse_stats(target).items()})
     return out
 
 
-def _change_weights(prev: Tensor, nxt: Tensor, strength: float) -> Tensor | None:
+def change_weights(prev: Tensor, nxt: Tensor, strength: float) -> Tensor | None:
     """Patch weights (B, N) from how much each target token changes between two frames."""
     if not strength:
         return None
@@ -239,7 +275,7 @@ def dynamics_loss(model: Any, batch: dict[str, Tensor], obj: Objective) -> dict[
         ctx = model.encode_features(frames[:, :k].flatten(0, 1),
                                     checkpointing=obj.grad_checkpointing).unflatten(0, (b, k))
     n = ctx.shape[2]
-    boot = _boot(batch, cfg.ensemble, b, frames)
+    boot = boot_weights(batch, cfg.ensemble, b, frames)
     idx = torch.arange(n, device=frames.device).expand(b * k, n)  # (B*K, N)
     flat_ctx = ctx.flatten(0, 1)  # (B*K, N, D)
     prior = target[:, :k].flatten(0, 1)  # (B*K, N, D): target-space latents of frames j < K
@@ -250,9 +286,9 @@ def dynamics_loss(model: Any, batch: dict[str, Tensor], obj: Objective) -> dict[
     total = frames.new_zeros(())
     tf = frames.new_zeros(())
     # patch weights of each transition j -> j+1 (None: unweighted), shared by all three losses
-    ws = [_change_weights(target[:, j], target[:, j + 1], obj.change_weight) for j in range(k)]
+    ws = [change_weights(target[:, j], target[:, j + 1], obj.change_weight) for j in range(k)]
     for j in range(k):
-        tf = tf + _head_loss(heads[:, :, j], target[:, j + 1], boot, obj.loss, ws[j]) / k
+        tf = tf + head_loss(heads[:, :, j], target[:, j + 1], boot, obj.loss, ws[j]) / k
     out["pred"] = tf.detach()
     total = total + tf
     if k > 1 and obj.rollout_weight:
@@ -260,7 +296,7 @@ def dynamics_loss(model: Any, batch: dict[str, Tensor], obj: Objective) -> dict[
         for j in range(1, k):
             act = actions[:, j] if actions is not None else None
             h = model.predictor(z, idx1, idx1, cond[:, j], act, prior=z)  # (E, B, N, D)
-            roll = roll + _head_loss(h, target[:, j + 1], boot, obj.loss, ws[j]) / (k - 1)
+            roll = roll + head_loss(h, target[:, j + 1], boot, obj.loss, ws[j]) / (k - 1)
             z = h.mean(0)
         out["rollout"] = roll.detach()
         total = total + obj.rollout_weight * roll
@@ -269,10 +305,10 @@ def dynamics_loss(model: Any, batch: dict[str, Tensor], obj: Objective) -> dict[
         gidx = torch.full((b, 1), -1, dtype=torch.long, device=frames.device)
         act = actions[:, 0] if actions is not None else None
         h = model.predictor(g, gidx, idx[:b], cond[:, 0], act)  # (E, B, N, D)
-        glob = _head_loss(h, target[:, 1], boot, obj.loss, ws[0])
+        glob = head_loss(h, target[:, 1], boot, obj.loss, ws[0])
         out["global"] = glob.detach()
         total = total + obj.global_weight * glob
-    out["loss"] = total + _reg(obj, ctx, out)
+    out["loss"] = total + regulariser(obj, ctx, out)
     out.update({kk: torch.tensor(v) for kk, v in collapse_stats(target[:, 1:]).items()})
     return out
 

@@ -6,7 +6,10 @@ position, the conditioning and (for the next-frame call) the latent that was at 
 position. A transformer runs over both; only the mask tokens' outputs are read, through
 ``ensemble`` independent MLP heads. Conditioning is "feature conditioning" (IWM, Garrido et
 al. 2024): the embedded augmentation/action vector and the discrete action token are added
-to every mask token. With a ``prior`` (the next-frame call) the heads predict the change of
+to every mask token; with ``action_every_layer`` a per-block projection of the same
+conditioning is also added to the tokens before each block, so the action cannot fade out
+of a deep stack (as DiT's per-block adaLN conditioning, Peebles & Xie 2023, and the
+contrastive world models that feed the action to every layer). With a ``prior`` (the next-frame call) the heads predict the change of
 each position's latent (output = prior + head), so training starts from copy-last and spends
 its capacity on what moves; without one they predict the latent itself.
 
@@ -56,6 +59,12 @@ class IWMPredictor(nn.Module):
             Block(p, cfg.pred_heads, mlp_ratio=cfg.pred_mlp_ratio, qkv_bias=True,
                   proj_drop=cfg.dropout, attn_drop=cfg.dropout)
             for _ in range(cfg.pred_depth))
+        # per-block conditioning (zero at init: a predictor loaded without it is unchanged)
+        self.layer_cond = nn.ModuleList(nn.Linear(p, p) for _ in range(cfg.pred_depth)) \
+            if cfg.action_every_layer else None
+        self.grid = cfg.grid
+        self.local = nn.ModuleList(LocalMix(p) for _ in range(cfg.pred_depth)) \
+            if cfg.local_mix else None
         self.norm = nn.LayerNorm(p, eps=1e-6)
         self.heads = nn.ModuleList(
             nn.Sequential(nn.Linear(p, p), nn.GELU(), nn.Linear(p, d))
@@ -74,6 +83,11 @@ class IWMPredictor(nn.Module):
         for i, blk in enumerate(self.blocks, start=1):  # I-JEPA fix_init_weight
             blk.attn.proj.weight.data.div_(math.sqrt(2.0 * i))
             blk.mlp.fc2.weight.data.div_(math.sqrt(2.0 * i))
+        for lin in self.layer_cond or ():
+            nn.init.zeros_(lin.weight)
+        for mix in self.local or ():
+            nn.init.zeros_(mix.out.weight)
+            nn.init.zeros_(mix.out.bias)
 
     def positions(self, idx: Tensor) -> Tensor:
         """Position embeddings of indices ``idx`` (B, K) in [-1, N) -> (B, K, P)."""
@@ -100,12 +114,17 @@ class IWMPredictor(nn.Module):
         """
         c = ctx.shape[1]
         x = self.in_proj(ctx) + self.positions(ctx_idx)  # (B, C, P)
-        m = self.mask_token + self.positions(tgt_idx) \
-            + self.condition(cond, action_id)[:, None]  # (B, T, P)
+        cvec = self.condition(cond, action_id)  # (B, P)
+        m = self.mask_token + self.positions(tgt_idx) + cvec[:, None]  # (B, T, P)
         if prior is not None:
             m = m + self.prior_proj(prior)  # (B, T, P)
         h = torch.cat([x, m], 1)  # (B, C + T, P)
-        for blk in self.blocks:
+        grid_targets = self.local is not None and tgt_idx.shape[1] == self.num_patches
+        for i, blk in enumerate(self.blocks):
+            if self.layer_cond is not None:
+                h = h + self.layer_cond[i](cvec)[:, None]  # (B, C + T, P)
+            if grid_targets:  # targets are the whole frame in order (the next-frame call)
+                h = torch.cat([h[:, :c], self.local[i](h[:, c:], cvec, self.grid)], 1)
             h = blk(h)
         h = self.norm(h[:, c:])  # (B, T, P)
         out = torch.stack([head(h) for head in self.heads])  # (E, B, T, D)
@@ -114,6 +133,24 @@ class IWMPredictor(nn.Module):
         # latent itself. An untrained predictor thus starts at copy-last for the next frame
         # and still predicts positions absent from the context.
         return out + prior[None] if prior is not None else out
+
+
+class LocalMix(nn.Module):
+    """A residual 3x3 convolution over the token grid, the conditioning concatenated at every
+    position (as the contrastive world models feed the action to each conv layer):
+    ``forward(x (B, G*G, P), cond (B, P), grid) -> (B, G*G, P)``; zero at init."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2 * dim, dim, 3, padding=1)
+        self.out = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: Tensor, cond: Tensor, grid: int) -> Tensor:
+        b, n, p = x.shape
+        g = x.transpose(1, 2).reshape(b, p, grid, grid)  # (B, P, G, G)
+        c = cond[:, :, None, None].expand(-1, -1, grid, grid)  # (B, P, G, G)
+        y = self.out(F.gelu(self.conv(torch.cat([g, c], 1))))  # (B, P, G, G)
+        return x + y.flatten(2).transpose(1, 2)  # (B, N, P)
 
 
 def ensemble_spread(heads: Tensor) -> Tensor:
