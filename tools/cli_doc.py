@@ -154,7 +154,9 @@ def tree_fields() -> dict[str, tuple[str, Any, str]]:
 
 
 def _cell(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    """Text in a table cell: ``|`` escaped, ``<env id>`` kept visible (not taken for HTML)."""
+    return (str(text).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+            .replace("\n", " "))
 
 
 def _code(text: str) -> str:
