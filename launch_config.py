@@ -92,8 +92,7 @@ class SidecarConfig:
 GROUPS = {"source": "source",
           "model": "model (env: IWM_MODEL_VARIANT, IWM_MODEL_PATH, IWM_DEVICE)",
           "run": "run (env: IWM_RUN_DIR, IWM_SERVICE_HOST, IWM_SERVICE_PORT)",
-          "remote": "remote worker (the GPU on another machine; README: Running the worker on "
-                    "another machine)"}
+          "remote": "remote worker (the GPU on another machine; docs/scale-out.md)"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

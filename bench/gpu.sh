@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU rows of the benchmarks, in one run on a GPU host (what a lent H200 measured is in
-# README / docs/worker.md): worker recovery after SIGKILL (bench/recovery.py) and frame ->
+# docs/results.md): worker recovery after SIGKILL (bench/recovery.py) and frame ->
 # surprise latency through the real sidecar (bench/e2e.py), shipped model, CUDA graphs.
 #
 #   bash bench/gpu.sh                    # python3 with torch, timm and the project's deps

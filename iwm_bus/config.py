@@ -330,7 +330,7 @@ class WorkerConfig:
     # CPU; int8 (CPU only) runs the linear layers on int8 weights, ~2x faster on a CPU
     precision: str = field(default="auto", metadata=flag(
         "--precision", "auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | int8 (CPU: int8 "
-                       "linear layers, ~2x faster; held-out effect in README)",
+                       "linear layers, ~2x faster; held-out effect in docs/results.md)",
         choices=PRECISIONS))
     # torch.compile the model (CUDA)
     compile: bool = field(default=False, metadata=flag("--compile", "torch.compile (CUDA)"))

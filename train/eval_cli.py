@@ -92,7 +92,7 @@ def format_table(s: dict[str, Any]) -> str:
     for split in ("seen", "unseen"):
         if split in ad:
             d = ad[split]
-            rows.append((f"action discrimination, {split} ({len(d['games'])} games)",
+            rows.append((f"action discrimination MRR, {split} ({len(d['games'])} games)",
                          _fmt(d.get("model")), "  ".join(
                              f"{b}={_fmt(d.get(b))}" for b in
                              ("oracle", "copy_last", "chance", "centroid", "shuffled",

@@ -3,7 +3,7 @@
 The payload is a map ``{"v": 1, "kind": <kind>, ...fields}``. Arrays travel as a map with
 exactly the keys ``dtype`` (numpy dtype string, little-endian: ``<f4``, ``<f2``, ``<f8``,
 ``|u1``, ``<i4``, ``<i8``), ``shape`` (list of ints) and ``data`` (raw bytes, C order), never
-as lists of floats and never pickled. The README's "Wire schema" section is the reference for
+as lists of floats and never pickled. docs/wire.md is the reference for
 subscribers in other languages; ``SCHEMA`` below is the same table in code.
 
 ``pack`` validates what it sends, ``unpack`` validates what it receives; ``unpack`` raises

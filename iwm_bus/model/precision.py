@@ -11,7 +11,7 @@
 
 A model set to int8 is for inference only: it cannot be trained or saved afterwards.
 ``bench/dual.py`` measures what each precision costs and ``iwm-eval --precision`` what it
-changes on held-out data (README, "Two streams").
+changes on held-out data (docs/results.md).
 """
 
 from __future__ import annotations

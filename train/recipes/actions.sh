@@ -5,7 +5,7 @@
 #
 #   bash train/recipes/actions.sh                     # everything (~2 h on this 2-core CPU)
 #   STEPS=data bash train/recipes/actions.sh          # only the data step (~6 min)
-#   STEPS="train eval" MINUTES=72 bash train/recipes/actions.sh
+#   STEPS="train eval" TRAIN_STEPS=3000 bash train/recipes/actions.sh
 #   STEPS=data GAMES=ALE/Pong-v5 FRAMES=100 DATA=/tmp/toy bash train/recipes/actions.sh
 #
 # Knobs (environment):
@@ -15,11 +15,15 @@
 #   GAMES        ALE games of the training mix, comma-separated (default: the 36 below)
 #   DOOM         ViZDoom scenarios beside them, factual play only (default: train.record's doom)
 #   FRAMES       frames a training session (default 2000; a counterfactual state every 2nd)
+#   HELDOUT_GAMES, HELDOUT_FRAMES  held-out sessions (default: the mix, 1000 frames, seed 1000)
 #   UNSEEN       ALE games kept out of training and scored as their own split
 #   CF_STATES    cloned states a game in the eval (default 30; other seeds than training)
 #   INIT         the weights training starts from (default: iwm-default-v1, the previous
-#                default, read from git history; train/recipes/default.sh rebuilds it)
-#   MINUTES      wall-clock budget of the training loop (default 72; the schedule fits it)
+#                default, read from git history; train/recipes/default.sh rebuilds it;
+#                "none": a fresh model)
+#   TRAIN_STEPS  optimiser steps (default 1300: what iwm-default-v2 ran, ~65 min here); the
+#                cosine schedule spans them (a --minutes budget would fit them to the time,
+#                but fits from the first 50 steps' speed: a busy machine then cuts it short)
 #   RUN, SHIP    run folder (default <repo>/runs/actions), export (iwm_bus/weights/default.pt)
 #   TRAIN_ARGS, EVAL_ARGS  extra iwm-train / iwm-eval flags
 set -euo pipefail
@@ -33,10 +37,12 @@ STEPS="${STEPS:-data train eval}"
 GAMES="${GAMES:-ALE/Pong-v5,ALE/Breakout-v5,ALE/MsPacman-v5,ALE/Seaquest-v5,ALE/SpaceInvaders-v5,ALE/Alien-v5,ALE/Amidar-v5,ALE/Asterix-v5,ALE/BankHeist-v5,ALE/BeamRider-v5,ALE/Centipede-v5,ALE/ChopperCommand-v5,ALE/DemonAttack-v5,ALE/Frostbite-v5,ALE/Gopher-v5,ALE/Hero-v5,ALE/Kangaroo-v5,ALE/Qbert-v5,ALE/Riverraid-v5,ALE/RoadRunner-v5,ALE/TimePilot-v5,ALE/Venture-v5,ALE/Tennis-v5,ALE/Enduro-v5,ALE/Asteroids-v5,ALE/Atlantis-v5,ALE/Berzerk-v5,ALE/CrazyClimber-v5,ALE/Jamesbond-v5,ALE/KungFuMaster-v5,ALE/NameThisGame-v5,ALE/Phoenix-v5,ALE/StarGunner-v5,ALE/UpNDown-v5,ALE/WizardOfWor-v5,ALE/Zaxxon-v5}"
 DOOM="${DOOM:-doom}"
 FRAMES="${FRAMES:-2000}"
+HELDOUT_GAMES="${HELDOUT_GAMES:-mix}"
+HELDOUT_FRAMES="${HELDOUT_FRAMES:-1000}"
 UNSEEN="${UNSEEN:-ALE/Boxing-v5,ALE/Freeway-v5,ALE/Frogger-v5,ALE/Krull-v5}"
 SEEN_EVAL="${SEEN_EVAL:-ALE/Pong-v5,ALE/Breakout-v5,ALE/MsPacman-v5,ALE/Seaquest-v5,ALE/SpaceInvaders-v5}"
 CF_STATES="${CF_STATES:-30}"
-MINUTES="${MINUTES:-72}"
+TRAIN_STEPS="${TRAIN_STEPS:-1300}"
 RUN="${RUN:-$ROOT/runs/actions}"
 SHIP="${SHIP:-$ROOT/iwm_bus/weights/default.pt}"
 TRAIN_ARGS="${TRAIN_ARGS:-}"
@@ -60,8 +66,8 @@ if want data; then
             --seeds 0 --jobs 2 --counterfactual 2 --skip-existing
         "$PYTHON" -m train.record --out "$DATA/train" --games "$DOOM" --frames "$FRAMES" \
             --seeds 0 --jobs 2 --skip-existing
-        "$PYTHON" -m train.record --out "$DATA/heldout" --games mix --frames 1000 \
-            --seeds 1000 --jobs 2 --skip-existing
+        "$PYTHON" -m train.record --out "$DATA/heldout" --games "$HELDOUT_GAMES" \
+            --frames "$HELDOUT_FRAMES" --seeds 1000 --jobs 2 --skip-existing
     )
 fi
 
@@ -70,16 +76,24 @@ fi
 # 3-layer predictor) with the action in every predictor block, a 3x3 action-conditioned
 # convolution over the token grid before each block, and an inverse-dynamics head; each step
 # 16 factual samples (frames t-1..t+2) and 16 counterfactual states (up to 6 outcomes each),
-# bf16 autocast on the CPU (~2.3 s a step here). Resumes from RUN/last.pt.
+# bf16 autocast on the CPU (~2.5 s a step here). Resumes from RUN/last.pt.
 if want train; then
     INIT="${INIT:-$RUN/iwm-default-v1.pt}"
-    if [[ ! -f "$INIT" ]]; then
-        mkdir -p "$(dirname "$INIT")"
-        git -C "$ROOT" show "$V1_COMMIT:iwm_bus/weights/default.pt" > "$INIT"
+    init=()
+    if [[ "$INIT" != none ]]; then
+        if [[ ! -f "$INIT" ]]; then
+            mkdir -p "$(dirname "$INIT")"
+            if ! git -C "$ROOT" show "$V1_COMMIT:iwm_bus/weights/default.pt" > "$INIT" 2>/dev/null
+            then  # no history (a shallow clone or an sdist): continue from the shipped default
+                echo "actions.sh: iwm-default-v1 not in git history; starting from the shipped default" >&2
+                cp "$ROOT/iwm_bus/weights/default.pt" "$INIT"
+            fi
+        fi
+        init=(--init_from "$INIT")
     fi
     # shellcheck disable=SC2086
-    "$PYTHON" -m train --preset cpu-actions --sessions "$DATA/train" --init_from "$INIT" \
-        --minutes "$MINUTES" --out_dir "$RUN" --resume auto --no_progress $TRAIN_ARGS
+    "$PYTHON" -m train --preset cpu-actions --sessions "$DATA/train" "${init[@]}" \
+        --steps "$TRAIN_STEPS" --out_dir "$RUN" --resume auto --no_progress $TRAIN_ARGS
 fi
 
 # ------------------------------------------------------------------------------ EVAL STEP
