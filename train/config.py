@@ -75,6 +75,9 @@ class TrainConfig:
     cf_extra: int = 2
     # start from this checkpoint's weights (e.g. a Phase 1 model for Phase 3)
     init_from: str | None = None
+    # take init_from's predictor too (False: its encoder only, a new predictor; a predictor
+    # trained on regression alone has learned to copy the frame, a trap for the action terms)
+    init_predictor: bool = True
     # save a checkpoint every this many steps (and at the end)
     ckpt_every: int = 200
     # log metrics every this many steps

@@ -69,7 +69,8 @@ _ACTIONS_OBJECTIVE = {**_GUARD, "change_weight": 2.0, "cf_weight": 1.0, "tempora
                       "inverse_weight": 0.5, "anchor_weight": 1.0, "rollout_weight": 0.5,
                       "nce_temperature": 0.1}
 _ACTIONS_TRAIN = {"phase": 3, "batch_size": 16, "cf_states": 16, "cf_outcomes": 6,
-                  "cf_extra": 2, "lr": 8e-4, "warmup_steps": 60, "steps": 4000,
+                  "cf_extra": 2, "lr": 1e-3, "warmup_steps": 30, "steps": 800,
+                  "init_predictor": False,
                   "ckpt_every": 100, "log_every": 20, "cpu_amp": True}
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -104,11 +104,15 @@ def init_model(run: RunConfig, device: torch.device) -> IWM:
             raise CheckpointError(f"{tc.init_from}: checkpoint encoder differs from the "
                                   f"run's (checkpoint, run): {diff}")
         model = src
+        if not tc.init_predictor:
+            diff["init_predictor"] = (True, False)
         if diff:
             model = fresh()
             model.encoder.load_state_dict(src.encoder.state_dict())
             model.target_encoder.load_state_dict(src.target_encoder.state_dict())
             try:
+                if not tc.init_predictor:
+                    raise RuntimeError("train.init_predictor is false")
                 missing, unexpected = model.predictor.load_state_dict(
                     src.predictor.state_dict(), strict=False)
                 if unexpected or any(not k.startswith(NEW_PREDICTOR_PARTS) for k in missing):

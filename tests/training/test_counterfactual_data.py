@@ -135,3 +135,28 @@ def test_inconsistent_action_term_configs_are_one_line(
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and match in err[0], err
+
+
+def test_init_predictor_false_keeps_the_encoder_and_starts_a_new_predictor(
+        tmp_path: Path) -> None:
+    from iwm_bus.model import create_iwm_model, save_checkpoint
+    from train.config import RunConfig
+    from train.trainer import init_model
+
+    model_cfg = {"encoder_name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8,
+                 "encoder_depth": 1, "pred_depth": 1, "pred_dim": 64, "pred_heads": 2,
+                 "num_actions": NUM_ACTIONS, "ensemble": 2}
+    src = create_iwm_model("custom", seed=3, **model_cfg)
+    with torch.no_grad():  # a predictor that is not what a fresh one would be
+        for p in src.predictor.parameters():
+            p.add_(0.5)
+    save_checkpoint(src, tmp_path / "src.pt")
+    for keep in (True, False):
+        run = RunConfig.from_dict({
+            "model": {"variant": "custom", **model_cfg},
+            "train": {"phase": 3, "sessions": [str(tmp_path)], "seed": 0,
+                      "init_from": str(tmp_path / "src.pt"), "init_predictor": keep}})
+        m = init_model(run, torch.device("cpu"))
+        assert torch.equal(m.encoder.patch_embed.proj.weight, src.encoder.patch_embed.proj.weight)
+        same = torch.equal(m.predictor.in_proj.weight, src.predictor.in_proj.weight)
+        assert same is keep
