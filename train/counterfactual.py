@@ -33,7 +33,8 @@ from iwm_bus.actions import NUM_ACTIONS
 from train.explore import ExplorationPolicy, ExploreConfig
 
 __all__ = ["CF_SUFFIX", "CounterfactualSet", "CounterfactualWriter", "branch", "can_branch",
-           "counterfactual_sets", "distinct_count", "main", "outcome_index", "sidecar_path"]
+           "counterfactual_sets", "distinct_count", "first_actions", "main", "outcome_index",
+           "sidecar_path"]
 
 #: a session's counterfactual sidecar: ``<game>-s<seed>.mcap`` -> ``<game>-s<seed>.cf.npz``
 CF_SUFFIX = ".cf.npz"
@@ -112,10 +113,9 @@ class CounterfactualWriter:
     def add(self, seq: int, cset: CounterfactualSet) -> None:
         nxt = cset.next_frames
         of = outcome_index(nxt)
-        first = [int(np.flatnonzero(of == g)[0]) for g in range(int(of.max()) + 1)]
         self._seq.append(int(seq))
         self._frames.append(cset.frame)
-        self._outcomes.append(nxt[first])
+        self._outcomes.append(nxt[first_actions(of)])
         self._of.append(of.astype(np.int8))
 
     def write(self, path: str | os.PathLike[str]) -> Path:
@@ -194,6 +194,11 @@ def outcome_index(next_frames: np.ndarray) -> np.ndarray:
     seen: dict[bytes, int] = {}
     return np.array([seen.setdefault(np.ascontiguousarray(f).tobytes(), len(seen))
                      for f in next_frames], np.int64)
+
+
+def first_actions(outcome_of: np.ndarray) -> np.ndarray:
+    """(G,) the first action leading to each outcome of :func:`outcome_index` (in order)."""
+    return np.unique(outcome_of, return_index=True)[1]
 
 
 def distinct_count(cset: CounterfactualSet) -> int:

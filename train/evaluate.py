@@ -324,7 +324,7 @@ def action_discrimination(model: IWM, sets: Sequence[Any], cfg: EvalConfig) -> d
     pairs, right when its top action leads to that outcome, beside the best constant action
     (``inverse_majority``); None for a model without the head.
     """
-    from train.counterfactual import outcome_index
+    from train.counterfactual import first_actions, outcome_index
 
     s = model.config.img_size
     gen = torch.Generator().manual_seed(cfg.seed + 3)
@@ -337,8 +337,8 @@ def action_discrimination(model: IWM, sets: Sequence[Any], cfg: EvalConfig) -> d
         n_distinct = int(inverse.max()) + 1
         if n_distinct < 2:
             continue
-        first = [int(np.flatnonzero(inverse == g)[0]) for g in range(n_distinct)]
-        frames = resize_u8(np.concatenate([np.asarray(cs.frame)[None], nxt[first]]), s)
+        frames = resize_u8(np.concatenate([np.asarray(cs.frame)[None],
+                                           nxt[first_actions(inverse)]]), s)
         lat = encode_all(model, frames, cfg.batch)  # (1 + G, N, D)
         cur, cands = lat[:1], flat(lat[1:])  # (1, N, D), (G, F)
         truth = torch.as_tensor(inverse)
@@ -374,9 +374,8 @@ def action_discrimination(model: IWM, sets: Sequence[Any], cfg: EvalConfig) -> d
     if not rows["model"]:
         return {**{k: None for k in _DISCRIMINATION_ROWS}, "n_states": 0}
     out: dict[str, Any] = {k: (float(np.mean(v)) if v else None) for k, v in rows.items()}
-    out["inverse_majority"] = float(np.max(np.mean(const_hits, 0)))
-    if not rows["inverse"]:
-        out["inverse_majority"] = None  # no head: the row is n/a, its baseline too
+    # no head: the row is n/a, its baseline too
+    out["inverse_majority"] = float(np.max(np.mean(const_hits, 0))) if rows["inverse"] else None
     out["n_states"] = len(rows["model"])
     return out
 

@@ -104,30 +104,33 @@ def init_model(run: RunConfig, device: torch.device) -> IWM:
             raise CheckpointError(f"{tc.init_from}: checkpoint encoder differs from the "
                                   f"run's (checkpoint, run): {diff}")
         model = src
-        if not tc.init_predictor:
-            diff["init_predictor"] = (True, False)
-        if diff:
+        if diff or not tc.init_predictor:
             model = fresh()
             model.encoder.load_state_dict(src.encoder.state_dict())
             model.target_encoder.load_state_dict(src.target_encoder.state_dict())
-            try:
-                if not tc.init_predictor:
-                    raise RuntimeError("train.init_predictor is false")
-                missing, unexpected = model.predictor.load_state_dict(
-                    src.predictor.state_dict(), strict=False)
-                if unexpected or any(not k.startswith(NEW_PREDICTOR_PARTS) for k in missing):
-                    raise RuntimeError(f"missing {missing}, unexpected {unexpected}")
+            new = _new_predictor_parts(model.predictor, src.predictor)
+            if tc.init_predictor and new is not None:
+                model.predictor.load_state_dict(src.predictor.state_dict(), strict=False)
                 logger.info("{}: all weights loaded (config differs: {}; new: {})",
-                            tc.init_from, diff, sorted({k.split(".")[0] for k in missing}
-                                                       | ({"inverse"} if model.inverse else set())))
-            except RuntimeError:
-                model.predictor = create_iwm_model(
-                    run.model.variant, device=device, seed=tc.seed,
-                    **{k: v for k, v in run.model.to_dict().items() if k != "variant"}).predictor
-                logger.warning("{}: encoder and target encoder loaded; the predictor differs "
-                               "({}) and starts new", tc.init_from, sorted(diff))
+                            tc.init_from, diff, new + (["inverse"] if model.inverse else []))
+            else:
+                logger.warning("{}: encoder and target encoder loaded; the predictor {} and "
+                               "starts new", tc.init_from, f"differs ({sorted(diff)})"
+                               if tc.init_predictor else "is not taken (init_predictor)")
     model.amp = tc.amp
     return model.train()
+
+
+def _new_predictor_parts(dst: nn.Module, src: nn.Module) -> list[str] | None:
+    """The parts of predictor ``dst`` that ``src`` lacks, when every weight ``src`` has fits
+    ``dst`` and what it lacks is only :data:`NEW_PREDICTOR_PARTS`; None otherwise."""
+    have, want = src.state_dict(), dst.state_dict()
+    if any(k not in want or want[k].shape != v.shape for k, v in have.items()):
+        return None
+    missing = [k for k in want if k not in have]
+    if any(not k.startswith(NEW_PREDICTOR_PARTS) for k in missing):
+        return None
+    return sorted({k.split(".")[0] for k in missing})
 
 
 def init_opt(model: IWM, tc: TrainConfig) -> torch.optim.AdamW:
@@ -232,8 +235,7 @@ class Trainer:
             return self._action_batch(gen, start, boot[:, sl])
         k = tc.k_steps
         fi = start[:, None] + torch.arange(k + 1)  # (b, K+1)
-        frames = self.store.frames[fi].permute(0, 1, 4, 2, 3).float() / 255.0  # (b, K+1, 3, S, S)
-        frames = self.model.normalise_unit(frames.flatten(0, 1)).unflatten(0, (b, k + 1))
+        frames = self._unit(self.store.frames[fi].flatten(0, 1)).unflatten(0, (b, k + 1))
         ai = fi[:, 1:]  # the action that produced frame j+1
         batch = {"frames": frames, "cond": self.store.vector[ai].to(self.device),
                  "boot": boot[:, sl].to(self.device)}

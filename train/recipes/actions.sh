@@ -30,9 +30,8 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 DATA="${DATA:-$ROOT/data/actions}"
-if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
-fi
+# shellcheck source=train/recipes/common.sh
+source "$ROOT/train/recipes/common.sh"  # PYTHON, want
 STEPS="${STEPS:-data train eval}"
 GAMES="${GAMES:-ALE/Pong-v5,ALE/Breakout-v5,ALE/MsPacman-v5,ALE/Seaquest-v5,ALE/SpaceInvaders-v5,ALE/Alien-v5,ALE/Amidar-v5,ALE/Asterix-v5,ALE/BankHeist-v5,ALE/BeamRider-v5,ALE/Centipede-v5,ALE/ChopperCommand-v5,ALE/DemonAttack-v5,ALE/Frostbite-v5,ALE/Gopher-v5,ALE/Hero-v5,ALE/Kangaroo-v5,ALE/Qbert-v5,ALE/Riverraid-v5,ALE/RoadRunner-v5,ALE/TimePilot-v5,ALE/Venture-v5,ALE/Tennis-v5,ALE/Enduro-v5,ALE/Asteroids-v5,ALE/Atlantis-v5,ALE/Berzerk-v5,ALE/CrazyClimber-v5,ALE/Jamesbond-v5,ALE/KungFuMaster-v5,ALE/NameThisGame-v5,ALE/Phoenix-v5,ALE/StarGunner-v5,ALE/UpNDown-v5,ALE/WizardOfWor-v5,ALE/Zaxxon-v5}"
 DOOM="${DOOM:-doom}"
@@ -49,8 +48,6 @@ TRAIN_ARGS="${TRAIN_ARGS:-}"
 EVAL_ARGS="${EVAL_ARGS:-}"
 V1_COMMIT=7594693  # the commit that shipped iwm-default-v1
 DATA="$(mkdir -p "$DATA" && cd "$DATA" && pwd)"
-
-want() { [[ " $STEPS " == *" $1 "* ]]; }
 
 # ------------------------------------------------------------------------------ DATA STEP
 # Seed 0 of every game, 2000 frames played by the exploration policy; every 2nd state also the

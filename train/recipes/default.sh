@@ -28,9 +28,8 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 DATA="${DATA:-$ROOT/data/default}"
-if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
-fi
+# shellcheck source=train/recipes/common.sh
+source "$ROOT/train/recipes/common.sh"  # PYTHON, want
 STEPS="${STEPS:-data train eval}"
 GAMES="${GAMES:-mix}"
 FRAMES="${FRAMES:-2000}"
@@ -44,8 +43,6 @@ CF_STATES="${CF_STATES:-40}"
 SHIP="${SHIP:-$ROOT/iwm_bus/weights/default.pt}"
 RUN="${RUN:-$ROOT/runs/default}"
 DATA="$(mkdir -p "$DATA" && cd "$DATA" && pwd)"  # absolute: the data step runs inside it
-
-want() { [[ " $STEPS " == *" $1 "* ]]; }
 
 # ------------------------------------------------------------------------------ DATA STEP
 # One session per game and seed, recorded in-process by the exploration policy (uniform

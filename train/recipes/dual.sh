@@ -28,9 +28,8 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 DATA="${DATA:-$ROOT/data/default}"
-if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
-fi
+# shellcheck source=train/recipes/common.sh
+source "$ROOT/train/recipes/common.sh"  # PYTHON, want
 STREAMS="${STREAMS:-invariant equivariant}"
 STEPS="${STEPS:-train eval}"
 INIT="${INIT:-$ROOT/iwm_bus/weights/default.pt}"
@@ -41,8 +40,6 @@ THREADS="${THREADS:-1}"
 RECIPE="${RECIPE:-train/recipes/dual.sh}"
 CF_GAMES="${CF_GAMES:-ALE/Pong-v5,ALE/Breakout-v5,ALE/MsPacman-v5,ALE/Seaquest-v5,ALE/SpaceInvaders-v5}"
 CF_STATES="${CF_STATES:-40}"
-
-want() { [[ " $STEPS " == *" $1 "* ]]; }
 
 if want train; then
     pids=()
