@@ -23,6 +23,7 @@ from loguru import logger
 
 from agent_bridge.demo_agent import DemoConfig
 from iwm_bus.bus.link import Link
+from iwm_bus.bus.link_frames import LinkCodec
 from iwm_bus.config import (
     MODE_FLAG,
     MODES,
@@ -135,6 +136,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="CURVE key folder (encrypted, authenticated link)")
     remote.add_argument("--insecure", action="store_true",
                         help="allow a gateway on a non-loopback address without --keys")
+    remote.add_argument("--link-codec", metavar="CODEC",
+                        help="with --remote-worker: how frames travel to the workers: raw "
+                             "(default), zstd[:LEVEL] (lossless), jpeg[:QUALITY] (lossy, "
+                             "default quality 90) or inline (for workers older than wire 1.5); "
+                             "docs/scale-out.md")
     remote.add_argument("--make-keys", type=Path, metavar="DIR",
                         help="write a gateway and a worker key pair into DIR, then exit")
     return p.parse_args(argv)
@@ -282,6 +288,15 @@ def link_from_args(args: argparse.Namespace) -> Link | None:
         raise ValueError("--stream names a remote worker's stream: it needs --worker-only")
     if a.insecure and not a.remote_worker:
         raise ValueError("--insecure allows a gateway without keys: it needs --remote-worker")
+    codec = None
+    if a.link_codec is not None:
+        if not a.remote_worker:
+            raise ValueError("--link-codec sets how the gateway sends frames: it needs "
+                             "--remote-worker (a worker decodes what each frame says)")
+        try:
+            codec = LinkCodec.parse(a.link_codec)
+        except ValueError as e:
+            raise ValueError(f"--link-codec: {e}") from None
     if a.worker_only:
         given = [f"--{n.replace('_', '-')}" for n in ("source", "record", "viewer", "agent")
                  if getattr(a, n) is not None]
@@ -293,7 +308,7 @@ def link_from_args(args: argparse.Namespace) -> Link | None:
             raise ValueError("--keys secures a remote worker's link: it needs "
                              "--remote-worker or --worker-only")
         return None
-    return Link.parse(spec, keys=a.keys, insecure=a.insecure)
+    return Link.parse(spec, keys=a.keys, insecure=a.insecure, codec=codec)
 
 
 def _parse_hw(text: str) -> tuple[int, int]:

@@ -37,6 +37,7 @@ from loguru import logger
 from iwm_bus import __version__
 from iwm_bus.bus import topics, wire
 from iwm_bus.bus.link import Link
+from iwm_bus.bus.link_frames import LinkFrameSubscriber
 from iwm_bus.bus.ring import FrameRing, clock_ns
 from iwm_bus.bus.security import ClientKeys
 from iwm_bus.bus.transport import Endpoints, Publisher, Subscriber
@@ -206,6 +207,8 @@ class EncoderWorker:
         # REWIND_GRACE_S after that notice (monotonic; 0: no rewind pending)
         self._rewind = False
         self._rewind_at = 0.0
+        self._codec_seen: str | None = None  # a remote worker: the codec of its frames
+        self._decode_tick = (0, 0)  # and its decoder's frames and time at the last tick
         self._stop = threading.Event()
         self._t_start = time.monotonic()
         self._next_stats = 0.0
@@ -234,8 +237,11 @@ class EncoderWorker:
             if not self.cfg.stream:  # a named stream's worker leaves RPC to the primary one
                 self._rpc = RPCServer(self._ctx, eps.rpc, service, connect=remote,
                                       secure=secure)
-            self._frames_sub = Subscriber([eps.capture], [topics.FRAME], ctx=self._ctx,
-                                          secure=secure)
+            # a remote worker's frames come with their pixels, maybe compressed: decoded
+            # and checked on the way in (iwm_bus.bus.link_frames)
+            sub = LinkFrameSubscriber if remote else Subscriber
+            self._frames_sub = sub([eps.capture], [topics.FRAME], ctx=self._ctx,
+                                   secure=secure)
         except BaseException:
             self._close_sockets()
             raise
@@ -318,7 +324,21 @@ class EncoderWorker:
             while len(self._notices) > NOTICE_KEEP:
                 self._notices.pop(min(self._notices))
             if isinstance(self.reader, InlineFrames):
+                self._link_codec(msg)
                 self.reader.add(seq, msg.get("pixels"), t_capture)
+
+    def _link_codec(self, msg: dict[str, Any]) -> None:
+        """A remote worker says once how its frames travel, and again when that changes
+        (another gateway's codec)."""
+        codec = (msg.get("codec") or "raw") if msg.get("pixels") is not None else None
+        if codec is not None and codec != self._codec_seen:
+            self._codec_seen = codec
+            if msg.get("lossy"):
+                logger.warning("remote worker: frames arrive as {}, LOSSY: latents and "
+                               "surprise are of the decoded frames, not the captured ones",
+                               codec)
+            else:
+                logger.info("remote worker: frames arrive as {} (lossless)", codec)
 
     def _restart_stream(self) -> None:
         self.stats.stream_restarts += 1
@@ -442,12 +462,25 @@ class EncoderWorker:
                 "stream_restarts": s.stream_restarts,
                 "attach_failures": self.reader.attach_failures, "restarts": self.restarts,
                 "bad_notices": self.reader.invalid,
-                **({"remote": 1, "frames_without_pixels": self.reader.missing}
+                **({"remote": 1, "frames_without_pixels": self.reader.missing,
+                    **self._link_values()}
                    if isinstance(self.reader, InlineFrames) else {}),
                 **self.streams[0].stats(), "mode": self.cfg.mode,
                 "checkpoint": self._checkpoint_name,
                 **({"streams": {st.name: st.stats() for st in self.streams}}
                    if len(self.streams) > 1 else {})}
+
+    def _link_values(self) -> dict[str, Any]:
+        """A remote worker's frames on the link: codec (of the last frame), ``lossy`` (1
+        when it is a lossy codec), frames decoded, of them lossy, bad pixel parts dropped,
+        and the mean decode time of the frames since the last tick (``decode_ms``)."""
+        assert isinstance(self._frames_sub, LinkFrameSubscriber)
+        dec = self._frames_sub.decoder
+        frames0, ns0 = self._decode_tick
+        self._decode_tick = (dec.frames, dec.decode_ns)
+        n = dec.frames - frames0
+        return {**dec.stats(),
+                "decode_ms": round((dec.decode_ns - ns0) / n / 1e6, 3) if n else None}
 
     def _unknown_counts(self) -> dict[str, int]:
         """What newer peers sent that this worker passed over (docs/wire.md), and messages
@@ -484,6 +517,10 @@ class EncoderWorker:
                                         "abstraction_index": st.abstraction_index,
                                         "checkpoint": checkpoint_summary(st.model.provenance)}
                               for st in self.streams}
+        if isinstance(self._frames_sub, LinkFrameSubscriber):  # a remote worker: its link
+            dec = self._frames_sub.decoder
+            out["link"] = {"codec": dec.codec, "lossy": bool(dec.lossy), "frames": dec.frames,
+                           "lossy_frames": dec.lossy_frames, "bad_pixels": dec.bad}
         return out
 
     # -- lifetime

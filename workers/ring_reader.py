@@ -235,8 +235,9 @@ class RingReader:
 
 
 class InlineFrames:
-    """The frames of a remote worker, which cannot attach the ring: each arrives inside its
-    ``iwm.frame`` notice (``pixels``, put by the gateway). It answers the worker as
+    """The frames of a remote worker, which cannot attach the ring: each arrives with its
+    ``iwm.frame`` notice (``pixels``, sent by the gateway, decoded by
+    :class:`iwm_bus.bus.link_frames.LinkFrameSubscriber`). It answers the worker as
     :class:`RingReader` does (``see``, ``attach``, ``read``, ``slots``, ``close``),
     so that from here on a frame takes one path; ``slots`` spans the frames held, so "older
     than the ring holds" means "older than the oldest frame held"."""
@@ -262,7 +263,8 @@ class InlineFrames:
         return kind
 
     def add(self, seq: int, pixels: Any, t_capture_ns: int) -> None:
-        """Hold the frame of a notice (the oldest goes beyond ``keep``)."""
+        """Hold the frame of a notice (the oldest goes beyond ``keep``): ``pixels`` is the
+        caller's no more (a writable array is held as it is)."""
         if not isinstance(pixels, np.ndarray) or pixels.ndim != 3 or pixels.dtype != np.uint8:
             self.missing += 1
             if worth_logging(self.missing):
@@ -272,9 +274,9 @@ class InlineFrames:
             return
         if seq < self.latest_seq - self.keep:
             return
-        # a copy: the decoded array is a read-only view of the message (torch wants writable
-        # memory), as the ring's frames are copied out of shared memory
-        self._frames[seq] = (pixels.copy(), t_capture_ns)
+        # a read-only array (a view of the message or of the decoded bytes) is copied: torch
+        # wants writable memory, as the ring's frames are copied out of shared memory
+        self._frames[seq] = (pixels if pixels.flags.writeable else pixels.copy(), t_capture_ns)
         self.latest_seq = max(self.latest_seq, seq)
         while len(self._frames) > self.keep:
             del self._frames[min(self._frames)]

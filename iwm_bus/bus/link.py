@@ -3,8 +3,8 @@
 The game machine's gateway (``workers/gateway.py``) binds all three; a remote worker
 (``iwm-launch --worker-only --connect HOST:PORT``) connects to them:
 
-    PORT      frames   gateway PUB  -> worker SUB   iwm.frame with the pixels inline, and
-                                                     agent.action
+    PORT      frames   gateway PUB  -> worker SUB   iwm.frame with its pixels as a part of
+                                                     their own (iwm_bus.bus.link_frames)
     PORT + 1  results  worker PUB   -> gateway XSUB  iwm.latent / surprise / mrr / stats,
                                                      re-published on the local worker endpoint
     PORT + 2  rpc      gateway DEALER <-> worker DEALER   requests of local RPC clients
@@ -16,9 +16,10 @@ only the gateway holds a server secret.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from iwm_bus.bus.link_frames import LinkCodec
 from iwm_bus.bus.transport import Endpoints
 
 __all__ = ["DEFAULT_PORT", "Link"]
@@ -36,6 +37,9 @@ class Link:
     keys: Path | None = None
     # allow a non-loopback bind without keys (a network you trust)
     insecure: bool = False
+    # how the gateway sends the frames (raw, zstd, jpeg: LinkCodec); a worker decodes what
+    # each frame's header says, whatever its own link says
+    codec: LinkCodec = field(default_factory=LinkCodec)
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host or any(c in self.host
@@ -47,9 +51,13 @@ class Link:
                              "ports from it are used)")
         if self.keys is not None:
             object.__setattr__(self, "keys", Path(self.keys))
+        if not isinstance(self.codec, LinkCodec):
+            raise ValueError(f"Link.codec={self.codec!r}: must be a LinkCodec "
+                             "(LinkCodec.parse('zstd'))")
 
     @classmethod
-    def parse(cls, spec: str, keys: Path | None = None, insecure: bool = False) -> Link:
+    def parse(cls, spec: str, keys: Path | None = None, insecure: bool = False,
+              codec: LinkCodec | None = None) -> Link:
         """``PORT``, ``HOST``, ``HOST:PORT`` or ``tcp://HOST:PORT`` (IPv6 in brackets)."""
         text = spec.removeprefix("tcp://").strip()
         host, port = "127.0.0.1", DEFAULT_PORT
@@ -69,7 +77,7 @@ class Link:
             port = int(p)
         else:
             host = text
-        return cls(host, port, keys, insecure)
+        return cls(host, port, keys, insecure, codec or LinkCodec())
 
     def _url(self, offset: int) -> str:
         return f"tcp://{self.host}:{self.port + offset}"

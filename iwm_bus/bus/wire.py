@@ -52,6 +52,7 @@ HISTORY: dict[int, tuple[str, ...]] = {
     2: ("decision",),
     3: ("frame.ring_id",),
     4: ("ready",),
+    5: ("frame.codec", "frame.lossy"),
 }
 MINOR = max(HISTORY)
 #: largest payload accepted (a 1080p RGB frame inline is ~6 MiB)
@@ -73,10 +74,13 @@ _ACTION_FIELDS = {"vector": "array?", "action_id": "int?"}
 SCHEMA: dict[str, dict[str, str]] = {
     # a new frame is in the ring slot `slot`; `action` is what produced it when the source
     # knows (gym, replay); `pixels` only when the frame travels inline (remote worker);
-    # `ring_id` the ring's random id (FrameRing.ring_id): another id is another capture
+    # `ring_id` the ring's random id (FrameRing.ring_id): another id is another capture.
+    # On the gateway's link to a remote worker (iwm_bus.bus.link_frames) the pixels travel
+    # in a message part of their own: `codec` says how (raw, zstd:L, jpeg:Q; nil = raw) and
+    # `lossy` whether the decoded frame differs from the captured one
     "frame": {"seq": "int", "slot": "int", "t_capture_ns": "int", "height": "int",
               "width": "int", "channels": "int", "action": "action?", "pixels": "array?",
-              "source": "str?", "ring_id": "int?"},
+              "source": "str?", "ring_id": "int?", "codec": "str?", "lossy": "bool?"},
     # an action the agent took; `vector` (float32, <= cond_dim) and/or discrete `action_id`
     "action": {"seq": "int", "t_ns": "int", "frame_seq": "int?", "vector": "array?",
                "action_id": "int?", "source": "str?"},
@@ -126,7 +130,7 @@ def schema_at(minor: int) -> dict[str, dict[str, str]]:
 
 
 def version_text() -> str:
-    """This side's schema version, ``"1.4"``."""
+    """This side's schema version, ``"1.5"``."""
     return f"{VERSION}.{MINOR}"
 
 

@@ -50,6 +50,10 @@ V1_4: dict[str, dict[str, str]] = {
                  "plan_costs": "array?", "plan_choice": "int?", "source": "str?"},
     "ready": {"t_ns": "int", "notices": "int", "restarts": "int", "stream": "str?"},
 }
+#: what v1.5 added, as released: the frame header's pixel codec on the gateway's link
+V1_5: dict[str, dict[str, str]] = {
+    **V1_4, "frame": {**V1_4["frame"], "codec": "str?", "lossy": "bool?"},
+}
 V1_0_READER = wire.schema_at(0)
 
 
@@ -62,6 +66,7 @@ def test_released_versions_are_what_the_history_derives() -> None:
     snapshot here, for a new optional field or kind; bump VERSION for anything else.)"""
     assert wire.schema_at(0) == V1_0
     assert wire.schema_at(4) == V1_4
+    assert wire.schema_at(5) == V1_5
     assert sorted(wire.HISTORY) == list(range(1, wire.MINOR + 1))
 
 

@@ -8,7 +8,10 @@ back to two loopback addresses (127.0.0.1 for the game, the gateway on 127.0.0.2
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -21,6 +24,7 @@ from conftest import find_free_port
 
 from iwm_bus.bus import topics, wire
 from iwm_bus.bus.link import Link
+from iwm_bus.bus.link_frames import FrameDecoder
 from iwm_bus.bus.security import ClientKeys, ServerKeys, check_bind, make_keys
 from iwm_bus.bus.transport import Subscriber
 from iwm_bus.session import SessionReader
@@ -52,8 +56,8 @@ def _launch_cmd(*args: str) -> str:
 
 def test_remote_workers_get_every_frame_over_curve_across_two_namespaces(tmp_path: Path
                                                                          ) -> None:
-    """Lossless, CURVE, two remote workers (the plain stream and a ``semantic`` one) on one
-    gateway: every frame reaches both, and both streams' results of every seq reach the game
+    """Lossless, CURVE, zstd frames, two remote workers (the plain stream and a ``semantic``
+    one) on one gateway: every frame reaches both, and both streams' results of every seq reach the game
     machine's recording, in the game machine's own run dir, as from a local worker."""
     keys = tmp_path / "keys"
     make_keys(keys)
@@ -64,7 +68,8 @@ def test_remote_workers_get_every_frame_over_curve_across_two_namespaces(tmp_pat
     port = 5571 if netns else find_free_port(3, host)
     game = _launch_cmd("--source", "synthetic:64x64", "--mode", "lossless", "--frames",
                        str(frames), "--remote-worker", f"{host}:{port}", "--keys", str(keys),
-                       "--run-dir", str(run_dir), "--record", str(rec), "--quiet")
+                       "--link-codec", "zstd", "--run-dir", str(run_dir), "--record",
+                       str(rec), "--quiet")
     worker = ["--worker-only", "--connect", f"{host}:{port}", "--keys", str(keys), "--mode",
               "lossless", *TINY, "--duration", "60"]
     semantic = [*worker, "--stream", "semantic", "--variant", "invariant"]
@@ -95,7 +100,7 @@ def test_remote_workers_get_every_frame_over_curve_across_two_namespaces(tmp_pat
                 p.terminate()
                 p.wait(30)
     assert code == 0, log[-3000:]
-    assert "(CURVE)" in log
+    assert "(CURVE)" in log and "frames as zstd:1" in log
     reader = SessionReader(rec)
     assert reader.num_frames == frames
     plain = [m["seq"] for m in reader.events(topics.SURPRISE)]
@@ -113,8 +118,10 @@ def _frames_received(sub: zmq.Socket, seconds: float) -> int:
     n, deadline = 0, time.monotonic() + seconds
     while time.monotonic() < deadline:
         if sub.poll(100):
-            topic, msg = wire.unpack(sub.recv_multipart())
-            assert msg["pixels"].shape == (64, 64, 3)
+            topic, header, pixels = sub.recv_multipart()  # the pixels: a part of their own
+            msg = wire.unpack([topic, header])[1]
+            assert msg["codec"] == "raw" and msg["pixels"] is None
+            assert FrameDecoder().decode(msg, pixels).shape == (64, 64, 3)
             n += 1
     return n
 
@@ -175,6 +182,11 @@ def test_only_authorized_workers_get_frames(tmp_path: Path, zmq_ctx: zmq.Context
     (["--worker-only", "--connect", "h:99999"], "port"),
     (["--stream", "semantic"], "--stream names a remote worker"),
     (["--keys", "k"], "--keys secures"),
+    (["--remote-worker", "5570", "--link-codec", "webp"], "--link-codec: unknown link codec"),
+    (["--remote-worker", "5570", "--link-codec", "jpeg:0"], "quality after 'jpeg:'"),
+    (["--remote-worker", "5570", "--link-codec", "zstd:x"], "level after 'zstd:'"),
+    (["--link-codec", "zstd"], "--link-codec sets how the gateway sends frames"),
+    (["--worker-only", "--connect", "h:5570", "--link-codec", "zstd"], "needs --remote-worker"),
 ])
 def test_bad_remote_flags_exit_2_with_one_line(args: list[str], says: str,
                                                tmp_path: Path) -> None:
@@ -296,3 +308,67 @@ def test_inline_frames_are_writable_copies() -> None:
     frames.add(0, msg["pixels"], 1)
     got = frames.read(0)
     assert isinstance(got, tuple) and got[0].flags.writeable and (got[0] == 7).all()
+
+
+# ----------------------------------------------------------------------------- restarts
+
+
+def _pid_of(log: Path, name: str, after: int = -1, timeout: float = 120) -> int:
+    """The pid the launcher's log says it started ``name`` with, other than ``after``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = re.findall(rf"started {name} \(pid (\d+)\)", log.read_text())
+        fresh = [int(p) for p in pids if int(p) != after]
+        if fresh:
+            return fresh[-1]
+        time.sleep(0.2)
+    raise AssertionError(f"no '{name}' pid in {log}: {log.read_text()[-2000:]}")
+
+
+def test_a_remote_worker_killed_mid_stream_loses_nothing_in_lossless_mode(tmp_path: Path
+                                                                          ) -> None:
+    """issue 26, item 4: SIGKILL the remote worker mid-stream (lossless). The GPU machine's
+    launcher starts another; the frames its predecessor had not answered reach it again, and
+    the game machine's recording holds exactly one surprise, MRR and latent of every seq:
+    none lost, none twice."""
+    run_dir, rec, wlog = tmp_path / "run", tmp_path / "s.mcap", tmp_path / "worker.log"
+    frames, kill_at = 80, 25
+    port = find_free_port(3)
+    worker = subprocess.Popen([*LAUNCH, "--worker-only", "--connect", str(port), "--mode",
+                               "lossless", *TINY, "--duration", "170"], cwd=ROOT,
+                              stdout=wlog.open("w"), stderr=subprocess.STDOUT)
+    game = None
+    sub = Subscriber([f"ipc://{run_dir.resolve()}/worker.sock"], [topics.SURPRISE])
+    try:
+        first = _pid_of(wlog, "worker")
+        deadline = time.monotonic() + 120
+        while "worker ready" not in wlog.read_text():
+            assert time.monotonic() < deadline and worker.poll() is None, wlog.read_text()
+            time.sleep(0.2)
+        game = subprocess.Popen([*LAUNCH, "--source", "synthetic:64x64", "--mode", "lossless",
+                                 "--fps", "20", "--frames", str(frames), "--remote-worker",
+                                 str(port), "--run-dir", str(run_dir), "--record", str(rec),
+                                 "--quiet"], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        seq = -1
+        while seq < kill_at:  # mid-stream: frames in flight on the link
+            got = sub.recv(1000)
+            assert time.monotonic() < deadline + 60 and game.poll() is None, "no surprise"
+            seq = max(seq, got[1]["seq"]) if got else seq
+        os.kill(first, signal.SIGKILL)
+        _pid_of(wlog, "worker", after=first)  # the launcher started another
+        out, _ = game.communicate(timeout=170)
+        assert game.returncode == 0, out[-3000:]
+    finally:
+        sub.close()
+        for p in (game, worker):
+            if p is not None and p.poll() is None:
+                p.terminate()
+                p.wait(30)
+    assert "restart #1" in wlog.read_text()
+    reader = SessionReader(rec)
+    assert reader.num_frames == frames
+    for topic in (topics.SURPRISE, topics.MRR, topics.LATENT):
+        seqs = sorted(m["seq"] for m in reader.events(topic))
+        assert seqs == list(range(frames)), (topic, [s for s in set(seqs) if seqs.count(s) > 1],
+                                             sorted(set(range(frames)) - set(seqs)))
