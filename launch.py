@@ -35,6 +35,7 @@ import multiprocess as mp
 from loguru import logger
 
 from iwm_bus.bus import topics
+from iwm_bus.bus.ring import env_ring_names
 from iwm_bus.bus.rundir import RunDir
 from iwm_bus.bus.transport import Endpoints, Subscriber
 from iwm_bus.config import BusConfig, to_dict
@@ -233,14 +234,29 @@ class Launcher:
         if cfg.agent is not None:
             self.children.append(Child("agent", "agent_bridge.demo_agent:run_demo_agent",
                                        (str(self.bus.run_dir), cfg.agent)))
-        self.capture = Child("capture", "workers.capture:run_capture",
-                             (cfg.capture, self.endpoints, self.ring_name))
-        self.children.append(self.capture)
+        self.captures = self._capture_children()
+        self.capture = self.captures[0]
+        self.children.extend(self.captures)
         for child in self.children:
             child.start(self.ctx)
         if not self.args.no_standby and not a.remote_worker:
             self.standby_due = time.monotonic() + STANDBY_DELAY_S
         self.write_manifest()
+
+    def _capture_children(self) -> list[Child]:
+        """One capture, or with ``--envs N`` N of them: capture I runs the source with seed
+        + I into ring ``<ring>.eI``, publishes on ``capture.eI.sock`` (I > 0) with ``env`` I
+        on its notices, and takes as its credits the worker's results of stream I alone."""
+        cap, n = self.cfg.capture, self.cfg.worker.envs
+        assert cap is not None
+        if n == 1:
+            return [Child("capture", "workers.capture:run_capture",
+                          (cap, self.endpoints, self.ring_name))]
+        eps = self.endpoints.env_captures(n)
+        return [Child(f"capture.e{i}", "workers.capture:run_capture",
+                      (replace(cap, env=i, seed=cap.seed + i),
+                       replace(self.endpoints, capture=eps[i]), name))
+                for i, name in enumerate(env_ring_names(self.ring_name, n))]
 
     def _keep_standby(self) -> None:
         """Start the warm standby worker when one is due; notice when it died."""
@@ -281,6 +297,9 @@ class Launcher:
         runs, ``to_dict(self.cfg)``: mode, capture, worker, bus, recorder, viewer, agent."""
         assert self.cfg.capture is not None
         return {"ring": self.ring_name, "endpoints": vars(self.endpoints),
+                **({"rings": env_ring_names(self.ring_name, self.cfg.worker.envs),
+                    "captures": self.endpoints.env_captures(self.cfg.worker.envs)}
+                   if self.cfg.worker.envs > 1 else {}),
                 "frame_shape": list(self.frame_shape), "action_space": self.action_space,
                 "source": self.cfg.capture.source, **to_dict(self.cfg),
                 "pids": {c.name: c.proc.pid for c in self.children if c.proc is not None},
@@ -314,12 +333,14 @@ class Launcher:
                         return EXIT_FAILED
                     self._keep_standby()
                     continue
-                if not self.capture.proc.is_alive():
-                    code = self.capture.proc.exitcode
-                    logger.info("capture ended (exit code {})", code)
-                    return EXIT_OK if code == 0 else EXIT_FAILED
+                ended = [c for c in self.captures if not c.proc.is_alive()]
+                failed = [c for c in ended if c.proc.exitcode != 0]
+                if failed or len(ended) == len(self.captures):  # (--envs: all, or one failed)
+                    for c in ended:
+                        logger.info("{} ended (exit code {})", c.name, c.proc.exitcode)
+                    return EXIT_FAILED if failed else EXIT_OK
                 for child in list(self.children):  # _check_child may remove one
-                    if child is not self.capture and not self._check_child(child):
+                    if child not in self.captures and not self._check_child(child):
                         return EXIT_FAILED
                 self._keep_standby()
                 if deadline is not None and time.monotonic() > deadline:
@@ -398,7 +419,8 @@ class Launcher:
                 child.proc.join(5)
         if self.args.worker_only:
             return  # no ring, no run dir of ours here
-        _unlink_ring(self.ring_name)
+        for name in env_ring_names(self.ring_name, self.cfg.worker.envs):
+            _unlink_ring(name)
         self.run_dir.cleanup()
 
 

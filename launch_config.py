@@ -167,9 +167,10 @@ def _build_config(args: argparse.Namespace, given: dict[str, Any],
     agent = args.agent
     capture = None
     if not args.worker_only:
-        if args.source is None:  # the main job: a real game, the demo agent playing it
-            agent = agent or "demo"
+        if args.source is None and not (args.envs or 1) > 1:  # the main job: a real game,
+            agent = agent or "demo"                            # the demo agent playing it
         capture = _capture_config(args, given.pop("capture", {}))
+    _check_envs(args, capture)
     top = {k: v for k, v in given.items() if not isinstance(v, dict)}  # the tree's own: mode
     return SidecarConfig(
         **top, capture=capture, worker=WorkerConfig.from_env(env, **given.get("worker", {})),
@@ -177,6 +178,27 @@ def _build_config(args: argparse.Namespace, given: dict[str, Any],
         recorder=RecorderConfig(**given["recorder"]) if "recorder" in given else None,
         viewer=ViewerConfig(**given["viewer"]) if "viewer" in given else None,
         agent=DemoConfig() if agent == "demo" else None)
+
+
+def _check_envs(args: argparse.Namespace, capture: CaptureConfig | None) -> None:
+    """``--envs N`` (N > 1: N captures, one batched worker) with what it cannot go with:
+    one line naming the flag (exit 2, before anything starts). A bad N itself is
+    WorkerConfig's to refuse."""
+    n = args.envs
+    if not isinstance(n, int) or n <= 1:
+        return
+    why = None
+    if args.worker_only or args.remote_worker:
+        why = "a remote worker serves one game; run one sidecar a game"
+    elif capture is not None and capture.source.startswith("screen"):
+        why = "the screen cannot be duplicated; --envs needs a source each capture opens " \
+              "on its own (gym:, synthetic)"
+    elif args.agent == "demo" or args.record is not None or args.viewer is not None:
+        why = "--agent demo, --record and --viewer follow one game; leave them out"
+    elif os.environ.get("IWM_SERVICE_PORT"):
+        why = "several captures need ipc sockets in a run dir, not tcp (IWM_SERVICE_PORT)"
+    if why:
+        raise ValueError(f"--envs {n}: {why}")
 
 
 def _capture_config(args: argparse.Namespace, given: dict[str, Any]) -> CaptureConfig:

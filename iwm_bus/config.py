@@ -352,6 +352,15 @@ class WorkerConfig:
     stream: str | None = field(default=None, metadata=flag(
         "--stream", "with --worker-only: publish as the named stream (iwm.*.NAME, e.g. "
                     "semantic) beside another worker's", group="remote", metavar="NAME"))
+    # capture streams one worker serves (issue 30): N games, one model, each tick's ready
+    # frames of all streams encoded and predicted as one batch; every stream keeps its own
+    # state and its results carry its index (``env``); iwm-launch starts N captures
+    envs: int = field(default=1, metadata=flag(
+        "--envs", "capture streams (games) one batched worker serves (default 1)",
+        metavar="N"))
+    # most frames (one per stream) encoded and predicted in one batch
+    max_batch: int = field(default=64, metadata=flag(
+        "--max-batch", "with --envs: most frames a batch (default 64)", metavar="B"))
 
     def __post_init__(self) -> None:
         check(self, "variant", str, choices=VARIANTS, optional=True)
@@ -391,6 +400,11 @@ class WorkerConfig:
         check(self, "mrr_bank", int, 1, 4096)
         check(self, "stats_interval_s", float, 0.05, 3600)
         check(self, "threads", int, 0, 256)
+        check(self, "envs", int, 1, 1024)
+        check(self, "max_batch", int, 1, 4096)
+        if self.envs > 1 and self.stream is not None:
+            fail(self, "stream", "names a single-stream worker's stream; with envs > 1 the "
+                                 "streams are games, told apart by their env index")
         for name in ("untrained", "publish_patches", "compile", "dual"):
             check(self, name, bool)
 

@@ -246,6 +246,11 @@ def test_garbage_on_action_and_rpc_does_not_stop_the_worker():
     (["--source", "synthetic", "--img-size", "96"], "--img-size asks for"),
     (["--source", "synthetic", "--precision", "int8", "--device", "cuda"],
      "--precision: WorkerConfig.precision='int8'"),
+    # issue 30: --envs N
+    (["--source", "synthetic", "--envs", "0"], "--envs: WorkerConfig.envs=0"),
+    (["--source", "synthetic", "--envs", "-3"], "--envs: WorkerConfig.envs=-3"),
+    (["--source", "screen", "--envs", "4"], "--envs 4: the screen cannot be duplicated"),
+    (["--source", "synthetic", "--envs", "2", "--agent", "demo"], "--envs 2: --agent demo"),
 ])
 def test_bad_input_exits_2_before_starting(args, needle, tmp_path):
     (tmp_path / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n" * 20)
@@ -612,3 +617,21 @@ def test_a_promoted_standby_keeps_its_takeover_value_while_it_runs(monkeypatch):
     nxt = ctx.Value("i", -1)  # the next standby's, as _keep_standby makes it
     assert ctypes.addressof(nxt.get_obj()) != address  # not the promoted one's memory
     assert launcher.worker.takeover.value == 1
+
+
+def test_envs_starts_n_captures_and_one_batched_worker():
+    """issue 30: ``--envs 3``: three captures (each its own ring, seed and env index), one
+    worker; lossless, every frame of every stream arrives once, told apart by ``env``."""
+    with Sidecar("--source", "synthetic:64x64", "--envs", "3", "--mode", "lossless",
+                 "--frames", "12", "--no-standby", "--threads", "1", *TINY,
+                 sub_topics=(topics.SURPRISE,)) as sc:
+        man = sc.manifest(timeout=120)
+        assert len(man["rings"]) == 3 and man["worker"]["envs"] == 3
+        assert sorted(man["pids"]) == ["capture.e0", "capture.e1", "capture.e2", "worker"]
+        msgs = sc.collect(lambda m: len(m) >= 36, timeout=240)
+        assert sc.wait(120) == 0, sc.output()[-3000:]
+    got = Counter((m["env"], m["seq"]) for m in msgs)
+    assert sorted(got) == [(e, s) for e in range(3) for s in range(12)]
+    assert set(got.values()) == {1}
+    first = {m["env"]: m for m in msgs if m["seq"] == 0}
+    assert all(first[e]["surprise"] is None for e in range(3))

@@ -74,16 +74,18 @@ FLUSH_LINGER_MS = 500
 
 
 def write_frame(ring: FrameRing, pub: Publisher, pixels: np.ndarray,
-                action: dict[str, Any] | None, source: str) -> dict[str, Any]:
+                action: dict[str, Any] | None, source: str,
+                env: int | None = None) -> dict[str, Any]:
     """The capture's step for one frame: into the ring, then its ``iwm.frame`` notice on
-    ``pub``; returns the notice (``notice["seq"]`` is the frame's seq)."""
+    ``pub``; returns the notice (``notice["seq"]`` is the frame's seq). ``env``: the
+    capture stream of a multi-stream worker (``--envs``), on the notice."""
     t_capture = clock_ns()
     height, width, channels = pixels.shape
     seq = ring.write(pixels, t_capture_ns=t_capture)
     notice = {"seq": seq, "slot": ring.slot_of(seq), "t_capture_ns": t_capture,
               "ring_id": ring.ring_id,
               "height": height, "width": width, "channels": channels, "action": action,
-              "source": source}
+              "source": source, **({"env": env} if env is not None else {})}
     pub.send(topics.FRAME, notice)
     return notice
 
@@ -117,6 +119,9 @@ class CaptureConfig:
     drain_timeout_s: float = 60.0
     # extra source options, e.g. {"max_episode_steps": 500} (gym), {"speed": 2} (synthetic)
     options: dict[str, Any] = field(default_factory=dict)
+    # this capture's stream of a multi-stream worker (iwm-launch --envs N: 0..N-1), on its
+    # notices; its credits are that stream's surprise only. None: the worker's one stream
+    env: int | None = None
 
     def __post_init__(self) -> None:
         check(self, "source", str)
@@ -135,6 +140,7 @@ class CaptureConfig:
             self.ring = RingConfig(**self.ring)
         check(self, "ring", RingConfig)
         check(self, "drain_timeout_s", float, 0.0, 1e6)
+        check(self, "env", int, 0, 1023, optional=True)
         if not isinstance(self.options, Mapping) or not all(
                 isinstance(k, str) for k in self.options):
             fail(self, "options", "must be a dict with str keys")
@@ -329,7 +335,8 @@ class _CaptureLoop:
                 "frame_seq": self.ring.latest_seq if self.ring.latest_seq >= 0 else None,
                 "source": "replay", "vector": frame.action.get("vector"),
                 "action_id": frame.action.get("action_id")})
-        notice = write_frame(self.ring, self.pub, frame.pixels, action, self.cfg.source)
+        notice = write_frame(self.ring, self.pub, frame.pixels, action, self.cfg.source,
+                             self.cfg.env)
         seq = notice["seq"]
         self.seq, self.frames = seq, self.frames + 1
         if self.lossless:
@@ -406,7 +413,9 @@ class _CaptureLoop:
         while got is not None:
             topic, msg = got
             self.worker_seen = True
-            if msg["kind"] == "surprise":  # frame seq processed: the credit
+            if msg["kind"] == "surprise" and msg.get("env") != self.cfg.env:
+                pass  # another capture stream's frame (a multi-stream worker)
+            elif msg["kind"] == "surprise":  # frame seq processed: the credit
                 variant = msg.get("variant") or topic
                 # (never beyond the newest frame written: a bogus seq cannot credit frames
                 # not written yet)

@@ -25,6 +25,8 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -38,7 +40,7 @@ from iwm_bus import __version__
 from iwm_bus.bus import topics, wire
 from iwm_bus.bus.link import Link
 from iwm_bus.bus.link_frames import LinkFrameSubscriber
-from iwm_bus.bus.ring import FrameRing, clock_ns
+from iwm_bus.bus.ring import FrameRing, clock_ns, env_ring_names
 from iwm_bus.bus.security import ClientKeys
 from iwm_bus.bus.transport import Endpoints, Publisher, Subscriber
 from iwm_bus.config import BusConfig, WorkerConfig
@@ -47,8 +49,9 @@ from iwm_bus.logs import Throttle
 from iwm_bus.model import IWM, create_iwm_model, load_iwm, set_precision
 from iwm_bus.provenance import checkpoint_summary
 from workers.entry import StopFlag, stop_on_signals
-from workers.model_stream import ModelStream, StreamResult, finite, shared_input
-from workers.ring_reader import FIRST, INVALID, OLDER, RESTART, InlineFrames, RingReader
+from workers.frame_cursor import FrameCursor, NextFrame
+from workers.model_stream import ModelStream, StreamResult, finite, shared_input, step_batch
+from workers.ring_reader import InlineFrames, RingReader
 from workers.rpc_server import DEFAULT_BUDGET as DEFAULT_RPC_BUDGET
 from workers.rpc_server import ModelService, RPCServer
 from workers.stream import (
@@ -62,12 +65,6 @@ from workers.stream import (
 
 #: torch seed of the worker process (untrained models are built with it too)
 SEED = 0
-#: lossless, restarted: how long after its first notice the worker waits before it rewinds,
-#: so that the notices the capture sends again on its iwm.ready (with their actions, and for
-#: a remote worker their pixels) are here first
-REWIND_GRACE_S = 0.25
-#: frame notices remembered (by seq) until their frame is processed
-NOTICE_KEEP = 4096
 #: pause after binding before the first iwm.stats, so subscriptions have propagated
 SETTLE_S = 0.2
 #: iwm.ready / iwm.stats interval until the first frame notice (a late capture hears soon)
@@ -172,21 +169,32 @@ class EncoderWorker:
     ``(name, IWM)`` streams instead (the first on the plain topics). ``link``: a remote
     worker, which connects every socket to that gateway (``endpoints`` are then
     ``link.worker_endpoints()``), with CURVE when the link has keys, and takes each frame
-    from its notice instead of the ring. Not thread-safe:
+    from its notice instead of the ring. ``ring_name``: several names (or ``cfg.envs`` > 1,
+    :func:`iwm_bus.bus.ring.env_ring_names` of the one given) make it a multi-stream worker:
+    one capture stream (game) a ring, told apart by the ``env`` on each notice; each keeps
+    its own cursor, notices and model state, and their ready frames are processed as one
+    batch (docs/worker.md, "Many games"). Not thread-safe:
     construct, serve and close from one thread; stop it from another with the ``stop``
     event given to :meth:`serve` (or :meth:`close` after serve returned).
     """
 
-    def __init__(self, cfg: WorkerConfig, endpoints: Endpoints, ring_name: str,
+    def __init__(self, cfg: WorkerConfig, endpoints: Endpoints, ring_name: str | Sequence[str],
                  model: IWM | None = None, *, models: list[tuple[str, IWM]] | None = None,
                  restarts: int = 0, link: Link | None = None) -> None:
         self.cfg, self.endpoints, self.restarts, self.link = cfg, endpoints, restarts, link
         self._keys = ClientKeys.load(link.keys) if link is not None and link.keys else None
         if models is None:
             models = [("core", model)] if model is not None else load_models(cfg)
-        self.streams = [ModelStream(m.eval(), name, cfg.mrr_bank, h)
-                        for (name, m), h in zip(models, stream_horizons(cfg, len(models)),
-                                                strict=True)]
+        rings = env_ring_names(ring_name, cfg.envs) if isinstance(ring_name, str) \
+            else list(ring_name)
+        if len(rings) > 1 and link is not None:
+            raise ValueError("a remote worker serves one capture stream; run one a game")
+        horizons = stream_horizons(cfg, len(models))
+        # per capture stream (env), the model streams' state; env 0's are ``streams``
+        self.env_streams = [[ModelStream(m.eval(), name, cfg.mrr_bank, h)
+                             for (name, m), h in zip(models, horizons, strict=True)]
+                            for _ in rings]
+        self.streams = self.env_streams[0]
         self.model = self.streams[0].model  # the primary stream's: RPC, health, actions
         mc = self.model.config
         self._log = Throttle()
@@ -195,18 +203,17 @@ class EncoderWorker:
         self._pinned: torch.Tensor | None = None  # the reader's buffer, pinned on CUDA
         self.reader: RingReader | InlineFrames = (
             InlineFrames() if link is not None
-            else RingReader(ring_name, "worker", buffer=self._staging))
+            else RingReader(rings[0], "worker", buffer=self._staging))
+        # each further stream's frames are fresh copies (a batch holds one of each)
+        readers = [self.reader, *(RingReader(name, f"worker env {i}")
+                                  for i, name in enumerate(rings[1:], 1))]
+        self.cursors = [FrameCursor(cfg.mode, restarts, r, self.stats,
+                                    partial(self._restart_env, i))
+                        for i, r in enumerate(readers)]
+        self.bad_envs = 0  # notices naming a stream this worker does not serve
+        self._turn = 0  # the stream a batch starts from (round robin when over max_batch)
         prov = self.model.provenance
         self._checkpoint_name = prov.get("name", Path(prov["path"]).name) if prov else None
-        # the notices of the frames still to process: seq -> (t_capture_ns, action)
-        self._notices: dict[int, tuple[int, dict[str, Any] | None]] = {}
-        self._cursor: int | None = None  # next seq not yet processed, skipped or dropped
-        self._newest: int | None = None  # the newest seq a notice named
-        # lossless, restarted: go back from the first notice to the oldest frame the dead
-        # worker may not have published (the capture's credit window: ring slots - 1), once
-        # REWIND_GRACE_S after that notice (monotonic; 0: no rewind pending)
-        self._rewind = False
-        self._rewind_at = 0.0
         self._codec_seen: str | None = None  # a remote worker: the codec of its frames
         self._decode_tick = (0, 0)  # and its decoder's frames and time at the last tick
         self._stop = threading.Event()
@@ -240,8 +247,8 @@ class EncoderWorker:
             # a remote worker's frames come with their pixels, maybe compressed: decoded
             # and checked on the way in (iwm_bus.bus.link_frames)
             sub = LinkFrameSubscriber if remote else Subscriber
-            self._frames_sub = sub([eps.capture], [topics.FRAME], ctx=self._ctx,
-                                   secure=secure)
+            captures = [eps.capture] if remote else eps.env_captures(len(self.cursors))
+            self._frames_sub = sub(captures, [topics.FRAME], ctx=self._ctx, secure=secure)
         except BaseException:
             self._close_sockets()
             raise
@@ -280,52 +287,31 @@ class EncoderWorker:
     def _idle_ms(self) -> int:
         now = time.monotonic()
         wait = self._next_stats - now
-        if self._cursor is not None and not self.reader.attach():
-            wait = min(wait, 0.02)  # still attaching
-        if self._rewind:
-            wait = min(wait, self._rewind_at - now)
+        for c in self.cursors:
+            w = c.wait_s(now)
+            if w is not None:
+                wait = min(wait, w)
         return max(0, min(POLL_MS, int(wait * 1000)))
 
     def _has_work(self) -> bool:
-        """A frame a notice named is still to be processed (and the ring is there; a
-        pending rewind waits out its grace)."""
-        return (self._cursor is not None and self._newest is not None
-                and self._newest >= self._cursor and self.reader.attach()
-                and not (self._rewind and time.monotonic() < self._rewind_at))
+        """A frame a notice named is still to be processed, in any stream."""
+        return any(c.has_work() for c in self.cursors)
 
     # -- frame notices
 
     def _on_frame(self, msg: dict[str, Any]) -> None:
-        """A frame notice: remember it (its capture time and action) until its frame is
-        processed; a notice of another capture starts a new stream."""
-        seq, t_capture = msg["seq"], msg["t_capture_ns"]
-        self.stats.notice()
-        kind = self.reader.see(seq, msg.get("ring_id"), t_capture)
-        if kind == INVALID:  # names a frame the ring has not written (counted by the reader)
+        """A frame notice, to its stream's cursor (``env``; absent: stream 0). A notice
+        naming a stream this worker does not serve is counted (``bad_envs``) and ignored:
+        it cannot touch another stream's cursor."""
+        env = msg.get("env")
+        env = 0 if env is None else env
+        if not 0 <= env < len(self.cursors):
+            self.bad_envs += 1
+            self._log.warning("bad-env", "ignored a frame notice of env {} (#{}): this worker "
+                              "serves envs 0..{}", env, self.bad_envs, len(self.cursors) - 1)
             return
-        if kind == RESTART:
-            self._restart_stream()
-        if kind in (FIRST, RESTART):
-            # realtime never goes below the first notice. Lossless: the first worker starts
-            # at the stream's beginning (a notice sent before its subscription was connected
-            # is not lost, the frame is still in the ring); a restarted one where the capture
-            # re-sends, the oldest frame its predecessor did not publish
-            first = self.cfg.mode == "lossless" and not self.restarts
-            self._cursor = 0 if first else seq
-            self._rewind = self.cfg.mode == "lossless" and not first
-            self._rewind_at = time.monotonic() + REWIND_GRACE_S if self._rewind else 0.0
-        assert self._cursor is not None
-        if kind != OLDER:
-            self._newest = seq
-        # an OLDER notice is one a lossless capture re-sent to a fresh worker (with its
-        # action): kept while its frame is still to be processed, or may be once rewound
-        if seq >= self._cursor or self._rewind:
-            self._notices[seq] = (t_capture, msg.get("action"))
-            while len(self._notices) > NOTICE_KEEP:
-                self._notices.pop(min(self._notices))
-            if isinstance(self.reader, InlineFrames):
-                self._link_codec(msg)
-                self.reader.add(seq, msg.get("pixels"), t_capture)
+        if self.cursors[env].notice(msg) and isinstance(self.reader, InlineFrames):
+            self._link_codec(msg)
 
     def _link_codec(self, msg: dict[str, Any]) -> None:
         """A remote worker says once how its frames travel, and again when that changes
@@ -340,56 +326,58 @@ class EncoderWorker:
             else:
                 logger.info("remote worker: frames arrive as {} (lossless)", codec)
 
-    def _restart_stream(self) -> None:
-        self.stats.stream_restarts += 1
-        self._notices.clear()
-        self._cursor = self._newest = None
-        self._rewind = False
-        for st in self.streams:
+    def _restart_env(self, env: int) -> None:
+        """Stream ``env``'s capture restarted: forget its frame-related state (only its)."""
+        for st in self.env_streams[env]:
             st.clear()
 
     # -- frame processing
 
     def _step(self) -> bool:
-        """Process at most one frame; True when one was published."""
-        if not self._has_work():
+        """Process the next frame of each stream with one ready, up to ``max_batch`` (one
+        frame with one stream); True when one was published."""
+        if len(self.cursors) == 1:
+            got = self.cursors[0].next_frame() if self.cursors[0].has_work() else None
+            if got is None:
+                return False
+            seq, pixels, t_capture, notice_action = got
+            self._process(seq, self._frame(pixels), t_capture, notice_action)
+            return True
+        n = len(self.cursors)
+        order = [(self._turn + i) % n for i in range(n)]
+        batch: list[tuple[int, NextFrame]] = []
+        for env in order:
+            if len(batch) == self.cfg.max_batch:
+                break
+            if self.cursors[env].has_work():
+                got = self.cursors[env].next_frame()
+                if got is not None:
+                    batch.append((env, got))
+        if not batch:
             return False
-        seq = self._next_seq()
-        got = self.reader.read(seq)
-        notice = self._notices.pop(seq, None)
-        if isinstance(got, str):
-            if got == "torn":
-                self.stats.torn += 1
-            else:  # "unavailable" cannot happen for a seq a notice named; count it as lost
-                self.stats.dropped_overwritten += 1
-            return False
-        pixels, meta = got
-        t_capture, notice_action = notice if notice is not None else (meta.t_capture_ns, None)
-        self._process(seq, self._frame(pixels), t_capture, notice_action)
+        self._turn = (batch[-1][0] + 1) % n  # the streams left out go first next time
+        self._process_batch(batch)
         return True
 
-    def _next_seq(self) -> int:
-        """The seq to process now, of those the notices named (advances the cursor past
-        it): realtime the newest, lossless the next in order (frames overwritten already
-        are counted and passed over)."""
-        assert self._cursor is not None and self._newest is not None
-        if self.cfg.mode == "realtime":
-            seq = self._newest
-            self.stats.skipped += seq - self._cursor
-        else:
-            slots = self.reader.slots
-            oldest = self._newest - slots + 1  # older seqs are overwritten already
-            if self._rewind:  # at least once: a frame published twice beats one lost
-                self._rewind = False
-                self._cursor = max(0, oldest, self._cursor - (slots - 1))
-            if self._cursor < oldest:
-                self.stats.dropped_overwritten += oldest - self._cursor
-                self._cursor = oldest
-            seq = self._cursor
-        self._cursor = seq + 1
-        for old in [s for s in self._notices if s < seq]:
-            del self._notices[old]
-        return seq
+    def _process_batch(self, batch: list[tuple[int, NextFrame]]) -> None:
+        """One frame of each of several streams: per frame size, one encoder call and one
+        predictor call per model (:func:`workers.model_stream.step_batch`); then each
+        frame's messages, carrying its stream's ``env``, in the batch's order."""
+        frames = [rgb(px) for _, (_, px, _, _) in batch]
+        actions = [self._action(a) for _, (_, _, _, a) in batch]
+        results: list[list[StreamResult]] = [[] for _ in batch]
+        for shape in dict.fromkeys(f.shape for f in frames):  # per size, in batch order
+            idx = [i for i, f in enumerate(frames) if f.shape == shape]
+            stacked = np.stack([frames[i] for i in idx])  # (B, H, W, 3)
+            for m in range(len(self.streams)):
+                got = step_batch([self.env_streams[batch[i][0]][m] for i in idx],
+                                 [batch[i][1][0] for i in idx], stacked,
+                                 [actions[i] for i in idx])
+                for i, r in zip(idx, got, strict=True):
+                    results[i].append(r)
+        for (env, (seq, _, t_capture, _)), action, res in zip(batch, actions, results,
+                                                              strict=True):
+            self._publish(seq, t_capture, action, res, env)
 
     def _staging(self, nbytes: int) -> np.ndarray:
         """The reader's reusable frame buffer: pinned on CUDA (a true async H2D copy)."""
@@ -405,33 +393,38 @@ class EncoderWorker:
             return rgb(self._pinned[: pixels.size].view(pixels.shape))
         return rgb(pixels)
 
-    def _process(self, seq: int, frame: Any, t_capture: int,
-                 notice_action: dict[str, Any] | None) -> None:
+    def _action(self, notice_action: dict[str, Any] | None) -> Action:
+        """The checked action on a frame's notice; none when there is none (or no notice,
+        or a bad action: counted)."""
         action = None
         if notice_action is not None:
             action = self.actions.parse(notice_action.get("vector"),
                                         notice_action.get("action_id"), topics.FRAME)
-        if action is None:  # none on the notice (or no notice, or a bad action)
-            action = self.actions.none
+        return action if action is not None else self.actions.none
+
+    def _process(self, seq: int, frame: Any, t_capture: int,
+                 notice_action: dict[str, Any] | None) -> None:
+        action = self._action(notice_action)
         x = shared_input([st.model for st in self.streams], frame) if len(self.streams) > 1 \
             else None  # one preprocessing for all streams
         results = [st.step(seq, frame, x, action) for st in self.streams]
         self._publish(seq, t_capture, action, results)
 
     def _publish(self, seq: int, t_capture: int, action: Action,
-                 results: list[StreamResult]) -> None:
+                 results: list[StreamResult], env: int | None = None) -> None:
         """Each stream's three messages, the latent last: a subscriber holds the frame's
         surprise and MRR when its latent arrives (the bridge updates the state once per
         frame). The primary stream goes on the plain topics, the others on
         ``<topic>.<stream name>`` and before it, so that a bridge woken by the plain latent
-        already holds the other streams' numbers of the same frame."""
+        already holds the other streams' numbers of the same frame. ``env``: the capture
+        stream of a multi-stream worker, on every message (absent with one stream)."""
         assert self._pub is not None
         t_pub = clock_ns()
         for i in reversed(range(len(self.streams))):
             st, r = self.streams[i], results[i]
             suffix = "" if i == 0 and not self.cfg.stream else "." + st.name
             base = {"seq": seq, "t_capture_ns": t_capture, "t_publish_ns": t_pub,
-                    "variant": st.variant}
+                    "variant": st.variant, **({"env": env} if env is not None else {})}
             patches = r.patches.astype(np.float16) if self.cfg.publish_patches else None
             self._pub.send(topics.SURPRISE + suffix,
                            {**base, "surprise": r.surprise, "surprise_z": r.surprise_z,
@@ -460,8 +453,10 @@ class EncoderWorker:
                 "rpc_requests": rpc.requests if rpc else 0, "rpc_errors": rpc.errors if rpc else 0,
                 "rpc_replies_dropped": rpc.replies_dropped if rpc else 0,
                 "stream_restarts": s.stream_restarts,
-                "attach_failures": self.reader.attach_failures, "restarts": self.restarts,
-                "bad_notices": self.reader.invalid,
+                "attach_failures": sum(c.reader.attach_failures for c in self.cursors),
+                "restarts": self.restarts,
+                "bad_notices": sum(c.reader.invalid for c in self.cursors) + self.bad_envs,
+                **({"envs": len(self.cursors)} if len(self.cursors) > 1 else {}),
                 **({"remote": 1, "frames_without_pixels": self.reader.missing,
                     **self._link_values()}
                    if isinstance(self.reader, InlineFrames) else {}),
@@ -499,7 +494,7 @@ class EncoderWorker:
         self._pub.send(topics.STATS, {"t_ns": t_ns, "source": "worker",
                                       "values": self.stats_values()})
         interval = self.cfg.stats_interval_s
-        if self._newest is None:
+        if all(c.newest is None for c in self.cursors):
             interval = min(interval, READY_INTERVAL_S)
         self._next_stats = time.monotonic() + interval
 
@@ -537,7 +532,8 @@ class EncoderWorker:
             return
         self._closed = True
         self._stop.set()
-        self.reader.close()
+        for c in self.cursors:
+            c.reader.close()
         self._close_sockets()
 
     def __enter__(self) -> EncoderWorker:
@@ -561,7 +557,7 @@ def _num_threads(device: str, requested: int = 0) -> int:
     return max(1, min(len(os.sched_getaffinity(0)) - 1, 8))
 
 
-def run_worker(cfg: WorkerConfig, endpoints: Endpoints, ring_name: str, *,
+def run_worker(cfg: WorkerConfig, endpoints: Endpoints, ring_name: str | Sequence[str], *,
                restarts: int = 0, takeover: Any = None, link: Link | None = None) -> int:
     """Process entry (spawn-safe): serve until SIGTERM / SIGINT; returns the exit code.
 
@@ -579,8 +575,11 @@ def run_worker(cfg: WorkerConfig, endpoints: Endpoints, ring_name: str, *,
         return _run_worker(cfg, endpoints, ring_name, restarts, stop, takeover, link)
 
 
-def _warm_up_all(models: list[tuple[str, IWM]], ring_name: str, cfg: WorkerConfig) -> None:
-    shape = _ring_frame_shape(ring_name)
+def _warm_up_all(models: list[tuple[str, IWM]], ring_name: str | Sequence[str],
+                 cfg: WorkerConfig) -> None:
+    first = ring_name if isinstance(ring_name, str) else ring_name[0]
+    shape = _ring_frame_shape(env_ring_names(first, cfg.envs)[0]
+                              if isinstance(ring_name, str) else first)
     for (name, model), horizon in zip(models, stream_horizons(cfg, len(models)), strict=True):
         _warm_up(model, name, shape or (model.config.img_size, model.config.img_size, 3),
                  cfg.mrr_bank, horizon)
@@ -616,7 +615,8 @@ def _warm_up(model: IWM, name: str, shape: tuple[int, ...], mrr_bank: int,
         stream.step(seq, rng.integers(0, 256, shape, dtype=np.uint8), None, action)
 
 
-def _run_worker(cfg: WorkerConfig, endpoints: Endpoints, ring_name: str, restarts: int,
+def _run_worker(cfg: WorkerConfig, endpoints: Endpoints, ring_name: str | Sequence[str],
+                restarts: int,
                 stop: StopFlag, takeover: Any = None, link: Link | None = None) -> int:
     try:
         try:

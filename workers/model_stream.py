@@ -23,7 +23,7 @@ from iwm_bus.model import IWM
 from workers.stream import HORIZON, MRR_WINDOW, Action, HorizonMRR, LatentBank, frame_key
 
 __all__ = ["MAX_GAP", "ModelStream", "StreamResult", "checkpoint_abstraction", "finite",
-           "shared_input"]
+           "shared_input", "step_batch"]
 
 #: realtime: a frame more than this many frames after the last processed one gets no
 #: surprise (nil); closer ones are predicted through the skipped frames
@@ -111,12 +111,34 @@ class ModelStream:
             else self.model.encode_input(x)  # (1, D), (1, N, D); both under no_grad
         z = z_t[0].cpu().numpy()  # (D,)
         p = patches_t[0].cpu().numpy()  # (N, D)
+        starts = self.starts(seq)
+        preds = None if starts is None else self._predict(starts, action, self.gap(seq))
+        return self.finish(seq, z, p, preds)
+
+    def starts(self, seq: int) -> np.ndarray | None:
+        """The rows frame ``seq`` is predicted from, (1 + C, N, D): the last processed
+        frame's patch latents, then the C live rollout chains (advanced in the same
+        predictor call); None when it gets no prediction (the first frame, or a gap over
+        ``MAX_GAP``)."""
+        if self._prev is None or seq - self._prev[0] > MAX_GAP:
+            return None
+        return np.stack([self._prev[1], *self.horizon.chains()])
+
+    def gap(self, seq: int) -> int:
+        """Frames from the last processed one to ``seq`` (1 in lossless mode)."""
+        assert self._prev is not None
+        return seq - self._prev[0]
+
+    def finish(self, seq: int, z: np.ndarray, p: np.ndarray,
+               preds: np.ndarray | None) -> StreamResult:
+        """Frame ``seq``'s numbers from its latents ``z`` (D,) / ``p`` (N, D) and ``preds``,
+        the rows of :meth:`starts` predicted forward to it (None: no prediction); remembers
+        the frame for the next."""
         key = frame_key(p)  # (N*D,): what MRR ranks
         surprise = surprise_z = rr = pred_seq = None
-        if self._prev is not None and seq - self._prev[0] <= MAX_GAP:
-            pred_seq, p_prev = self._prev
-            chains = self.horizon.chains()  # advanced in the same predictor call
-            preds = self._predict(np.stack([p_prev, *chains]), action, seq - pred_seq)
+        if preds is not None:
+            assert self._prev is not None
+            pred_seq = self._prev[0]
             pred = preds[0]  # (N, D)
             errors = metrics.patch_errors(pred, p)  # (N,)
             surprise = metrics.errors_surprise(errors)
@@ -156,3 +178,45 @@ class ModelStream:
                 "surprise_last": self.surprise_last,
                 "mrr_horizon": [finite(v) for v in self.horizon.values()],
                 "abstraction_index": self.abstraction_index}
+
+
+def step_batch(streams: list[ModelStream], seqs: list[int], frames: np.ndarray,
+               actions: list[Action]) -> list[StreamResult]:
+    """:meth:`ModelStream.step` for several streams of one model at once (a multi-stream
+    worker): frame ``seqs[i]`` of ``streams[i]``, taken under ``actions[i]``. One encoder
+    call for all ``frames`` (B, H, W, 3) (one size: the caller groups them by size), and one
+    predictor call for every stream's one-step prediction (its own previous latent, rollout
+    chains and action, row by row); a prediction through skipped frames (realtime) is a
+    rollout of its own. Each stream's numbers are those its own :meth:`ModelStream.step`
+    gives, to floating-point tolerance."""
+    model = streams[0].model
+    if any(st.model is not model for st in streams) or len({id(st) for st in streams}) \
+            != len(streams):
+        raise ValueError("step_batch: one model, and each stream at most once a batch")
+    z_t, patches_t = model.encode(frames)  # (B, D), (B, N, D)
+    zs, ps = z_t.cpu().numpy(), patches_t.cpu().numpy()
+    preds: list[np.ndarray | None] = [None] * len(streams)
+    rows, owners = [], []  # the one-step rows: (1 + C_i, N, D) each, and their stream
+    for i, (st, seq) in enumerate(zip(streams, seqs, strict=True)):
+        starts = st.starts(seq)
+        if starts is None:
+            continue
+        if st.gap(seq) == 1:
+            rows.append(starts)
+            owners.append(i)
+        else:
+            preds[i] = st._predict(starts, actions[i], st.gap(seq))
+    if rows:
+        starts = np.concatenate(rows)  # (R, N, D)
+        cond = np.concatenate([np.repeat(actions[i].cond[None], len(r), axis=0)
+                               for i, r in zip(owners, rows, strict=True)])  # (R, C)
+        ids = np.concatenate([np.full(len(r), actions[i].action_id)
+                              for i, r in zip(owners, rows, strict=True)]) \
+            if model.config.num_actions else None  # (R,)
+        out = model.predict(starts.mean(1), starts, cond=cond, action_id=ids)
+        out = out.patches.cpu().numpy()  # (R, N, D)
+        bounds = np.cumsum([0, *(len(r) for r in rows)])
+        for j, i in enumerate(owners):
+            preds[i] = out[bounds[j]:bounds[j + 1]]
+    return [st.finish(seq, zs[i], ps[i], preds[i])
+            for i, (st, seq) in enumerate(zip(streams, seqs, strict=True))]

@@ -73,7 +73,8 @@ import numpy as np
 
 from iwm_bus.errors import RingError, StaleRingError
 
-__all__ = ["FrameMeta", "FrameRing", "RingStats", "clock_ns", "MAX_RING_BYTES", "reclaim_dead"]
+__all__ = ["FrameMeta", "FrameRing", "RingStats", "clock_ns", "env_ring_names", "MAX_RING_BYTES",
+           "reclaim_dead"]
 
 #: The clock behind the default ``t_capture_ns``: the wall clock (``time.time_ns``), the same
 #: clock every ``t_*_ns`` field on the bus uses, so latencies can be subtracted across processes.
@@ -153,6 +154,12 @@ class _Layout:
     @property
     def total_bytes(self) -> int:
         return _RING_HEADER_BYTES + self.slots * self.slot_stride
+
+
+def env_ring_names(base: str, envs: int) -> list[str]:
+    """The rings of ``envs`` capture streams of one sidecar (``--envs``): ``[base]`` for
+    one, else ``base.e0``, ``base.e1``, ... (one ring a game, each with its own capture)."""
+    return [base] if envs == 1 else [f"{base}.e{i}" for i in range(envs)]
 
 
 def _round_up(n: int, align: int) -> int:

@@ -82,7 +82,8 @@ class RunDir:
 
     def cleanup(self) -> None:
         """Remove socket files, manifest and lock; remove the folder when it is then empty."""
-        for f in [*self.endpoints().socket_files(), self.manifest_path,
+        envs = sorted(self.path.glob("capture.e*.sock"))  # --envs: the other captures'
+        for f in [*self.endpoints().socket_files(), *envs, self.manifest_path,
                   self.manifest_path.with_suffix(".tmp"), self.path / LOCK]:
             f.unlink(missing_ok=True)
         if self._lock_fd is not None:

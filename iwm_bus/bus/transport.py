@@ -87,6 +87,18 @@ class Endpoints:
         return [Path(ep[len("ipc://"):]) for ep in (self.capture, self.worker, self.rpc,
                                                     self.agent) if ep.startswith("ipc://")]
 
+    def env_captures(self, envs: int) -> list[str]:
+        """The capture PUB endpoint of each of ``envs`` capture streams (``--envs``):
+        ``capture`` for stream 0, ``capture.eI.sock`` beside it for stream I (ipc only: tcp
+        has its four ports). A multi-stream worker connects to all of them."""
+        if envs == 1:
+            return [self.capture]
+        if not self.capture.startswith("ipc://") or not self.capture.endswith(".sock"):
+            raise ValueError(f"several capture streams need ipc endpoints (a run dir), not "
+                             f"{self.capture}")
+        stem = self.capture[: -len(".sock")]
+        return [self.capture, *(f"{stem}.e{i}.sock" for i in range(1, envs))]
+
 
 def new_socket(ctx: zmq.Context | None, kind: int, hwm: int = DEFAULT_HWM,
                secure: Callable[[zmq.Socket], None] | None = None) -> zmq.Socket:

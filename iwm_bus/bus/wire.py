@@ -53,6 +53,7 @@ HISTORY: dict[int, tuple[str, ...]] = {
     3: ("frame.ring_id",),
     4: ("ready",),
     5: ("frame.codec", "frame.lossy"),
+    6: ("frame.env", "latent.env", "surprise.env", "mrr.env"),
 }
 MINOR = max(HISTORY)
 #: largest payload accepted (a 1080p RGB frame inline is ~6 MiB)
@@ -80,23 +81,26 @@ SCHEMA: dict[str, dict[str, str]] = {
     # `lossy` whether the decoded frame differs from the captured one
     "frame": {"seq": "int", "slot": "int", "t_capture_ns": "int", "height": "int",
               "width": "int", "channels": "int", "action": "action?", "pixels": "array?",
-              "source": "str?", "ring_id": "int?", "codec": "str?", "lossy": "bool?"},
+              "source": "str?", "ring_id": "int?", "codec": "str?", "lossy": "bool?",
+              "env": "int?"},
     # an action the agent took; `vector` (float32, <= cond_dim) and/or discrete `action_id`
     "action": {"seq": "int", "t_ns": "int", "frame_seq": "int?", "vector": "array?",
                "action_id": "int?", "source": "str?"},
+    # `env` (frame, latent, surprise, mrr): the capture stream (game) of a multi-stream
+    # worker (--envs N: 0..N-1); absent with one stream. Each env's seqs are its own
     "latent": {"seq": "int", "t_capture_ns": "int", "t_publish_ns": "int", "z_cls": "array",
-               "patches": "array?", "variant": "str"},
+               "patches": "array?", "variant": "str", "env": "int?"},
     # surprise of frame `seq` against the prediction made at frame `pred_seq` with `action`;
     # nil surprise when there was no prediction (first frame, or after a gap); `surprise_z`
     # the same error standardised per patch against the stream's recent errors
     # (iwm_bus.metrics.SurpriseZ), nil while it warms up (absent from older publishers)
     "surprise": {"seq": "int", "t_capture_ns": "int", "t_publish_ns": "int",
                  "surprise": "number?", "surprise_z": "number?", "pred_seq": "int?",
-                 "action": "action?", "variant": "str"},
+                 "action": "action?", "variant": "str", "env": "int?"},
     # reciprocal rank `rr` of frame `seq` among itself and `k` other bank latents, and the
     # running mean `mrr`; nil when there was no prediction
     "mrr": {"seq": "int", "t_capture_ns": "int", "t_publish_ns": "int", "rr": "number?",
-            "mrr": "number?", "k": "int", "variant": "str"},
+            "mrr": "number?", "k": "int", "variant": "str", "env": "int?"},
     # the arbiter's decision at frame `frame_seq` (nil: no fresh vision, `stale`): slow down
     # by `delay_s` and/or prefer the wait action, escalate (to a planner / LLM); the surprise,
     # surprise_z and running MRR it read; `reasons` "; "-joined; when the agent planned,
@@ -130,7 +134,7 @@ def schema_at(minor: int) -> dict[str, dict[str, str]]:
 
 
 def version_text() -> str:
-    """This side's schema version, ``"1.5"``."""
+    """This side's schema version, ``"1.6"``."""
     return f"{VERSION}.{MINOR}"
 
 

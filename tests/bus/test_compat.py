@@ -54,6 +54,10 @@ V1_4: dict[str, dict[str, str]] = {
 V1_5: dict[str, dict[str, str]] = {
     **V1_4, "frame": {**V1_4["frame"], "codec": "str?", "lossy": "bool?"},
 }
+#: what v1.6 added: the capture stream (env) of a multi-stream worker's notices and results
+V1_6: dict[str, dict[str, str]] = {
+    **V1_5, **{k: {**V1_5[k], "env": "int?"} for k in ("frame", "latent", "surprise", "mrr")},
+}
 V1_0_READER = wire.schema_at(0)
 
 
@@ -67,6 +71,7 @@ def test_released_versions_are_what_the_history_derives() -> None:
     assert wire.schema_at(0) == V1_0
     assert wire.schema_at(4) == V1_4
     assert wire.schema_at(5) == V1_5
+    assert wire.schema_at(6) == V1_6
     assert sorted(wire.HISTORY) == list(range(1, wire.MINOR + 1))
 
 
