@@ -64,16 +64,26 @@ _GPU_MODEL = {"encoder_name": "vit_small_patch16_224", "img_size": 224, "pred_di
 # dynamics and a regression anchor (``iwm_bus.model.action_terms``); from the previous default
 _ACTIONS_MODEL = {**_TINY_MODEL, "variant": "custom", "pred_depth": 3,
                   "action_every_layer": True, "local_mix": True, "inverse_dynamics": True,
+                  "action_init_std": 1.0, "layer_cond_init_std": 0.02,
                   "ema_momentum_start": 0.98, "ema_momentum_end": 0.995}
 _ACTIONS_OBJECTIVE = {**_GUARD, "change_weight": 2.0, "cf_weight": 1.0, "temporal_weight": 1.0,
                       "inverse_weight": 0.5, "anchor_weight": 1.0, "rollout_weight": 0.5,
-                      "nce_temperature": 0.1}
+                      "nce_temperature": 0.02}
 _ACTIONS_TRAIN = {"phase": 3, "batch_size": 16, "cf_states": 16, "cf_outcomes": 6,
                   "cf_extra": 2, "lr": 1e-3, "warmup_steps": 30, "steps": 800,
                   "init_predictor": False,
                   "ckpt_every": 100, "log_every": 20, "cpu_amp": True}
 
+# the same terms on the small conv encoder (``iwm_bus.model.conv_encoder``), trained from
+# scratch: a 64-channel 8x8 map at 64 px and a 3-block predictor 128 wide (~0.9 M parameters)
+_CONV_ACTIONS_MODEL = {**_ACTIONS_MODEL, "encoder_name": "iwm_conv64", "patch_size": None,
+                       "encoder_depth": 2, "pred_dim": 128, "pred_heads": 4}
+
 PRESETS: dict[str, dict[str, Any]] = {
+    "cpu-actions-conv": {"model": _CONV_ACTIONS_MODEL,
+                         "train": {**_ACTIONS_TRAIN, "batch_size": 24, "cf_states": 24,
+                                   "warmup_steps": 100, "steps": 2200, "ckpt_every": 200},
+                         "objective": {**_ACTIONS_OBJECTIVE, "nce_temperature": 0.1}},
     # the action-aware default (issue 23, train/recipes/actions.sh): ~1.5 s a step here;
     # ``--minutes`` fits the schedule to the time given
     "cpu-actions": {"model": _ACTIONS_MODEL, "train": _ACTIONS_TRAIN,

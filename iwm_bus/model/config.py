@@ -17,6 +17,7 @@ import timm
 import torch
 
 from iwm_bus.actions import pad_cond
+from iwm_bus.model import conv_encoder  # noqa: F401  (registers iwm_conv64 with timm)
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "VARIANTS", "VARIANT_DEPTHS", "IWMConfig",
            "encoder_geometry", "pad_cond", "variant_for_depth"]
@@ -96,6 +97,13 @@ class IWMConfig:
     # an inverse-dynamics head (ICM, Pathak et al. 2017): the action id from a frame's and the
     # next frame's latents (needs num_actions)
     inverse_dynamics: bool = False
+    # init std of a new predictor's action table (ViT-style 0.02). An action then moves the
+    # prediction ~1e-4 (1 - cos) where one state's outcomes lie ~6e-3 apart, and the
+    # contrastive terms' gradient through it is as small; 1.0 starts it at the outcomes' scale
+    action_init_std: float = 0.02
+    # init std of the per-block conditioning projections (action_every_layer); 0 = zero, so a
+    # loaded predictor without them is unchanged
+    layer_cond_init_std: float = 0.0
     # EMA target-encoder momentum at step 0 (I-JEPA: 0.996)
     ema_momentum_start: float = 0.996
     # EMA momentum at the last training step (I-JEPA: 1.0)
@@ -120,6 +128,8 @@ class IWMConfig:
             raise ValueError("IWMConfig.inverse_dynamics needs num_actions > 0: the head "
                              "predicts a discrete action id")
         _check_float("pred_mlp_ratio", self.pred_mlp_ratio, 0.25, 64.0)
+        _check_float("action_init_std", self.action_init_std, 0.0, 10.0)
+        _check_float("layer_cond_init_std", self.layer_cond_init_std, 0.0, 1.0)
         _check_float("dropout", self.dropout, 0.0, 0.99)
         _check_float("ema_momentum_start", self.ema_momentum_start, 0.0, 1.0)
         _check_float("ema_momentum_end", self.ema_momentum_end, self.ema_momentum_start, 1.0)

@@ -24,7 +24,13 @@ def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
 
 def vit_patch_tokens(vit: nn.Module, x: Tensor, keep: Tensor | None = None,
                      checkpointing: bool = False) -> Tensor:
-    """Patch latents of images ``x`` (B, 3, S, S): (B, N, D), or (B, K, D) for ``keep`` (B, K)."""
+    """Patch latents of images ``x`` (B, 3, S, S): (B, N, D), or (B, K, D) for ``keep`` (B, K).
+
+    An encoder whose blocks work on the whole grid (``needs_full_grid``: the conv encoder)
+    encodes every patch and then keeps those at ``keep``.
+    """
+    if keep is not None and getattr(vit, "needs_full_grid", False):
+        return gather_tokens(vit_patch_tokens(vit, x, None, checkpointing), keep)
     pre = int(getattr(vit, "num_prefix_tokens", 1))
     t = vit.patch_embed(x)  # (B, N, D)
     t = vit._pos_embed(t)  # (B, pre + N, D)

@@ -55,11 +55,13 @@ class IWMPredictor(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, p))
         self.cond_embed = nn.Sequential(nn.Linear(cfg.cond_dim, p), nn.GELU(), nn.Linear(p, p))
         self.action_embed = nn.Embedding(cfg.num_actions + 1, p) if cfg.num_actions else None
+        self.action_init_std, self.layer_cond_init_std = cfg.action_init_std, cfg.layer_cond_init_std
         self.blocks = nn.ModuleList(
             Block(p, cfg.pred_heads, mlp_ratio=cfg.pred_mlp_ratio, qkv_bias=True,
                   proj_drop=cfg.dropout, attn_drop=cfg.dropout)
             for _ in range(cfg.pred_depth))
-        # per-block conditioning (zero at init: a predictor loaded without it is unchanged)
+        # per-block conditioning (zero at init by default: a predictor loaded without it is
+        # unchanged)
         self.layer_cond = nn.ModuleList(nn.Linear(p, p) for _ in range(cfg.pred_depth)) \
             if cfg.action_every_layer else None
         self.grid = cfg.grid
@@ -80,11 +82,20 @@ class IWMPredictor(nn.Module):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
                 nn.init.trunc_normal_(m.weight, std=0.02)
+        if self.action_embed is not None and self.action_init_std != 0.02:
+            s = self.action_init_std
+            if s:
+                nn.init.trunc_normal_(self.action_embed.weight, std=s, a=-2 * s, b=2 * s)
+            else:
+                nn.init.zeros_(self.action_embed.weight)
         for i, blk in enumerate(self.blocks, start=1):  # I-JEPA fix_init_weight
             blk.attn.proj.weight.data.div_(math.sqrt(2.0 * i))
             blk.mlp.fc2.weight.data.div_(math.sqrt(2.0 * i))
         for lin in self.layer_cond or ():
-            nn.init.zeros_(lin.weight)
+            if self.layer_cond_init_std:
+                nn.init.normal_(lin.weight, std=self.layer_cond_init_std)
+            else:
+                nn.init.zeros_(lin.weight)
         for mix in self.local or ():
             nn.init.zeros_(mix.out.weight)
             nn.init.zeros_(mix.out.bias)

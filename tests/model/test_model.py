@@ -66,6 +66,7 @@ def test_config_defaults_and_derived() -> None:
     ("variant", "huge"), ("encoder_name", "no_such_net"), ("img_size", 30),
     ("pred_depth", 0), ("pred_dim", 66), ("ensemble", 1), ("cond_dim", 2.5),
     ("num_actions", -1), ("dropout", 1.5), ("ema_momentum_start", 1.1), ("pred_depth", True),
+    ("action_init_std", -0.1), ("layer_cond_init_std", "0.02"),
 ])
 def test_config_rejects_bad_values(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
@@ -193,6 +194,22 @@ def test_actions_change_the_prediction(model: IWM) -> None:
     assert torch.equal(none, model.predict(z, p, action_id=[-1]).z_cls)
 
 
+def test_action_init_std_sets_how_far_a_new_predictor_moves_with_the_action() -> None:
+    """A new predictor's next-frame prediction under two actions: almost equal at the ViT-style
+    init (on Atari ~1e-6 apart in 1 - cos, where one state's outcomes lie ~6e-3 apart); the
+    larger init starts it near the outcomes' scale. Fails if the fields are ignored (same
+    spread) or if a zero action table still moves the prediction."""
+    def spread(**kw) -> float:
+        m = tiny(num_actions=5, pred_depth=2, action_every_layer=True, **kw)
+        z, p = m.encode(frames(1))
+        a, b = (m.predict(z, p, action_id=[i]).patches.flatten() for i in (0, 3))
+        return ((a - b).norm() / a.norm()).item()
+
+    small, large = spread(), spread(action_init_std=1.0, layer_cond_init_std=0.02)
+    assert large > 10 * small, (small, large)  # measured 23x
+    assert spread(action_init_std=0.0) == 0.0  # the table is the only action input here
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 
@@ -241,6 +258,28 @@ def test_training_path_has_gradients() -> None:
     assert ema.update(0) == pytest.approx(0.996)
 
 
+def test_ema_update_is_the_momentum_average_of_every_weight() -> None:
+    """target <- m target + (1 - m) source for every parameter (against float64 by hand, as
+    the multi-tensor update must stay), buffers copied."""
+    torch.manual_seed(0)
+    src, tgt = (torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+                for _ in range(2))
+    ref = {k: v.detach().double().clone() for k, v in tgt.named_parameters()}
+    ema = EMA(src, tgt, total_steps=4, start=0.9, end=1.0)
+    for step in range(3):
+        with torch.no_grad():
+            for p in src.parameters():
+                p.add_(torch.randn_like(p))
+            src[1].running_mean.add_(1.0)
+        m = ema.update(step)
+        assert m == pytest.approx(0.9 + 0.1 * step / 4)
+        for k, p in src.named_parameters():
+            ref[k] = m * ref[k] + (1 - m) * p.detach().double()
+        for k, p in tgt.named_parameters():
+            assert torch.allclose(p.double(), ref[k], rtol=0, atol=1e-6), k
+        assert torch.equal(tgt[1].running_mean, src[1].running_mean)
+
+
 def test_ema_schedule_is_pure_and_resume_exact() -> None:
     assert ema_momentum(0, 100) == pytest.approx(0.996)
     assert ema_momentum(50, 100) == pytest.approx(0.998)
@@ -278,6 +317,44 @@ def test_checkpoint_round_trip_is_bit_exact(model: IWM, tmp_path: Path) -> None:
     extra = load_checkpoint(path)["extra"]
     assert extra["step"] == 7 and extra["note"] == "hi"
     assert not list(tmp_path.glob(".*tmp*"))  # atomic write left nothing behind
+
+
+def test_the_conv_encoder_is_an_encoder_like_the_vits(tmp_path: Path) -> None:
+    """``iwm_conv64`` through the whole model: geometry, encode, predict, a bit-exact
+    checkpoint, and context masking equal to keeping cells of the full map."""
+    from iwm_bus.model.encoder import vit_patch_tokens
+
+    m = tiny(encoder_name="iwm_conv64", img_size=64, num_actions=18, action_every_layer=True,
+             local_mix=True)
+    assert (m.embed_dim, m.num_patches, m.config.grid) == (64, 64, 8)
+    z, p = m.encode(frames(2))
+    assert z.shape == (2, 64) and p.shape == (2, 64, 64)
+    pred = m.predict(z, p, action_id=[1, 4])
+    assert pred.patches.shape == (2, 64, 64)
+    save_checkpoint(m, tmp_path / "conv.pt")
+    loaded = load_iwm(tmp_path / "conv.pt", "cpu")
+    assert torch.equal(loaded.encode(frames(2))[1], p)
+    x = m.preprocess(frames(2))
+    keep = torch.tensor([[0, 9, 63], [5, 6, 7]])
+    with torch.no_grad():
+        full = vit_patch_tokens(m.encoder, x)
+        kept = vit_patch_tokens(m.encoder, x, keep)
+    assert torch.equal(kept, torch.stack([full[0, keep[0]], full[1, keep[1]]]))
+
+
+def test_a_conv_encoder_cell_sees_only_its_neighbourhood() -> None:
+    """What the conv encoder is for: a sprite changed in one corner changes the cells
+    around it and leaves the far corner's alone (a ViT's attention mixes it everywhere)."""
+    m = tiny(encoder_name="iwm_conv64", img_size=128)
+    a = frames(1, 128, 128)
+    b = a.copy()
+    b[0, :8, :8] = 255 - b[0, :8, :8]  # the top-left cell's pixels
+    (_, pa), (_, pb) = m.encode(a), m.encode(b)
+    moved = (pa - pb).norm(dim=-1)[0].reshape(16, 16)
+    assert moved[0, 0] > 0.1 and moved[8:, 8:].max() == 0.0, moved
+    vit = tiny(img_size=128)
+    (_, va), (_, vb) = vit.encode(a), vit.encode(b)
+    assert (va - vb).norm(dim=-1)[0].reshape(8, 8)[4:, 4:].min() > 0
 
 
 def test_checkpoint_target_encoder(tmp_path: Path) -> None:
