@@ -18,7 +18,9 @@ from iwm_bus.model import IWMConfig, Objective
 from train.augment import AugConfig
 from train.masks import MaskConfig
 
-__all__ = ["RunConfig", "TrainConfig"]
+__all__ = ["ADAMW_IMPLS", "RunConfig", "TrainConfig"]
+
+ADAMW_IMPLS = ("fused", "foreach", "loop")
 
 
 def _pos_int(owner: str, name: str, v: Any, minimum: int = 1) -> None:
@@ -94,6 +96,10 @@ class TrainConfig:
     amp: bool = True
     # bf16 autocast on a CPU too (AVX512-BF16 here: a ViT-Ti step ~2-3x faster than fp32)
     cpu_amp: bool = False
+    # AdamW implementation: fused (one kernel over all parameters, CPU and CUDA), foreach (a
+    # few kernels an update) or loop (several ops per parameter: torch's CPU default and
+    # what the trainer ran before issue 24); the same update within float rounding
+    adamw: str = "fused"
     # use torch.distributed as set up by torchrun (RANK, WORLD_SIZE, LOCAL_RANK)
     ddp: bool = False
     # show a tqdm progress bar
@@ -113,6 +119,8 @@ class TrainConfig:
             _nonneg(o, name, getattr(self, name))
         if self.min_lr > self.lr:
             raise ValueError(f"{o}.min_lr={self.min_lr} must be <= lr={self.lr}")
+        if self.adamw not in ADAMW_IMPLS:
+            raise ValueError(f"{o}.adamw must be one of {ADAMW_IMPLS}, got {self.adamw!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"{o}.device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.minutes and self.ddp:  # each rank would time itself and fit its own total

@@ -36,7 +36,7 @@ from train.data import DataError, FrameStore, batch_indices, find_images, find_s
 from train.logbook import Logbook
 from train.masks import sample_masks
 
-__all__ = ["DistInfo", "Trainer", "init_model", "init_opt", "lr_at", "wd_at"]
+__all__ = ["DistInfo", "Trainer", "init_model", "init_opt", "lr_at", "set_adamw_impl", "wd_at"]
 
 COLLAPSE_STD = 0.05  # target tokens' mean per-dimension std below this = collapsing
 # steps timed before a ``minutes`` budget fits the schedule to the time left (sooner if they
@@ -134,14 +134,31 @@ def _new_predictor_parts(dst: nn.Module, src: nn.Module) -> list[str] | None:
 
 
 def init_opt(model: IWM, tc: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not biases, norms, positions, tokens)."""
+    """AdamW; weight decay on matrices only (not biases, norms, positions, tokens);
+    ``tc.adamw`` picks the implementation (:func:`set_adamw_impl`)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad or name.startswith("target_encoder."):
             continue
         (decay if p.ndim >= 2 and "pos" not in name and "token" not in name else no_decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr)
+                              {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr,
+                             fused=tc.adamw == "fused", foreach=tc.adamw == "foreach")
+
+
+def set_adamw_impl(opt: torch.optim.AdamW, impl: str) -> None:
+    """Run ``opt``'s update as ``impl``: ``fused`` (one kernel over every parameter),
+    ``foreach`` (a few kernels an update) or ``loop`` (ops per parameter). The same update
+    within float rounding. Also after ``load_state_dict``, which brings back the flags the
+    checkpoint was saved with; a fused update keeps its step counts on the parameters'
+    device, as ``AdamW(fused=True)`` makes them."""
+    for group in opt.param_groups:
+        group["fused"], group["foreach"] = impl == "fused", impl == "foreach"
+        for p in group["params"]:
+            state = opt.state.get(p)
+            if state and "step" in state:
+                state["step"] = state["step"].to(p.device if impl == "fused" else "cpu",
+                                                 torch.float32)
 
 
 def _step_gen(seed: int, step: int) -> torch.Generator:
@@ -152,7 +169,8 @@ class Trainer:
     """One training run: ``Trainer(run).run()``; ``resume`` first to continue a run."""
 
     def __init__(self, run: RunConfig, dist_info: DistInfo | None = None,
-                 store: FrameStore | None = None) -> None:
+                 store: FrameStore | None = None, cf: CounterfactualStore | None = None
+                 ) -> None:
         self.run_cfg, self.tc = run, run.train
         self.dist = dist_info or DistInfo()
         if self.tc.batch_size % self.dist.world:
@@ -167,8 +185,10 @@ class Trainer:
                                    or not self.tc.ddp else f"cuda:{self.dist.local_rank}")
         self.out = Path(self.tc.out_dir)
         self.store = store if store is not None else self.load_data()
-        self.cf = CounterfactualStore.for_sessions(self.store.sources, run.model.img_size) \
-            if run.objective.cf_weight else None
+        if cf is None and run.objective.cf_weight:
+            cf = CounterfactualStore.for_sessions(self.store.sources, run.model.img_size,
+                                                  workers=self.tc.load_workers)
+        self.cf = cf if run.objective.cf_weight else None
         self._check_data()
         self.model = init_model(run, self.device)
         self.ddp_model: nn.Module = self.model
@@ -254,9 +274,11 @@ class Trainer:
         fi = start[:, None] + torch.arange(SEQ_LEN)  # (b, 4)
         u8 = self.store.frames[fi]  # (b, 4, S, S, 3)
         b = u8.shape[0]
-        flat = u8.reshape(b * SEQ_LEN, -1)
-        pos = flat.view(b, SEQ_LEN, -1)[:, 2:]  # (b, 2, F): the positives t+1, t+2
-        same = (pos[:, :, None] == flat[None, None]).all(-1)  # (b, 2, 4b)
+        # which of the 4b frames are pixel copies of each positive (t+1, t+2): frames numbered
+        # by content, O(b) memory; comparing every pair pixel by pixel made a (b, 2, 4b, S*S*3)
+        # mask, 6 GB and seconds a step at batch 256
+        _, ids = torch.unique(u8.reshape(b * SEQ_LEN, -1), dim=0, return_inverse=True)  # (4b,)
+        same = ids.view(b, SEQ_LEN)[:, 2:, None] == ids[None, None]  # (b, 2, 4b)
         batch = {"seq_frames": self._unit(u8.flatten(0, 1)).unflatten(0, (b, SEQ_LEN)),
                  "seq_actions": self.store.action_id[fi].to(dev), "seq_same": same.to(dev),
                  "boot": boot.to(dev)}
@@ -271,8 +293,9 @@ class Trainer:
         return batch
 
     def _unit(self, u8: Tensor) -> Tensor:
-        """uint8 (n, S, S, 3) -> the encoder's input (n, 3, S, S) on the device."""
-        return self.model.normalise_unit(u8.permute(0, 3, 1, 2).float() / 255.0)
+        """uint8 (n, S, S, 3) -> the encoder's input (n, 3, S, S) on the device (moved as
+        uint8: a quarter of the bytes of float, converted there)."""
+        return self.model.normalise_unit(u8.to(self.device).permute(0, 3, 1, 2).float() / 255.0)
 
     def _views(self, gen: torch.Generator, frames: Tensor, sl: slice, boot: Tensor
                ) -> dict[str, Tensor]:
@@ -325,10 +348,16 @@ class Trainer:
         m = self.ema.update(step) if not self.run_cfg.objective.freeze_encoder or tc.phase == 1 \
             else 1.0
         t4 = time.perf_counter()
+        # every metric of the step read at once: the one wait for the device a step (on a GPU
+        # the times above are then launch times; t_wait is the rest of the device's work)
+        with torch.no_grad():
+            values = torch.stack([*out.values(), gnorm]).tolist()
+        t5 = time.perf_counter()
         self.step = step + 1
-        return {**{k: float(v.detach()) for k, v in out.items()}, "lr": lr, "wd": wd,
-                "grad_norm": float(gnorm), "ema_momentum": m, "t_data": t1 - t0,
-                "t_forward": t2 - t1, "t_backward": t3 - t2, "t_ema": t4 - t3}
+        return {**dict(zip(out, values[:-1], strict=True)), "lr": lr, "wd": wd,
+                "grad_norm": values[-1], "ema_momentum": m, "t_data": t1 - t0,
+                "t_forward": t2 - t1, "t_backward": t3 - t2, "t_ema": t4 - t3,
+                "t_wait": t5 - t4}
 
     # -- checkpoints
 
@@ -359,6 +388,7 @@ class Trainer:
                                   "run's; resume with the same preset and flags")
         self.model.load_state_dict(payload["state_dict"], strict=True)
         self.opt.load_state_dict(extra["optimizer"])
+        set_adamw_impl(self.opt, self.tc.adamw)
         self.ema.load_state_dict(extra["ema"])
         self.step = int(extra["step"])
         if self.tc.minutes:  # a budgeted run's schedule is the one it fitted

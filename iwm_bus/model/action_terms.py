@@ -122,20 +122,22 @@ def action_loss(model: Any, batch: dict[str, Tensor], obj: Objective) -> dict[st
             inv = inv + inv_cf
         total = total + obj.inverse_weight * inv
     out["loss"] = total + regulariser(obj, z_all, out)
-    out.update({k: torch.tensor(v) for k, v in collapse_stats(z.detach().flatten(0, 1)).items()})
+    out.update(collapse_stats(z.detach().flatten(0, 1)))
     return out
 
 
 def _inverse(model: Any, z: Tensor, acts: Tensor, out: dict[str, Tensor]) -> Tensor:
     """Cross-entropy of the inverse head on the factual pairs (t-1, t), (t, t+1), (t+1, t+2)
-    whose action is known."""
+    whose action is known. Every pair goes through the head and those of no action (-1, an
+    episode's first frame) weigh 0: a boolean index would wait for the device on a GPU."""
     z0 = z[:, :-1].flatten(0, 1)  # (3B, N, D)
     z1 = z[:, 1:].flatten(0, 1)
     a = acts[:, 1:].flatten()  # (3B,)
-    known = a >= 0
-    if not known.any():
-        return z.new_zeros(())
-    logits = model.inverse(z0[known], z1[known])
-    loss = F.cross_entropy(logits, a[known])
-    out["inverse"], out["inverse_acc"] = loss.detach(), _accuracy(logits, a[known])
+    known = (a >= 0).float()  # (3B,)
+    n = known.sum().clamp_min(1.0)
+    logits = model.inverse(z0, z1)  # (3B, A)
+    nll = F.cross_entropy(logits, a.clamp_min(0), reduction="none")  # (3B,)
+    loss = (nll * known).sum() / n
+    out["inverse"] = loss.detach()
+    out["inverse_acc"] = ((logits.argmax(-1) == a).float() * known).sum().detach() / n
     return loss

@@ -43,11 +43,15 @@ class EMA:
     def update(self, step: int) -> float:
         """Apply the EMA update for training step ``step``; returns the momentum used."""
         m = self.momentum(step)
-        tgt = list(self.target.parameters())
-        src = [p.detach() for p in self.source.parameters()]
-        torch._foreach_lerp_(tgt, src, 1.0 - m)
-        for bt, bs in zip(self.target.buffers(), self.source.buffers(), strict=True):
-            bt.copy_(bs)
+        # one multi-tensor op for all parameters and one for all buffers (a kernel or two on
+        # a GPU, not two per tensor); under no_grad the source needs no detach
+        torch._foreach_lerp_(list(self.target.parameters()), list(self.source.parameters()),
+                             1.0 - m)
+        bt, bs = list(self.target.buffers()), list(self.source.buffers())
+        if len(bt) != len(bs):
+            raise ValueError(f"EMA target has {len(bt)} buffers, source {len(bs)}")
+        if bt:
+            torch._foreach_copy_(bt, bs)
         self.step = step + 1
         return m
 

@@ -162,20 +162,26 @@ def vicreg_terms(tokens: Tensor) -> tuple[Tensor, Tensor]:
     return var, off.square().sum() / x.shape[1]
 
 
-@torch.no_grad()
-def effective_rank(x: Tensor, max_rows: int = 1024) -> float:
-    """Effective rank (Roy & Vetterli 2007): exp of the entropy of the normalised singular values."""
+def _effective_rank(x: Tensor, max_rows: int) -> Tensor:
     x = x.float().reshape(-1, x.shape[-1])[:max_rows]
     s = torch.linalg.svdvals(x - x.mean(0))
     p = s / s.sum().clamp_min(1e-12)
-    return float(torch.exp(-(p * (p + 1e-12).log()).sum()))
+    return torch.exp(-(p * (p + 1e-12).log()).sum())
 
 
 @torch.no_grad()
-def collapse_stats(targets: Tensor) -> dict[str, float]:
-    """Per-dimension std (mean over dims) and effective rank of target tokens (B, T, D)."""
+def effective_rank(x: Tensor, max_rows: int = 1024) -> float:
+    """Effective rank (Roy & Vetterli 2007): exp of the entropy of the normalised singular values."""
+    return float(_effective_rank(x, max_rows))
+
+
+@torch.no_grad()
+def collapse_stats(targets: Tensor) -> dict[str, Tensor]:
+    """Per-dimension std (mean over dims) and effective rank of target tokens (B, T, D), as
+    0-dim tensors on their device: reading them waits for the device, which the trainer
+    does once a step for every metric together."""
     flat = targets.float().reshape(-1, targets.shape[-1])
-    return {"target_std": float(flat.std(0).mean()), "target_rank": effective_rank(flat)}
+    return {"target_std": flat.std(0).mean(), "target_rank": _effective_rank(flat, 1024)}
 
 
 def boot_weights(batch: dict[str, Tensor], ensemble: int, b: int, ref: Tensor) -> Tensor:
@@ -244,7 +250,7 @@ def views_loss(model: Any, batch: dict[str, Tensor], obj: Objective) -> dict[str
         out["nce"] = nce.detach()
         loss = loss + obj.views_nce_weight * nce
     out["loss"] = loss + regulariser(obj, ctx, out)
-    out.update({k: torch.tensor(v) for k, v in collapse_stats(target).items()})
+    out.update(collapse_stats(target))
     return out
 
 
@@ -309,7 +315,7 @@ def dynamics_loss(model: Any, batch: dict[str, Tensor], obj: Objective) -> dict[
         out["global"] = glob.detach()
         total = total + obj.global_weight * glob
     out["loss"] = total + regulariser(obj, ctx, out)
-    out.update({kk: torch.tensor(v) for kk, v in collapse_stats(target[:, 1:]).items()})
+    out.update(collapse_stats(target[:, 1:]))
     return out
 
 

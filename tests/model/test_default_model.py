@@ -40,6 +40,25 @@ def test_shipped_checkpoint_loads_and_matches_its_eval_summary() -> None:
     assert info["data"]["sessions"], "the training data is named"
 
 
+@pytest.mark.games
+def test_the_default_tells_its_actions_apart_on_states_it_never_saw() -> None:
+    """Issue 23: from cloned emulator states of other seeds than training, the shipped model
+    ranks the next frame under its own action above the other actions' next frames, beyond
+    what any model that ignores the action can reach (the action-blind oracle) and beyond
+    itself fed the wrong action. Red for a predictor that ignores or confuses the action."""
+    pytest.importorskip("ale_py")
+    from iwm_bus.model import load_iwm
+    from train.counterfactual import counterfactual_sets
+    from train.evaluate import EvalConfig, action_discrimination
+
+    m = load_iwm(DEFAULT_CHECKPOINT)
+    sets = [s for i, g in enumerate(("ALE/Breakout-v5", "ALE/Seaquest-v5"))
+            for s in counterfactual_sets(g, 12, seed=7000 + i)]
+    r = action_discrimination(m, sets, EvalConfig())
+    assert r["model"] >= r["oracle"] + 0.1, r
+    assert r["model"] >= r["shuffled"] + 0.15 and r["model"] >= r["no_action"] + 0.15, r
+
+
 def test_the_worker_loads_the_default_unless_told_otherwise() -> None:
     from workers.encoder import load_model
 

@@ -1,5 +1,6 @@
-"""train/recipes/actions.sh end to end at toy size: counterfactual data, training from the
-v1 default read from git history, the seen / unseen eval and the export (issue 23)."""
+"""train/recipes/actions.sh end to end at toy size: counterfactual data, training (the conv
+preset from scratch; the ViT preset from the v1 default read from git history), the seen /
+unseen eval and the export (issue 23)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ pytestmark = [pytest.mark.games, pytest.mark.timeout(300)]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_actions_recipe_runs_at_toy_size(tmp_path: Path) -> None:
+@pytest.mark.parametrize("preset", ["cpu-actions-conv", "cpu-actions"])
+def test_actions_recipe_runs_at_toy_size(tmp_path: Path, preset: str) -> None:
     pytest.importorskip("ale_py")
     env = {**os.environ, "DATA": str(tmp_path / "data"), "RUN": str(tmp_path / "run"),
            "SHIP": str(tmp_path / "ship.pt"), "GAMES": "ALE/Pong-v5", "DOOM": "basic",
            "FRAMES": "40", "HELDOUT_GAMES": "pong", "HELDOUT_FRAMES": "120",
            "UNSEEN": "ALE/Boxing-v5", "SEEN_EVAL": "ALE/Pong-v5", "CF_STATES": "2",
-           "TRAIN_STEPS": "2", "PYTHON": sys.executable,
+           "TRAIN_STEPS": "2", "PYTHON": sys.executable, "PRESET": preset,
            "TRAIN_ARGS": "--set train.batch_size=4 --set train.cf_states=2",
            "EVAL_ARGS": "--bank 16 --aug_images 1 --cut_gap 10 --max_transitions 32"}
     r = subprocess.run(["bash", str(ROOT / "train/recipes/actions.sh")], env=env,
@@ -37,4 +39,6 @@ def test_actions_recipe_runs_at_toy_size(tmp_path: Path) -> None:
     info = shipped.provenance
     assert info["name"] == "iwm-default-v2" and info["recipe"] == "train/recipes/actions.sh"
     assert shipped.config.inverse_dynamics and shipped.config.local_mix
+    assert shipped.config.encoder_name == ("iwm_conv64" if preset == "cpu-actions-conv"
+                                           else "vit_tiny_patch16_224")
     assert info["eval"]["action_discrimination"]["unseen"]["games"] == ["ALE/Boxing-v5"]

@@ -71,6 +71,22 @@ def test_sampled_queries_point_at_their_actions_outcome(tmp_path: Path) -> None:
     assert len(s0) >= 2 and not torch.equal(s0[0], s0[1])
 
 
+def test_sidecars_read_by_workers_make_the_same_store(tmp_path: Path) -> None:
+    """``workers`` > 1 (the GPU host reads 36 sidecars with all its cores): the same store."""
+    sessions = []
+    for seed in (3, 4, 5):
+        w = CounterfactualWriter("control", seed)
+        for i, s in enumerate(control_sets(5, seed=seed)):
+            w.add(i, s)
+        sessions.append(tmp_path / f"control-s{seed}.mcap")
+        w.write(sidecar_path(sessions[-1]))
+    one = CounterfactualStore.for_sessions(sessions, img_size=16)
+    many = CounterfactualStore.for_sessions(sessions, img_size=16, workers=2)
+    for f in ("frames", "outcomes", "offsets", "outcome_of"):
+        assert torch.equal(getattr(one, f), getattr(many, f)), f
+    assert one.sources == many.sources and len(one) > 5  # more than one sidecar's states
+
+
 def test_recorded_sidecar_holds_what_the_emulator_shows(tmp_path: Path) -> None:
     from workers.sources import open_source
 

@@ -21,10 +21,17 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def test_an_int8_worker_serves_the_int8_model(tmp_path):
+    """int8 quantises the Linear layers (dynamic quantisation): the shipped conv encoder has
+    none, its predictor does, so the worker's int8 prediction is told apart from fp32."""
     frame = np.random.default_rng(0).integers(0, 255, (210, 160, 3), np.uint8)
     path = default_checkpoint()
-    fp32 = load_iwm(path, "cpu").encode(frame)[0][0].numpy()
-    int8 = set_precision(load_iwm(path, "cpu"), "int8").encode(frame)[0][0].numpy()
+
+    def predicted(m):
+        z, p = m.encode(frame)
+        return z[0].numpy(), p[0].numpy(), m.predict(z, p, action_id=[3]).z_cls[0].numpy()
+
+    _, _, fp32 = predicted(load_iwm(path, "cpu"))
+    z8, p8, int8 = predicted(set_precision(load_iwm(path, "cpu"), "int8"))
     assert not np.allclose(int8, fp32, atol=1e-4)  # the two are told apart below
     sc = Sidecar("--source", "synthetic", "--duration", "60", "--no-standby", "--agent", "none",
                  "--precision", "int8")
@@ -34,7 +41,9 @@ def test_an_int8_worker_serves_the_int8_model(tmp_path):
         # test may run, not the client's default 5 s (a slow machine took longer)
         with IWMClient(sc.run_dir, timeout_s=90) as client:
             assert client.health()["precision"] == "int8"
-            got = client.encode_image(frame).z_cls
+            enc = client.encode_image(frame, patches=True)
+            got = client.predict_next(enc.z_cls, action=3, patches=enc.patches).z_cls_pred
+        np.testing.assert_allclose(enc.z_cls, z8, atol=1e-5)
         np.testing.assert_allclose(got, int8, atol=1e-5)
     finally:
         sc.close()

@@ -3,7 +3,7 @@
 # and 5 ViZDoom scenarios, train the counterfactual / temporal / inverse-dynamics terms from
 # the previous default, evaluate on held-out seeds and on ALE games never trained on, export.
 #
-#   bash train/recipes/actions.sh                     # everything (~2 h on this 2-core CPU)
+#   bash train/recipes/actions.sh                     # everything (~75 min on this 2-core CPU)
 #   STEPS=data bash train/recipes/actions.sh          # only the data step (~6 min)
 #   STEPS="train eval" TRAIN_STEPS=3000 bash train/recipes/actions.sh
 #   STEPS=data GAMES=ALE/Pong-v5 FRAMES=100 DATA=/tmp/toy bash train/recipes/actions.sh
@@ -18,10 +18,12 @@
 #   HELDOUT_GAMES, HELDOUT_FRAMES  held-out sessions (default: the mix, 1000 frames, seed 1000)
 #   UNSEEN       ALE games kept out of training and scored as their own split
 #   CF_STATES    cloned states a game in the eval (default 30; other seeds than training)
-#   INIT         the weights training starts from (default: iwm-default-v1, the previous
-#                default, read from git history; train/recipes/default.sh rebuilds it;
-#                "none": a fresh model)
-#   TRAIN_STEPS  optimiser steps (default 1300: what iwm-default-v2 ran, ~65 min here); the
+#   PRESET       cpu-actions-conv (default: the small conv encoder, trained from scratch) or
+#                cpu-actions (the ViT-Ti of iwm-default-v1 with the action terms)
+#   INIT         the weights training starts from (default: none, a fresh model, for the conv
+#                preset; iwm-default-v1 read from git history for cpu-actions:
+#                train/recipes/default.sh rebuilds it)
+#   TRAIN_STEPS  optimiser steps (default 2200: what iwm-default-v2 ran, ~55 min here); the
 #                cosine schedule spans them (a --minutes budget would fit them to the time,
 #                but fits from the first 50 steps' speed: a busy machine then cuts it short)
 #   RUN, SHIP    run folder (default <repo>/runs/actions), export (iwm_bus/weights/default.pt)
@@ -41,7 +43,8 @@ HELDOUT_FRAMES="${HELDOUT_FRAMES:-1000}"
 UNSEEN="${UNSEEN:-ALE/Boxing-v5,ALE/Freeway-v5,ALE/Frogger-v5,ALE/Krull-v5}"
 SEEN_EVAL="${SEEN_EVAL:-ALE/Pong-v5,ALE/Breakout-v5,ALE/MsPacman-v5,ALE/Seaquest-v5,ALE/SpaceInvaders-v5}"
 CF_STATES="${CF_STATES:-30}"
-TRAIN_STEPS="${TRAIN_STEPS:-1300}"
+TRAIN_STEPS="${TRAIN_STEPS:-2200}"
+PRESET="${PRESET:-cpu-actions-conv}"
 RUN="${RUN:-$ROOT/runs/actions}"
 SHIP="${SHIP:-$ROOT/iwm_bus/weights/default.pt}"
 TRAIN_ARGS="${TRAIN_ARGS:-}"
@@ -69,13 +72,16 @@ if want data; then
 fi
 
 # ------------------------------------------------------------------------------ TRAIN STEP
-# Preset cpu-actions (train/presets.py): the v1 model (ViT-Ti, 6 blocks, patch 8, 64 px;
-# 3-layer predictor) with the action in every predictor block, a 3x3 action-conditioned
-# convolution over the token grid before each block, and an inverse-dynamics head; each step
-# 16 factual samples (frames t-1..t+2) and 16 counterfactual states (up to 6 outcomes each),
-# bf16 autocast on the CPU (~2.5 s a step here). Resumes from RUN/last.pt.
+# Preset cpu-actions-conv (train/presets.py): a conv encoder to a 64 x 8 x 8 map at 64 px
+# (iwm_bus/model/conv_encoder.py) and a 3-block predictor with the action in every block, a
+# 3x3 action-conditioned convolution over the token grid before each block, and an
+# inverse-dynamics head; each step 24 factual samples (frames t-1..t+2) and 24 counterfactual
+# states (up to 6 outcomes each), bf16 autocast on the CPU (~1.5 s a step here; the
+# counterfactual accuracy leaves chance after ~700 steps). cpu-actions: the same terms on
+# iwm-default-v1's ViT-Ti (~2.7 s a step; still at chance after 300). Resumes from RUN/last.pt.
 if want train; then
-    INIT="${INIT:-$RUN/iwm-default-v1.pt}"
+    if [[ "$PRESET" == cpu-actions ]]; then INIT="${INIT:-$RUN/iwm-default-v1.pt}"; fi
+    INIT="${INIT:-none}"
     init=()
     if [[ "$INIT" != none ]]; then
         if [[ ! -f "$INIT" ]]; then
@@ -89,7 +95,7 @@ if want train; then
         init=(--init_from "$INIT")
     fi
     # shellcheck disable=SC2086
-    "$PYTHON" -m train --preset cpu-actions --sessions "$DATA/train" "${init[@]}" \
+    "$PYTHON" -m train --preset "$PRESET" --sessions "$DATA/train" "${init[@]}" \
         --steps "$TRAIN_STEPS" --out_dir "$RUN" --resume auto --no_progress $TRAIN_ARGS
 fi
 

@@ -5,12 +5,16 @@ if [[ -n "${WHEELS:-}" ]]; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/iwm-site "$WHEELS"/*.whl
     export PYTHONPATH="/tmp/iwm-site${PYTHONPATH:+:$PYTHONPATH}"
-    # ViZDoom's gymnasium wrapper imports pygame for human rendering; rgb_array rendering
-    # only makes a pygame.time.Clock it never ticks, and close() calls pygame.quit()
     rm -rf /tmp/iwm-site/pygame
-    "$PYTHON" -c "import pygame" 2>/dev/null || { mkdir -p /tmp/iwm-site/pygame
-        printf '%s\n' '"""Stand-in for rgb_array rendering."""' 'import types' \
-            'time = types.SimpleNamespace(Clock=lambda: None)' 'def quit(): pass' \
-            >/tmp/iwm-site/pygame/__init__.py; }
+fi
+# ViZDoom's gymnasium wrapper imports pygame for human rendering; rgb_array rendering only
+# makes a pygame.time.Clock it never ticks, and close() calls pygame.quit(): where pygame is
+# missing (with or without WHEELS), a stand-in
+if ! "$PYTHON" -c "import pygame" >/dev/null 2>&1; then
+    mkdir -p /tmp/iwm-stub/pygame
+    printf '%s\n' '"""Stand-in for rgb_array rendering."""' 'import types' \
+        'time = types.SimpleNamespace(Clock=lambda: None)' 'def quit(): pass' \
+        >/tmp/iwm-stub/pygame/__init__.py
+    export PYTHONPATH="/tmp/iwm-stub${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
