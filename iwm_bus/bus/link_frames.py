@@ -340,30 +340,11 @@ class LinkFrameSubscriber(Subscriber):
     ``decoder.bad`` (logged, rate-limited), and either is dropped; neither stops it. Parts
     are received without a copy, so a raw frame is read from ZeroMQ's own buffer."""
 
+    copy_parts = False
+
     def __init__(self, endpoints: Iterable[str], topics: Iterable[str], **kwargs: Any) -> None:
         super().__init__(endpoints, topics, **kwargs)
         self.decoder = FrameDecoder()
-
-    def recv(self, timeout_ms: int = 1000) -> tuple[str, dict[str, Any]] | None:
-        deadline = time.monotonic() + timeout_ms / 1000
-        wait = timeout_ms
-        while self.sock.poll(wait, zmq.POLLIN):
-            got = self.decode(self.sock.recv_multipart(zmq.NOBLOCK, copy=False))
-            if got is not None:
-                return got
-            wait = max(0, int((deadline - time.monotonic()) * 1000))
-        return None
-
-    def drain(self, handle: Any, budget: int = 1000) -> int:
-        for n in range(budget):
-            try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return n
-            got = self.decode(frames)
-            if got is not None:
-                handle(*got)
-        return budget
 
     def decode(self, frames: Sequence[Any]) -> tuple[str, dict[str, Any]] | None:
         """``(topic, notice)`` with the notice's pixels decoded; None (counted) when

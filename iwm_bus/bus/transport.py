@@ -256,6 +256,9 @@ class Subscriber:
     logged in one line naming both versions).
     """
 
+    # whether parts are received as bytes (copied out of ZeroMQ) or as zmq.Frame views
+    copy_parts = True
+
     def __init__(self, endpoints: Iterable[str], topics: Iterable[str], *,
                  hwm: int = DEFAULT_HWM, ctx: zmq.Context | None = None,
                  secure: Callable[[zmq.Socket], None] | None = None) -> None:
@@ -273,7 +276,7 @@ class Subscriber:
         deadline = time.monotonic() + timeout_ms / 1000
         wait = timeout_ms
         while self.sock.poll(wait, zmq.POLLIN):
-            got = self.decode(self.sock.recv_multipart(zmq.NOBLOCK))
+            got = self.decode(self.sock.recv_multipart(zmq.NOBLOCK, copy=self.copy_parts))
             if got is not None:
                 return got
             wait = max(0, int((deadline - time.monotonic()) * 1000))
@@ -284,7 +287,7 @@ class Subscriber:
         msg)`` without waiting (malformed ones are counted); the number taken."""
         for n in range(budget):
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=self.copy_parts)
             except zmq.Again:
                 return n
             got = self.decode(frames)
