@@ -48,6 +48,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from iwm_bus.extras import require
+
+# the wrapper starts a capture and a worker (the model) beside the game: the sidecar's extra
+require("sidecar", "agent_bridge.gym")
+
 import gymnasium
 import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv, VectorWrapper

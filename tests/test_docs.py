@@ -30,9 +30,9 @@ README = ROOT / "README.md"
 CLI_DOC = ROOT / "docs" / "cli.md"
 MARKDOWN = [README, ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
 README_LIMIT = 12_000
-#: the Quick start's two commands, as they have always been (CI runs the second: .ci/run)
+#: the Quick start's two commands (CI runs the second: .ci/run; the first installs the sidecar extra)
 QUICK_START = (
-    "python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/iwm-launch",
+    "python3 -m venv .venv && .venv/bin/pip install -e '.[sidecar]' && .venv/bin/iwm-launch",
     "python3 -m venv .venv && .venv/bin/pip install -q -e '.[test,games,bench]' && .venv/bin/pytest",
 )
 FLAG_RE = re.compile(r"(?<![\w-])--[a-zA-Z][\w-]*")

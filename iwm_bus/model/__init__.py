@@ -12,6 +12,10 @@
 - :mod:`~iwm_bus.model.precision` - inference precision: fp32, bf16 autocast, int8 (CPU).
 """
 
+from iwm_bus.extras import require
+
+require("sidecar", "iwm_bus.model", "torch", "timm")  # one clear line in a client-only install
+
 from iwm_bus.model.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,

@@ -8,6 +8,10 @@ index of a file, or of what a killed recorder left), ``video`` (MP4 export) and 
     from iwm_bus.session import SessionReader, SessionWriter
 """
 
+from iwm_bus.extras import require
+
+require("sidecar", "iwm_bus.session", "mcap", "zstandard", "tqdm")  # one clear line if not installed
+
 from iwm_bus.session.codec import (
     ACTIONS_TOPIC,
     FORMAT_VERSION,

@@ -372,6 +372,15 @@ def test_ale_takes_the_full_action_set_without_sticky_actions() -> None:
         open_source("gym:ALE/Breakout-v5", env_kwargs={"full_action_space": False})
     with pytest.raises(ValueError, match="actions must be one of"):
         open_source("gym:ALE/Breakout-v5", actions="minimal")
+    # a game whose full set is smaller than the shared 18: refused up front, not an IndexError
+    # from env.step when the agent sends id 9
+    with pytest.raises(ValueError, match="ALE/Skiing-v5 has 9 actions even with full_action"):
+        open_source("gym:ALE/Skiing-v5", seed=0)
+    skiing = open_source("gym:ALE/Skiing-v5", seed=0, actions="native")
+    try:
+        assert skiing.action_space["n"] == 3  # its minimal set
+    finally:
+        skiing.close()
 
 
 @pytest.mark.games

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from iwm_bus.actions import ALE_ENV_KWARGS, doom_button_table, shared_action_space
+from iwm_bus.actions import ALE_ENV_KWARGS, NUM_ACTIONS, doom_button_table, shared_action_space
 from workers.sources.base import SourceBase, SourceError, SourceFrame, as_rgb_frame, bad_spec
 
 __all__ = ["ACTION_MODES", "GymSource", "game_kwargs"]
@@ -134,6 +134,11 @@ class GymSource(SourceBase):
                 self._id_table = self._doom_table()
                 self._kind, self.action_space = "discrete", shared_action_space()
             elif actions == "shared" and _is_ale(env_id):
+                n = getattr(self.env.action_space, "n", None)
+                if n != NUM_ACTIONS:  # a few games (Skiing: 9) list no more, even full
+                    raise bad_spec(self.spec, f"{env_id} has {n} actions even with "
+                                              f"full_action_space=True, not the shared "
+                                              f"{NUM_ACTIONS}; pass actions='native'")
                 self.action_space = shared_action_space()
         except (ValueError, SourceError):
             self.env.close()
