@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # The action-aware default world model (issue 23): record counterfactual data from 36 ALE games
 # and 5 ViZDoom scenarios, train the counterfactual / temporal / inverse-dynamics terms from
-# the previous default, evaluate on held-out seeds and on ALE games never trained on, export.
+# scratch, widen: go on from that run's step 1800 with 22 more ALE games, evaluate on held-out
+# seeds and on ALE games never trained on, export (iwm-default-v3).
 #
-#   bash train/recipes/actions.sh                     # everything (~75 min on this 2-core CPU)
-#   STEPS=data bash train/recipes/actions.sh          # only the data step (~6 min)
+#   bash train/recipes/actions.sh                     # everything (~2.5 h on this 2-core CPU)
+#   STEPS=data bash train/recipes/actions.sh          # only the data step (~10 min)
 #   STEPS="train eval" TRAIN_STEPS=3000 bash train/recipes/actions.sh
 #   STEPS=data GAMES=ALE/Pong-v5 FRAMES=100 DATA=/tmp/toy bash train/recipes/actions.sh
 #
 # Knobs (environment):
-#   STEPS        which of "data train eval" (default: all three)
+#   STEPS        which of "data train widen eval" (default: all four; without widen the
+#                eval and export take the first run, as iwm-default-v2 was)
 #   DATA         data folder (default <repo>/data/actions; data/ is git-ignored)
 #   PYTHON       interpreter (default <repo>/.venv/bin/python, else python3)
 #   GAMES        ALE games of the training mix, comma-separated (default: the 36 below)
+#   MORE_GAMES   ALE games the widen step adds (default: the 22 below; data in DATA/more)
 #   DOOM         ViZDoom scenarios beside them, factual play only (default: train.record's doom)
 #   FRAMES       frames a training session (default 2000; a counterfactual state every 2nd)
 #   HELDOUT_GAMES, HELDOUT_FRAMES  held-out sessions (default: the mix, 1000 frames, seed 1000)
@@ -26,7 +29,11 @@
 #   TRAIN_STEPS  optimiser steps (default 2200: what iwm-default-v2 ran, ~55 min here); the
 #                cosine schedule spans them (a --minutes budget would fit them to the time,
 #                but fits from the first 50 steps' speed: a busy machine then cuts it short)
-#   RUN, SHIP    run folder (default <repo>/runs/actions), export (iwm_bus/weights/default.pt)
+#   WIDEN_INIT   the checkpoint the widen step starts from, weights and predictor (default
+#                RUN/step_0001800.pt: iwm-default-v2)
+#   WIDEN_STEPS  its optimiser steps (default 2400, peak lr 5e-4, warmup 50; ~70 min here)
+#   RUN, SHIP    run folder (default <repo>/runs/actions; the widen step's: RUN-wide), export
+#                (iwm_bus/weights/default.pt)
 #   TRAIN_ARGS, EVAL_ARGS  extra iwm-train / iwm-eval flags
 set -euo pipefail
 
@@ -34,18 +41,21 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 DATA="${DATA:-$ROOT/data/actions}"
 # shellcheck source=train/recipes/common.sh
 source "$ROOT/train/recipes/common.sh"  # PYTHON, want
-STEPS="${STEPS:-data train eval}"
+STEPS="${STEPS:-data train widen eval}"
 GAMES="${GAMES:-ALE/Pong-v5,ALE/Breakout-v5,ALE/MsPacman-v5,ALE/Seaquest-v5,ALE/SpaceInvaders-v5,ALE/Alien-v5,ALE/Amidar-v5,ALE/Asterix-v5,ALE/BankHeist-v5,ALE/BeamRider-v5,ALE/Centipede-v5,ALE/ChopperCommand-v5,ALE/DemonAttack-v5,ALE/Frostbite-v5,ALE/Gopher-v5,ALE/Hero-v5,ALE/Kangaroo-v5,ALE/Qbert-v5,ALE/Riverraid-v5,ALE/RoadRunner-v5,ALE/TimePilot-v5,ALE/Venture-v5,ALE/Tennis-v5,ALE/Enduro-v5,ALE/Asteroids-v5,ALE/Atlantis-v5,ALE/Berzerk-v5,ALE/CrazyClimber-v5,ALE/Jamesbond-v5,ALE/KungFuMaster-v5,ALE/NameThisGame-v5,ALE/Phoenix-v5,ALE/StarGunner-v5,ALE/UpNDown-v5,ALE/WizardOfWor-v5,ALE/Zaxxon-v5}"
+MORE_GAMES="${MORE_GAMES:-ALE/Assault-v5,ALE/BattleZone-v5,ALE/Bowling-v5,ALE/Carnival-v5,ALE/Defender-v5,ALE/DoubleDunk-v5,ALE/ElevatorAction-v5,ALE/FishingDerby-v5,ALE/Gravitar-v5,ALE/IceHockey-v5,ALE/JourneyEscape-v5,ALE/MontezumaRevenge-v5,ALE/Pitfall-v5,ALE/Pooyan-v5,ALE/PrivateEye-v5,ALE/Robotank-v5,ALE/Solaris-v5,ALE/Tutankham-v5,ALE/VideoPinball-v5,ALE/YarsRevenge-v5,ALE/AirRaid-v5,ALE/Adventure-v5}"
 DOOM="${DOOM:-doom}"
 FRAMES="${FRAMES:-2000}"
 HELDOUT_GAMES="${HELDOUT_GAMES:-mix}"
 HELDOUT_FRAMES="${HELDOUT_FRAMES:-1000}"
-UNSEEN="${UNSEEN:-ALE/Boxing-v5,ALE/Freeway-v5,ALE/Frogger-v5,ALE/Krull-v5}"
+UNSEEN="${UNSEEN:-ALE/Boxing-v5,ALE/Freeway-v5,ALE/Frogger-v5,ALE/Krull-v5,ALE/Galaxian-v5,ALE/DonkeyKong-v5,ALE/MarioBros-v5,ALE/KeystoneKapers-v5,ALE/Pacman-v5,ALE/MrDo-v5,ALE/Kaboom-v5,ALE/Turmoil-v5}"
 SEEN_EVAL="${SEEN_EVAL:-ALE/Pong-v5,ALE/Breakout-v5,ALE/MsPacman-v5,ALE/Seaquest-v5,ALE/SpaceInvaders-v5}"
 CF_STATES="${CF_STATES:-30}"
 TRAIN_STEPS="${TRAIN_STEPS:-2200}"
 PRESET="${PRESET:-cpu-actions-conv}"
 RUN="${RUN:-$ROOT/runs/actions}"
+WIDEN_INIT="${WIDEN_INIT:-$RUN/step_0001800.pt}"
+WIDEN_STEPS="${WIDEN_STEPS:-2400}"
 SHIP="${SHIP:-$ROOT/iwm_bus/weights/default.pt}"
 TRAIN_ARGS="${TRAIN_ARGS:-}"
 EVAL_ARGS="${EVAL_ARGS:-}"
@@ -66,6 +76,10 @@ if want data; then
             --seeds 0 --jobs 2 --counterfactual 2 --skip-existing
         "$PYTHON" -m train.record --out "$DATA/train" --games "$DOOM" --frames "$FRAMES" \
             --seeds 0 --jobs 2 --skip-existing
+        if want widen; then
+            "$PYTHON" -m train.record --out "$DATA/more" --games "$MORE_GAMES" \
+                --frames "$FRAMES" --seeds 0 --jobs 2 --counterfactual 2 --skip-existing
+        fi
         "$PYTHON" -m train.record --out "$DATA/heldout" --games "$HELDOUT_GAMES" \
             --frames "$HELDOUT_FRAMES" --seeds 1000 --jobs 2 --skip-existing
     )
@@ -99,14 +113,29 @@ if want train; then
         --steps "$TRAIN_STEPS" --out_dir "$RUN" --resume auto --no_progress $TRAIN_ARGS
 fi
 
+# ------------------------------------------------------------------------------ WIDEN STEP
+# iwm-default-v3: the first run's step 1800 (iwm-default-v2: its weights, predictor and heads)
+# trained on 58 ALE games instead of 36 (MORE_GAMES beside GAMES), a new cosine schedule
+# (peak 5e-4, 50 warmup steps) over WIDEN_STEPS. More games, for games never trained on.
+FINAL="$RUN"
+if want widen; then
+    FINAL="$RUN-wide"
+    # shellcheck disable=SC2086
+    "$PYTHON" -m train --preset "$PRESET" --sessions "$DATA/train" "$DATA/more" \
+        --init_from "$WIDEN_INIT" --set train.init_predictor=true --set train.warmup_steps=50 \
+        --lr 5e-4 --steps "$WIDEN_STEPS" --out_dir "$FINAL" --resume auto --no_progress \
+        $TRAIN_ARGS
+fi
+
 # ------------------------------------------------------------------------------ EVAL STEP
 # Held-out: sessions of seed 1000, counterfactual states of seeds 1000+ (the seen games) and
 # of games never trained on (UNSEEN); every baseline in the same run. ~10 minutes here.
 if want eval; then
     # shellcheck disable=SC2086
-    "$PYTHON" -m train.eval_cli --model "$RUN/last.pt" --sessions "$DATA/heldout" \
+    "$PYTHON" -m train.eval_cli --model "$FINAL/last.pt" --sessions "$DATA/heldout" \
         --games "$SEEN_EVAL" --unseen_games "$UNSEEN" --cf_states "$CF_STATES" \
-        --out "$RUN/eval" $EVAL_ARGS
-    "$PYTHON" -m train.export --from "$RUN/last.pt" --eval "$RUN/eval/eval.json" \
-        --name "iwm-default-v2" --recipe train/recipes/actions.sh --out "$SHIP"
+        --out "$FINAL/eval" $EVAL_ARGS
+    if want widen; then NAME=iwm-default-v3; else NAME=iwm-default-v2; fi
+    "$PYTHON" -m train.export --from "$FINAL/last.pt" --eval "$FINAL/eval/eval.json" \
+        --name "$NAME" --recipe train/recipes/actions.sh --out "$SHIP"
 fi
