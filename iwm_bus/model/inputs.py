@@ -41,6 +41,8 @@ def check_frames(frames: ArrayLike) -> Tensor:
 def _as_float(x: ArrayLike, name: str, device: torch.device) -> Tensor:
     if not isinstance(x, Tensor | np.ndarray | list | tuple):
         raise ValueError(f"{name} must be an array or tensor, got {type(x).__name__}")
+    if isinstance(x, np.ndarray) and not x.flags.writeable:  # a received buffer: torch warns
+        x = x.copy()
     t = torch.as_tensor(x)
     if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
         raise ValueError(f"{name} must be a float array, got dtype {t.dtype}")
