@@ -6,7 +6,10 @@ iteration scores ``samples`` candidates with **one batched rollout** (one RPC wh
 function is the client's), keeps the ``elites`` cheapest and refits the sampling distribution
 (Gaussian per step and dimension; categorical per step). The cost of a candidate is the
 distance of its predicted final latent to a goal latent (CLS; patches optional), optionally
-plus the predicted uncertainty. ``act()`` is receding-horizon control: plan, execute the first
+plus the predicted uncertainty. With ``patch_focus`` the patch term weighs each patch by how far
+the goal's patch lies from the start's, so the cost looks where the goal differs from now and
+not at the parts of the scene the actions cannot reach (whose prediction errors otherwise
+decide between candidates). ``act()`` is receding-horizon control: plan, execute the first
 action, shift the plan one step and warm-start the next call from it. ``RandomShootingPlanner``
 spends the same budget (same calls, same candidates) on samples from the initial distribution;
 it is the baseline CEM must beat.
@@ -40,7 +43,7 @@ from iwm_bus.actions import pad_cond
 from iwm_bus.config import check, fail
 
 __all__ = ["ActionSpace", "CEMPlanner", "Plan", "PlannerConfig", "RandomShootingPlanner",
-           "client_rollout_fn", "latent_cost", "model_rollout_fn"]
+           "client_rollout_fn", "latent_cost", "model_rollout_fn", "patch_focus_weights"]
 
 RolloutFn = Callable[[np.ndarray, np.ndarray | None, np.ndarray | None], Any]
 DISTANCES = ("l2", "surprise", "cosine")
@@ -105,6 +108,8 @@ class PlannerConfig:
     uncertainty_weight: float = 0.0
     # + weight * patch distance to goal patches (needs patches_last from the rollout_fn)
     patch_weight: float = 0.0
+    # weigh each patch by its start-to-goal distance instead of equally (needs start_patches)
+    patch_focus: bool = False
     # random seed (None = fresh entropy)
     seed: int | None = 0
 
@@ -125,6 +130,9 @@ class PlannerConfig:
         check(self, "cost_on", str, choices=("final", "all"))
         for name in ("uncertainty_weight", "patch_weight"):
             check(self, name, float, 0)
+        check(self, "patch_focus", bool)
+        if self.patch_focus and not self.patch_weight:
+            fail(self, "patch_focus", "needs patch_weight > 0 (it weighs the patch term)")
         check(self, "seed", int, 0, optional=True)
 
 
@@ -221,10 +229,24 @@ def _distance(a: np.ndarray, b: np.ndarray, kind: str) -> np.ndarray:
     return np.sqrt(((a - b) ** 2).mean(-1))
 
 
+def patch_focus_weights(start_patches: np.ndarray, goal_patches: np.ndarray, kind: str
+                        ) -> np.ndarray:
+    """Weights (P,) summing to 1: each patch's start-to-goal distance (``kind``), so patches
+    the goal leaves as they are count for nothing; equal weights when start equals goal."""
+    d = _distance(np.asarray(start_patches), np.asarray(goal_patches), kind)
+    if d.ndim != 1:
+        raise ValueError(f"start_patches {np.shape(start_patches)} and goal_patches "
+                         f"{np.shape(goal_patches)} must both be (P, D)")
+    total = d.sum()
+    return d / total if total > 0 else np.full_like(d, 1.0 / len(d))
+
+
 def latent_cost(z_seq: np.ndarray, goal: np.ndarray, cfg: PlannerConfig,
                 uncertainty: np.ndarray | None = None, patches_last: np.ndarray | None = None,
-                goal_patches: np.ndarray | None = None) -> np.ndarray:
-    """Cost (N,) of predicted latents (N, H, D) against a goal (D,) under ``cfg``."""
+                goal_patches: np.ndarray | None = None, patch_weights: np.ndarray | None = None
+                ) -> np.ndarray:
+    """Cost (N,) of predicted latents (N, H, D) against a goal (D,) under ``cfg``;
+    ``patch_weights`` (P,) replaces the patch term's plain mean (:func:`patch_focus_weights`)."""
     if cfg.cost_on == "final":
         cost = _distance(z_seq[:, -1], goal, cfg.distance)
     else:
@@ -238,8 +260,12 @@ def latent_cost(z_seq: np.ndarray, goal: np.ndarray, cfg: PlannerConfig,
         if patches_last is None or goal_patches is None:
             raise ValueError("patch_weight > 0 needs goal_patches and a rollout_fn that "
                              "returns patches_last (pass patches to the rollout_fn)")
-        cost = cost + cfg.patch_weight * _distance(patches_last, goal_patches,
-                                                   cfg.distance).mean(1)
+        d = _distance(patches_last, goal_patches, cfg.distance)  # (N, P)
+        if patch_weights is not None and patch_weights.shape != d.shape[1:]:
+            raise ValueError(f"patch_weights {patch_weights.shape} do not match the "
+                             f"{d.shape[1]} predicted patches")
+        term = d.mean(1) if patch_weights is None else d @ patch_weights
+        cost = cost + cfg.patch_weight * term
     return cost
 
 
@@ -326,9 +352,10 @@ class CEMPlanner:
         self.sampler.reset()
 
     def plan(self, z0: Any, goal: Any, goal_patches: Any = None, *,
-             warm_start: bool = False) -> Plan:
+             start_patches: Any = None, warm_start: bool = False) -> Plan:
         """Best sequence from latent ``z0`` (D,) towards ``goal`` (D,): ``config.iterations``
-        batched rollouts. Starts from the initial distribution unless ``warm_start``."""
+        batched rollouts. Starts from the initial distribution unless ``warm_start``.
+        ``start_patches`` (P, D), the patches of now, are needed by ``patch_focus``."""
         cfg = self.config
         if not warm_start:
             self.sampler.reset()
@@ -336,6 +363,13 @@ class CEMPlanner:
         if z0.shape != goal.shape:
             raise ValueError(f"z0 {z0.shape} and goal {goal.shape} must have the same shape")
         gp = None if goal_patches is None else np.asarray(goal_patches, np.float64)
+        weights = None
+        if cfg.patch_focus:
+            if start_patches is None or gp is None:
+                raise ValueError("patch_focus needs goal_patches and start_patches (the "
+                                 "patches of now)")
+            weights = patch_focus_weights(np.asarray(start_patches, np.float64), gp,
+                                          cfg.distance)
         t0 = time.perf_counter()
         best = Plan(None, None, np.inf)
         for _ in range(cfg.iterations):
@@ -345,7 +379,7 @@ class CEMPlanner:
             best.calls += 1
             best.rollouts += cfg.samples
             cost = latent_cost(out.z_cls_seq, goal, cfg, out.uncertainty_seq, out.patches_last,
-                               gp)
+                               gp, weights)
             i = int(np.argmin(cost))
             if cost[i] < best.cost:
                 best.cost = float(cost[i])
@@ -357,9 +391,10 @@ class CEMPlanner:
         best.elapsed_s = time.perf_counter() - t0
         return best
 
-    def act(self, z0: Any, goal: Any, goal_patches: Any = None) -> Plan:
+    def act(self, z0: Any, goal: Any, goal_patches: Any = None, *,
+            start_patches: Any = None) -> Plan:
         """Receding horizon: plan (warm-started), then shift so the next call continues."""
-        plan = self.plan(z0, goal, goal_patches, warm_start=True)
+        plan = self.plan(z0, goal, goal_patches, start_patches=start_patches, warm_start=True)
         if self.refit:  # continue from the best plan, not from the last distribution's mean
             if plan.vectors is not None:
                 self.sampler.mean = plan.vectors.astype(np.float64)

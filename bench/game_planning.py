@@ -10,7 +10,9 @@ whose goal paddle equals the start paddle (nothing to do) are skipped and redraw
 Methods, same start states and goals: CEM (``--iterations`` batched rollouts of
 ``--samples`` candidates), random shooting (the same number of model-scored candidates, no
 refit), random actions (no model) and the goal-oracle (the goal's own action sequence, an
-upper bound that shows the task is solvable in ``--horizon`` steps).
+upper bound that shows the task is solvable in ``--horizon`` steps). The cost is the CLS
+distance plus the patch distance weighted towards the patches where the goal differs from now
+(``PlannerConfig.patch_focus``); ``--plain`` adds CEM with the plain patch mean beside it.
 
     python bench/game_planning.py --model iwm_bus/weights/default.pt --episodes 50
     python bench/game_planning.py --episodes 5 --samples 32        # seconds
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +70,8 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--tol", type=float, default=4.0)
     ap.add_argument("--seed", type=int, default=2000)
+    ap.add_argument("--plain", action="store_true",
+                    help="also CEM with every patch weighed equally (patch_focus off)")
     args = ap.parse_args()
 
     import torch
@@ -83,10 +88,13 @@ def main() -> None:
     space = ActionSpace(num_actions=model.config.num_actions)
     cfg = PlannerConfig(horizon=args.horizon, samples=args.samples, elites=args.elites,
                         iterations=args.iterations, distance="surprise", patch_weight=1.0,
-                        seed=args.seed)
-    wins = {"CEM": 0, "random shooting": 0, "random actions": 0, "goal actions (oracle)": 0}
+                        patch_focus=True, seed=args.seed)
+    planners = {"CEM": (CEMPlanner, cfg), "random shooting": (RandomShootingPlanner, cfg)}
+    if args.plain:
+        planners["CEM, plain patch mean"] = (CEMPlanner, replace(cfg, patch_focus=False))
+    wins = dict.fromkeys([*planners, "random actions", "goal actions (oracle)"], 0)
     errs = {k: [] for k in wins}
-    t_plan = {"CEM": [], "random shooting": []}
+    t_plan = {k: [] for k in planners}
     done = 0
     with open_source(f"gym:{args.game}", seed=args.seed) as src:
         ale = src.env.unwrapped.ale
@@ -108,9 +116,10 @@ def main() -> None:
             zg, pg = (t[0].numpy() for t in model.encode(goal))
             fn = model_rollout_fn(model, p0[None])
             plans = {}
-            for name, cls in (("CEM", CEMPlanner), ("random shooting", RandomShootingPlanner)):
+            for name, (cls, c) in planners.items():
                 t = time.perf_counter()
-                plans[name] = list(cls(fn, space, cfg).plan(z0, zg, pg).action_ids)
+                plans[name] = list(cls(fn, space, c).plan(z0, zg, pg, start_patches=p0)
+                                   .action_ids)
                 t_plan[name].append(time.perf_counter() - t)
             plans["random actions"] = [int(a) for a in rng.integers(0, 18, args.horizon)]
             plans["goal actions (oracle)"] = goal_actions

@@ -21,6 +21,7 @@ from agent_bridge.planner import (
     PlannerConfig,
     RandomShootingPlanner,
     latent_cost,
+    patch_focus_weights,
 )
 from iwm_bus import metrics
 from iwm_bus.errors import StaleDataError
@@ -333,10 +334,57 @@ def test_mixed_space_and_cost_terms() -> None:
         latent_cost(z, np.zeros(4), PlannerConfig(patch_weight=1.0))
 
 
+def sprite_world(seed: int, patches: int = 8, d: int = 4, a: int = 6, h: int = 3
+                 ) -> tuple[Callable[..., Any], np.ndarray, np.ndarray, np.ndarray,
+                            Callable[[np.ndarray], float]]:
+    """Patch 0 is a sprite the actions move (the sum of their effects); the other patches are
+    scenery the goal leaves as it is, which the model predicts with an error that depends on
+    the actions (as a learned model's does). Returns the rollout, the start and goal patches
+    and how far a plan really leaves the sprite from the goal."""
+    rng = np.random.default_rng(seed)
+    effect = rng.standard_normal((a, d))
+    scenery = rng.standard_normal((patches - 1, d))
+    model_error = 0.6 * rng.standard_normal((h, a, patches - 1, d))
+
+    def rollout(z0: np.ndarray, cond: Any, ids: np.ndarray) -> tuple[Any, ...]:
+        n = ids.shape[0]
+        sprite = effect[ids].sum(1)  # (N, D)
+        rest = scenery + model_error[np.arange(h), ids].sum(1)  # (N, P-1, D)
+        return np.zeros((n, h, d)), None, np.concatenate([sprite[:, None], rest], 1)
+
+    ids_star = rng.integers(0, a, h)
+    start = np.concatenate([np.zeros((1, d)), scenery])
+    goal = np.concatenate([effect[ids_star].sum(0)[None], scenery])
+
+    def miss(ids: np.ndarray) -> float:
+        return float(np.linalg.norm(effect[ids].sum(0) - goal[0]))
+    return rollout, start, goal, miss
+
+
+def test_patch_focus_looks_where_the_goal_differs() -> None:
+    """Equal patch weights let the scenery's prediction errors pick the plan; focus weights
+    put everything on the sprite the goal moved, and the plans reach it."""
+    w = patch_focus_weights(np.zeros((3, 2)), np.array([[0, 0], [3, 4], [0, 1.0]]), "l2")
+    np.testing.assert_allclose(w, [0.0, 3.5355339 / (3.5355339 + 0.7071068),
+                                   0.7071068 / (3.5355339 + 0.7071068)], rtol=1e-6)
+    np.testing.assert_allclose(patch_focus_weights(np.ones((4, 2)), np.ones((4, 2)), "l2"),
+                               [0.25] * 4)
+    reached = {False: 0, True: 0}
+    for seed in range(8):
+        rollout, start, goal, miss = sprite_world(seed)
+        for focus in (False, True):
+            cfg = PlannerConfig(horizon=3, samples=64, elites=8, iterations=4, distance="l2",
+                                patch_weight=1.0, patch_focus=focus, seed=seed)
+            plan = CEMPlanner(rollout, ActionSpace(num_actions=6), cfg).plan(
+                np.zeros(4), np.zeros(4), goal, start_patches=start)
+            reached[focus] += miss(plan.action_ids) < 1e-6
+    assert reached[True] >= 7 and reached[False] <= 3, reached
+
+
 def test_planner_input_validation() -> None:
     for kwargs, field in [({"elites": 400}, "elites"), ({"horizon": 0}, "horizon"),
                           ({"distance": "l1"}, "distance"), ({"momentum": 1.0}, "momentum"),
-                          ({"horizon": 65}, "horizon")]:
+                          ({"horizon": 65}, "horizon"), ({"patch_focus": True}, "patch_focus")]:
         with pytest.raises(ValueError, match=f"PlannerConfig.{field}"):
             PlannerConfig(**kwargs)
     with pytest.raises(ValueError, match="ActionSpace needs"):
@@ -352,3 +400,11 @@ def test_planner_input_validation() -> None:
         planner.plan(np.zeros(4), np.zeros(4))
     with pytest.raises(ValueError, match="goal"):
         planner.plan(np.zeros(4), np.zeros((2, 4)))
+    focused = CEMPlanner(wrong, ActionSpace(dim=1),
+                         PlannerConfig(samples=10, elites=2, patch_weight=1.0, patch_focus=True))
+    with pytest.raises(ValueError, match="start_patches"):
+        focused.plan(np.zeros(4), np.zeros(4), np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="do not match the 2 predicted patches"):
+        latent_cost(np.zeros((1, 1, 4)), np.zeros(4), PlannerConfig(patch_weight=1.0),
+                    patches_last=np.zeros((1, 2, 4)), goal_patches=np.zeros((2, 4)),
+                    patch_weights=np.ones(3) / 3)
