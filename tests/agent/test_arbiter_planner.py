@@ -335,7 +335,7 @@ def test_mixed_space_and_cost_terms() -> None:
 
 
 def sprite_world(seed: int, patches: int = 8, d: int = 4, a: int = 6, h: int = 3
-                 ) -> tuple[Callable[..., Any], np.ndarray, np.ndarray, np.ndarray,
+                 ) -> tuple[Callable[..., Any], np.ndarray, np.ndarray,
                             Callable[[np.ndarray], float]]:
     """Patch 0 is a sprite the actions move (the sum of their effects); the other patches are
     scenery the goal leaves as it is, which the model predicts with an error that depends on
