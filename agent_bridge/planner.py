@@ -233,10 +233,11 @@ def patch_focus_weights(start_patches: np.ndarray, goal_patches: np.ndarray, kin
                         ) -> np.ndarray:
     """Weights (P,) summing to 1: each patch's start-to-goal distance (``kind``), so patches
     the goal leaves as they are count for nothing; equal weights when start equals goal."""
-    d = _distance(np.asarray(start_patches), np.asarray(goal_patches), kind)
-    if d.ndim != 1:
-        raise ValueError(f"start_patches {np.shape(start_patches)} and goal_patches "
-                         f"{np.shape(goal_patches)} must both be (P, D)")
+    start, goal = np.asarray(start_patches), np.asarray(goal_patches)
+    if start.ndim != 2 or start.shape != goal.shape:
+        raise ValueError(f"start_patches {start.shape} and goal_patches {goal.shape} must "
+                         "both be (P, D)")
+    d = _distance(start, goal, kind)
     total = d.sum()
     return d / total if total > 0 else np.full_like(d, 1.0 / len(d))
 
@@ -368,8 +369,7 @@ class CEMPlanner:
             if start_patches is None or gp is None:
                 raise ValueError("patch_focus needs goal_patches and start_patches (the "
                                  "patches of now)")
-            weights = patch_focus_weights(np.asarray(start_patches, np.float64), gp,
-                                          cfg.distance)
+            weights = patch_focus_weights(start_patches, gp, cfg.distance)
         t0 = time.perf_counter()
         best = Plan(None, None, np.inf)
         for _ in range(cfg.iterations):
