@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import random
 import shutil
 import socket
 import tempfile
@@ -27,18 +28,31 @@ JOIN_TIMEOUT_S = 5.0
 def find_free_port(count: int = 1, host: str = "127.0.0.1") -> int:
     """A port P on ``host`` such that P .. P+count-1 are all free right now.
 
-    ``count=4`` gives a base port for ``Endpoints.tcp``. Ports come from the kernel's
-    ephemeral range, so two tests (or two engineers) rarely collide.
+    ``count=4`` gives a base port for ``Endpoints.tcp``. Ports come from below the kernel's
+    ephemeral range: a port from inside it can be handed to some outgoing connection (the
+    capture's own ZeroMQ connects) in the seconds between this check and the bind, which is
+    what once made a sidecar fail with "Address already in use".
     """
+    low, _ = _ephemeral_range()
+    rng = random.Random()
     for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
-            base = s.getsockname()[1]
-        if base + count - 1 > 65535:
-            continue
-        if all(_port_free(host, p) for p in range(base + 1, base + count)):
+        base = rng.randrange(_FIRST_PORT, max(_FIRST_PORT + 1, low - count))
+        if all(_port_free(host, p) for p in range(base, base + count)):
             return base
-    raise RuntimeError(f"no {count} consecutive free ports on {host} after 200 tries")
+    raise RuntimeError(f"no {count} consecutive free ports on {host} below {low} after 200 tries")
+
+
+#: the lowest port ``find_free_port`` hands out (above the well-known and most registered ones)
+_FIRST_PORT = 20000
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux; IANA's elsewhere)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 49152, 65535
 
 
 def _port_free(host: str, port: int) -> bool:
