@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "ACTION_NAMES", "ALE_ENV_KWARGS", "DOOM_COMPONENTS", "NUM_ACTIONS", "VOCAB",
+    "ACTION_NAMES", "ALE_ENV_KWARGS", "DOOM_COMPONENTS", "MIRRORED", "NUM_ACTIONS", "VOCAB",
     "check_action_id", "check_vector", "components", "doom_button_table", "doom_buttons",
     "pad_cond", "shared_action_space",
 ]
@@ -38,6 +38,13 @@ ACTION_NAMES: tuple[str, ...] = (
     "DOWNRIGHTFIRE", "DOWNLEFTFIRE",
 )
 NUM_ACTIONS = len(ACTION_NAMES)
+
+#: id -> the id of its left-right mirror image (LEFT <-> RIGHT, UPLEFT <-> UPRIGHT, ...; the
+#: rest are their own): in a horizontally mirrored game, action ``a`` does what ``MIRRORED[a]``
+#: does in the game itself
+MIRRORED: tuple[int, ...] = tuple(
+    ACTION_NAMES.index(name.replace("LEFT", "\0").replace("RIGHT", "LEFT").replace("\0", "RIGHT"))
+    for name in ACTION_NAMES)
 
 #: gymnasium.make kwargs of every ALE source: the full action set (ids = this vocabulary)
 #: and no sticky actions (the action recorded is the action that took effect)

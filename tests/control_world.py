@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from iwm_bus.actions import ACTION_NAMES, components
 from iwm_bus.bus.wire import make_action
 from iwm_bus.session import SessionWriter
 from train.counterfactual import CounterfactualSet, CounterfactualWriter, sidecar_path
@@ -25,6 +26,11 @@ from train.counterfactual import CounterfactualSet, CounterfactualWriter, sideca
 SIZE, SPRITE, STEP = 32, 8, 4
 NUM_ACTIONS = 5
 MOVES = {0: (0, 0), 1: (-STEP, 0), 2: (STEP, 0), 3: (0, -STEP), 4: (0, STEP)}
+#: the same world on the shared 18-id vocabulary (iwm_bus.actions): an id moves the sprite by
+#: its direction components (UPLEFT: up and left), FIRE does nothing
+SHARED_MOVES = {a: ((STEP if "DOWN" in parts else -STEP if "UP" in parts else 0),
+                    (STEP if "RIGHT" in parts else -STEP if "LEFT" in parts else 0))
+                for a, parts in enumerate(components(a) for a in range(len(ACTION_NAMES)))}
 T0, DT = 1_700_000_000_000_000_000, 33_333_333
 
 
@@ -40,19 +46,23 @@ def render(pos: tuple[int, int], t: int, tex: np.ndarray) -> np.ndarray:
     return img
 
 
-def move(pos: tuple[int, int], action: int) -> tuple[int, int]:
-    dy, dx = MOVES[action]
+def move(pos: tuple[int, int], action: int, moves: dict[int, tuple[int, int]] = MOVES
+         ) -> tuple[int, int]:
+    dy, dx = moves[action]
     hi = SIZE - SPRITE
     return int(np.clip(pos[0] + dy, 0, hi)), int(np.clip(pos[1] + dx, 0, hi))
 
 
-def _branch(pos: tuple[int, int], t: int, tex: np.ndarray) -> CounterfactualSet:
-    nxt = np.stack([render(move(pos, a), t + 1, tex) for a in range(NUM_ACTIONS)])
+def _branch(pos: tuple[int, int], t: int, tex: np.ndarray,
+            moves: dict[int, tuple[int, int]] = MOVES) -> CounterfactualSet:
+    nxt = np.stack([render(move(pos, a, moves), t + 1, tex) for a in range(len(moves))])
     return CounterfactualSet(render(pos, t, tex), nxt)
 
 
-def write_control_session(path: Path, n: int = 400, seed: int = 0, episode: int = 40) -> Path:
-    """Random play (each action held 1-3 steps) with a counterfactual sidecar."""
+def write_control_session(path: Path, n: int = 400, seed: int = 0, episode: int = 40,
+                          moves: dict[int, tuple[int, int]] = MOVES) -> Path:
+    """Random play (each action held 1-3 steps) with a counterfactual sidecar; ``moves``:
+    what each action id does (``SHARED_MOVES`` for the shared vocabulary's ids)."""
     rng = np.random.default_rng(seed)
     tex = texture()
     cf = CounterfactualWriter("control", seed)
@@ -62,16 +72,16 @@ def write_control_session(path: Path, n: int = 400, seed: int = 0, episode: int 
         for i in range(n):
             if i and i % episode:
                 if hold == 0:
-                    action, hold = int(rng.integers(NUM_ACTIONS)), int(rng.integers(1, 4))
+                    action, hold = int(rng.integers(len(moves))), int(rng.integers(1, 4))
                 hold -= 1
-                pos = move(pos, action)
+                pos = move(pos, action, moves)
                 w.write_frame(i, T0 + i * DT, render(pos, i, tex),
                               action=make_action(action_id=action))
             else:  # an episode start: the sprite somewhere new, no action
                 pos = (int(rng.integers(0, SIZE - SPRITE)), int(rng.integers(0, SIZE - SPRITE)))
                 w.write_frame(i, T0 + i * DT, render(pos, i, tex))
             if (i + 1) % episode and i % 2 == 0:
-                cf.add(i, _branch(pos, i, tex))
+                cf.add(i, _branch(pos, i, tex, moves))
     cf.write(sidecar_path(path))
     return path
 

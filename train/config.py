@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from iwm_bus.actions import NUM_ACTIONS
 from iwm_bus.model import IWMConfig, Objective
 from train.augment import AugConfig
 from train.masks import MaskConfig
@@ -75,6 +76,11 @@ class TrainConfig:
     cf_outcomes: int = 8
     # queries a state by random actions, beside one per kept outcome
     cf_extra: int = 2
+    # action terms: the share of samples (factual and counterfactual) mirrored left to right,
+    # their action ids mirrored too (LEFT <-> RIGHT; needs the shared 18-id vocabulary), and
+    # the share recoloured (channels permuted and/or inverted): train/look.py
+    mirror_p: float = 0.0
+    recolour_p: float = 0.0
     # start from this checkpoint's weights (e.g. a Phase 1 model for Phase 3)
     init_from: str | None = None
     # take init_from's predictor too (False: its encoder only, a new predictor; a predictor
@@ -117,6 +123,9 @@ class TrainConfig:
             _pos_int(o, name, getattr(self, name), 0)
         for name in ("lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad", "minutes"):
             _nonneg(o, name, getattr(self, name))
+        for name in ("mirror_p", "recolour_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{o}.{name}={getattr(self, name)} must be in [0, 1]")
         if self.min_lr > self.lr:
             raise ValueError(f"{o}.min_lr={self.min_lr} must be <= lr={self.lr}")
         if self.adamw not in ADAMW_IMPLS:
@@ -169,6 +178,12 @@ class RunConfig:
         if obj.cf_weight and tc.cf_outcomes < 2:
             raise ValueError(f"train.cf_outcomes={tc.cf_outcomes} must be >= 2: the "
                              "counterfactual term tells apart two or more outcomes")
+        if (tc.mirror_p or tc.recolour_p) and not obj.action_terms:
+            raise ValueError("train.mirror_p / recolour_p change the looks of the action terms' "
+                             "samples: they need objective.cf_weight or temporal_weight")
+        if tc.mirror_p and self.model.num_actions != NUM_ACTIONS:
+            raise ValueError(f"train.mirror_p mirrors the shared vocabulary's {NUM_ACTIONS} "
+                             f"action ids; model.num_actions is {self.model.num_actions}")
         if obj.inverse_weight and not self.model.inverse_dynamics:
             raise ValueError("objective.inverse_weight needs model.inverse_dynamics (the head "
                              "it trains)")

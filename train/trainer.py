@@ -34,6 +34,7 @@ from train.cf_data import CounterfactualStore
 from train.config import RunConfig, TrainConfig
 from train.data import DataError, FrameStore, batch_indices, find_images, find_sessions
 from train.logbook import Logbook
+from train.look import sample_looks
 from train.masks import sample_masks
 
 __all__ = ["DistInfo", "Trainer", "init_model", "init_opt", "lr_at", "set_adamw_impl", "wd_at"]
@@ -273,14 +274,19 @@ class Trainer:
         tc, dev = self.tc, self.device
         fi = start[:, None] + torch.arange(SEQ_LEN)  # (b, 4)
         u8 = self.store.frames[fi]  # (b, 4, S, S, 3)
+        acts = self.store.action_id[fi]
         b = u8.shape[0]
+        looks = tc.mirror_p or tc.recolour_p
+        if looks:
+            look = sample_looks(gen, b, tc.mirror_p, tc.recolour_p)
+            u8, acts = look.frames(u8), look.actions(acts)
         # which of the 4b frames are pixel copies of each positive (t+1, t+2): frames numbered
         # by content, O(b) memory; comparing every pair pixel by pixel made a (b, 2, 4b, S*S*3)
         # mask, 6 GB and seconds a step at batch 256
         _, ids = torch.unique(u8.reshape(b * SEQ_LEN, -1), dim=0, return_inverse=True)  # (4b,)
         same = ids.view(b, SEQ_LEN)[:, 2:, None] == ids[None, None]  # (b, 2, 4b)
         batch = {"seq_frames": self._unit(u8.flatten(0, 1)).unflatten(0, (b, SEQ_LEN)),
-                 "seq_actions": self.store.action_id[fi].to(dev), "seq_same": same.to(dev),
+                 "seq_actions": acts.to(dev), "seq_same": same.to(dev),
                  "boot": boot.to(dev)}
         if self.cf is not None:
             if self.dist.rank:
@@ -288,6 +294,13 @@ class Trainer:
                                                     + self.dist.rank)
             part = self.cf.sample(gen, max(1, tc.cf_states // self.dist.world), tc.cf_outcomes,
                                   tc.cf_extra)
+            if looks:
+                look = sample_looks(gen, len(part["cf_cur"]), tc.mirror_p, tc.recolour_p)
+                states, queried = part["cf_out_state"], part["cf_q_state"]
+                part["cf_cur"] = look.frames(part["cf_cur"])
+                part["cf_out"] = look.frames(part["cf_out"], states)
+                part["cf_q_action"] = look.actions(part["cf_q_action"], queried)
+                part["cf_out_actions"] = look.action_sets(part["cf_out_actions"], states)
             part["cf_cur"], part["cf_out"] = self._unit(part["cf_cur"]), self._unit(part["cf_out"])
             batch.update({k: v.to(dev) for k, v in part.items()})
         return batch
