@@ -62,16 +62,20 @@ class Looks:
     def actions(self, ids: Tensor, owner: Tensor | None = None) -> Tensor:
         """Action ids (n, ...) as the mirrored samples' actions (``owner`` as in ``frames``)."""
         mirror = self.mirror if owner is None else self.mirror[owner]
+        if not mirror.any():  # recoloured only: any ids, untouched
+            return ids
         mirror = mirror.view(-1, *([1] * (ids.dim() - 1))).to(ids.device)
         return torch.where(mirror, _MIRROR.to(ids.device)[ids], ids)
 
     def action_sets(self, mask: Tensor, owner: Tensor) -> Tensor:
         """(m, A) bool, the actions that lead to each of m outcomes, in the mirrored samples'
         ids: action ``MIRRORED[a]`` of a mirrored sample leads where ``a`` leads."""
+        mirror = self.mirror[owner].to(mask.device)[:, None]
+        if not mirror.any():
+            return mask
         if mask.shape[1] != len(MIRRORED):
             raise ValueError(f"action sets over {mask.shape[1]} ids cannot be mirrored: the "
                              f"mirror maps the shared vocabulary's {len(MIRRORED)}")
-        mirror = self.mirror[owner].to(mask.device)[:, None]
         return torch.where(mirror, mask[:, _MIRROR.to(mask.device)], mask)
 
 

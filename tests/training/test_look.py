@@ -10,6 +10,7 @@ look that differs between the frames of one sample.
 
 from __future__ import annotations
 
+from itertools import permutations
 from pathlib import Path
 
 import pytest
@@ -69,7 +70,6 @@ def _agrees(before: tuple[float, float], after: tuple[float, float], action: int
 
 def _colours(trainer: Trainer) -> list[torch.Tensor]:
     """The sprite's colour in each of the 12 looks (channel orders, inverted or not)."""
-    from itertools import permutations
     out = []
     for perm in permutations(range(3)):
         rgb = [SPRITE_RGB[c] for c in perm]
@@ -147,6 +147,24 @@ def test_mirror_flips_columns_and_maps_actions_to_their_mirror_image() -> None:
     assert torch.equal(got[m], torch.tensor(MIRRORED).repeat(int(m.sum()), 1))
     assert torch.equal(got[~m], ids[~m])
     assert ACTION_NAMES[MIRRORED[ACTION_NAMES.index("UPLEFTFIRE")]] == "UPRIGHTFIRE"
+
+
+def test_recolouring_alone_leaves_any_action_ids_alone() -> None:
+    """A world with its own action ids (not the shared 18) may be recoloured, not mirrored."""
+    look = sample_looks(torch.Generator().manual_seed(0), 8, mirror_p=0.0, recolour_p=1.0)
+    assert (look.recolour >= 0).all() and not look.mirror.any()
+    ids = torch.tensor([[0, 4, 25]] * 8)
+    assert torch.equal(look.actions(ids), ids)
+    sets = torch.rand(6, 5) < 0.5
+    assert torch.equal(look.action_sets(sets, torch.arange(6)), sets)
+    u8 = torch.randint(0, 256, (8, 2, 2, 3), dtype=torch.uint8)
+    seen = look.frames(u8)
+    for i in range(8):  # a permutation (and maybe inversion) of the sample's own channels
+        flat = seen[i].reshape(-1, 3).int()
+        orig = u8[i].reshape(-1, 3).int()
+        assert any(torch.equal(flat, orig[:, list(p)]) or torch.equal(flat, 255 - orig[:, list(p)])
+                   for p in permutations(range(3)))
+        assert not torch.equal(flat, orig)
 
 
 def test_looks_need_the_action_terms_and_the_shared_vocabulary(tmp_path: Path) -> None:
