@@ -44,6 +44,10 @@ class Looks:
     mirror: Tensor
     recolour: Tensor
 
+    def part(self, rows: slice) -> Looks:
+        """The looks of ``rows`` of the samples (a DDP rank's slice of the global batch)."""
+        return Looks(self.mirror[rows], self.recolour[rows])
+
     def frames(self, u8: Tensor, owner: Tensor | None = None) -> Tensor:
         """uint8 frames (n, ..., H, W, 3) in their samples' looks; ``owner`` (m,) gives the
         sample of each of m frames when they are not one per sample in order."""

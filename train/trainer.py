@@ -277,8 +277,9 @@ class Trainer:
         acts = self.store.action_id[fi]
         b = u8.shape[0]
         looks = tc.mirror_p or tc.recolour_p
-        if looks:
-            look = sample_looks(gen, b, tc.mirror_p, tc.recolour_p)
+        if looks:  # drawn for the global batch, this rank's slice taken (as the views do)
+            look = sample_looks(gen, tc.batch_size, tc.mirror_p, tc.recolour_p)
+            look = look.part(slice(self.dist.rank * b, (self.dist.rank + 1) * b))
             u8, acts = look.frames(u8), look.actions(acts)
         # which of the 4b frames are pixel copies of each positive (t+1, t+2): frames numbered
         # by content, O(b) memory; comparing every pair pixel by pixel made a (b, 2, 4b, S*S*3)

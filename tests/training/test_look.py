@@ -20,7 +20,7 @@ from control_world import SHARED_MOVES, SIZE, SPRITE, write_control_session
 from iwm_bus.actions import ACTION_NAMES, MIRRORED
 from train.config import RunConfig
 from train.look import sample_looks
-from train.trainer import Trainer
+from train.trainer import DistInfo, Trainer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -34,7 +34,7 @@ def _sessions(tmp_path: Path) -> Path:
     return sessions
 
 
-def _trainer(sessions: Path, **train: float) -> Trainer:
+def _trainer(sessions: Path, dist: DistInfo | None = None, **train: float) -> Trainer:
     run = RunConfig.from_dict({
         "model": {"variant": "custom", "encoder_name": "vit_tiny_patch16_224", "img_size": 32,
                   "patch_size": 8, "encoder_depth": 1, "pred_depth": 1, "pred_dim": 32,
@@ -45,7 +45,7 @@ def _trainer(sessions: Path, **train: float) -> Trainer:
                   "cf_outcomes": 5, "cf_extra": 2, "steps": 4, "progress": False, **train},
         "objective": {"cf_weight": 1.0, "inverse_weight": 1.0},
     })
-    return Trainer(run)
+    return Trainer(run, dist)
 
 
 def _unit_colour(trainer: Trainer, rgb: tuple[int, ...]) -> torch.Tensor:
@@ -133,6 +133,20 @@ def test_a_sample_in_a_new_look_obeys_its_own_actions(tmp_path: Path, mirror_p: 
     assert (recoloured > 0) == (recolour_p > 0), recoloured
     assert (mirrored > 0) == (mirror_p > 0 and not recolour_p), mirrored
     assert sideways > 0  # the queries include moves a mirror changes
+
+
+def test_ddp_ranks_take_their_own_slice_of_the_global_batchs_looks(tmp_path: Path) -> None:
+    """Two ranks of one step: each mirrors its own samples, not the same pattern twice."""
+    sessions = _sessions(tmp_path)
+    patterns = []
+    for rank in (0, 1):
+        dist = DistInfo(rank=rank, world=2)
+        looked = _trainer(sessions, dist, mirror_p=0.5).make_batch(0)["seq_frames"]
+        plain = _trainer(sessions, dist).make_batch(0)["seq_frames"]
+        assert len(looked) == 16
+        patterns.append([not torch.equal(f, o) for f, o in zip(looked, plain, strict=True)])
+    assert any(patterns[0]) and any(patterns[1])
+    assert patterns[0] != patterns[1], "both ranks drew the same looks"
 
 
 def test_mirror_flips_columns_and_maps_actions_to_their_mirror_image() -> None:
