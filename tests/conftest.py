@@ -25,6 +25,10 @@ import zmq
 JOIN_TIMEOUT_S = 5.0
 
 
+#: the lowest port ``find_free_port`` hands out (above the well-known and most registered ones)
+_FIRST_PORT = 20000
+
+
 def find_free_port(count: int = 1, host: str = "127.0.0.1") -> int:
     """A port P on ``host`` such that P .. P+count-1 are all free right now.
 
@@ -40,10 +44,6 @@ def find_free_port(count: int = 1, host: str = "127.0.0.1") -> int:
         if all(_port_free(host, p) for p in range(base, base + count)):
             return base
     raise RuntimeError(f"no {count} consecutive free ports on {host} below {low} after 200 tries")
-
-
-#: the lowest port ``find_free_port`` hands out (above the well-known and most registered ones)
-_FIRST_PORT = 20000
 
 
 def _ephemeral_range() -> tuple[int, int]:

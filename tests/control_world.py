@@ -26,12 +26,18 @@ from train.counterfactual import CounterfactualSet, CounterfactualWriter, sideca
 SIZE, SPRITE, STEP = 32, 8, 4
 NUM_ACTIONS = 5
 MOVES = {0: (0, 0), 1: (-STEP, 0), 2: (STEP, 0), 3: (0, -STEP), 4: (0, STEP)}
+T0, DT = 1_700_000_000_000_000_000, 33_333_333
+
+
+def _shared_move(action_id: int) -> tuple[int, int]:
+    parts = components(action_id)
+    return (STEP * (("DOWN" in parts) - ("UP" in parts)),
+            STEP * (("RIGHT" in parts) - ("LEFT" in parts)))
+
+
 #: the same world on the shared 18-id vocabulary (iwm_bus.actions): an id moves the sprite by
 #: its direction components (UPLEFT: up and left), FIRE does nothing
-SHARED_MOVES = {a: ((STEP if "DOWN" in parts else -STEP if "UP" in parts else 0),
-                    (STEP if "RIGHT" in parts else -STEP if "LEFT" in parts else 0))
-                for a, parts in enumerate(components(a) for a in range(len(ACTION_NAMES)))}
-T0, DT = 1_700_000_000_000_000_000, 33_333_333
+SHARED_MOVES = {a: _shared_move(a) for a in range(len(ACTION_NAMES))}
 
 
 def texture() -> np.ndarray:

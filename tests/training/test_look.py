@@ -53,9 +53,14 @@ def _unit_colour(trainer: Trainer, rgb: tuple[int, ...]) -> torch.Tensor:
     return trainer.model.normalise_unit(unit).view(3)
 
 
+def _pixels_of(frame: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
+    """(S, S) bool: the pixels of a normalised (3, S, S) frame in ``colour``."""
+    return (frame - colour[:, None, None]).abs().amax(0) < 1e-3
+
+
 def _sprite(frame: torch.Tensor, colour: torch.Tensor) -> tuple[float, float]:
     """(y, x) of the top-left corner of the sprite in a normalised (3, S, S) frame."""
-    hit = ((frame - colour[:, None, None]).abs().amax(0) < 1e-3).nonzero()
+    hit = _pixels_of(frame, colour).nonzero()
     assert len(hit) == SPRITE * SPRITE, f"the sprite covers {len(hit)} pixels"
     return float(hit[:, 0].min()), float(hit[:, 1].min())
 
@@ -79,8 +84,7 @@ def _colours(trainer: Trainer) -> list[torch.Tensor]:
 
 def _look_of(frame: torch.Tensor, colours: list[torch.Tensor]) -> int:
     """Which look's sprite colour ``frame`` holds."""
-    found = [i for i, c in enumerate(colours)
-             if (((frame - c[:, None, None]).abs().amax(0) < 1e-3).sum() == SPRITE * SPRITE)]
+    found = [i for i, c in enumerate(colours) if _pixels_of(frame, c).sum() == SPRITE * SPRITE]
     assert len(found) == 1, found
     return found[0]
 
