@@ -11,6 +11,7 @@ layer-normed, flattened patch latents), so the few patches an action moves decid
   state's *distinct* next frames, the other actions' outcomes being the hard negatives
   (counterfactual InfoNCE; candidates encoded by the online encoder with gradient, as CPC,
   van den Oord et al. 2018, and contrastive structured world models, Kipf et al. 2020);
+  ``cf_share`` smooths its target toward the outcomes most actions share (:func:`shared_targets`);
 - **temporal** (``temporal_weight``): on factual play, the prediction from (z_t, a_t) must pick
   z_t+1 among z_t-1 .. z_t+2 of its own episode and every other sample's, so copy-last
   (z_t) is a negative; a second, held-action rollout step from the prediction itself
@@ -52,7 +53,7 @@ from iwm_bus.model.objective import (
     regulariser,
 )
 
-__all__ = ["SEQ_LEN", "action_loss"]
+__all__ = ["SEQ_LEN", "action_loss", "shared_targets"]
 
 #: frames of a factual sample: t-1, t, t+1, t+2
 SEQ_LEN = 4
@@ -107,7 +108,11 @@ def action_loss(model: Any, batch: dict[str, Tensor], obj: Objective) -> dict[st
         hq = step(zc[qs], batch["cf_q_action"])  # (E, R, N, D)
         allowed = batch["cf_out_state"][None] == qs[:, None]  # (R, Q)
         logits = pick_logits(hq.mean(0), zo, allowed, t)
-        cf = F.cross_entropy(logits, qp)
+        if obj.cf_share:
+            target = shared_targets(qp, allowed, batch["cf_out_actions"], obj.cf_share)
+            cf = -(target * logits.log_softmax(-1).masked_fill(~allowed, 0.0)).sum(-1).mean()
+        else:
+            cf = F.cross_entropy(logits, qp)
         out["cf"], out["cf_acc"] = cf.detach(), _accuracy(logits, qp)
         total = total + obj.cf_weight * cf
         if obj.anchor_weight:
@@ -124,6 +129,23 @@ def action_loss(model: Any, batch: dict[str, Tensor], obj: Objective) -> dict[st
     out["loss"] = total + regulariser(obj, z_all, out)
     out.update(collapse_stats(z.detach().flatten(0, 1)))
     return out
+
+
+def shared_targets(pos: Tensor, allowed: Tensor, out_actions: Tensor, share: float) -> Tensor:
+    """Counterfactual targets (R, Q) smoothed toward the action marginal: ``1 - share`` on
+    each query's own outcome ``pos`` (R,), ``share`` over the outcomes its state ``allowed``
+    (R, Q) in proportion to how many actions lead to each (``out_actions`` (Q, A) bool).
+
+    Where a model knows what the action does, the best prediction still picks its own outcome
+    first (for ``share`` < 0.5); where it cannot know (a game it has not seen), the loss
+    rewards leaning toward the outcome most actions share (the action-blind oracle's pick)
+    instead of a confident guess. Label smoothing (Szegedy et al. 2016), toward the actions'
+    marginal instead of uniform."""
+    counts = out_actions.sum(-1).float()
+    marginal = counts[None] * allowed  # (R, Q)
+    marginal = marginal / marginal.sum(-1, keepdim=True)
+    own = F.one_hot(pos, allowed.shape[1]).to(marginal.dtype)
+    return (1.0 - share) * own + share * marginal
 
 
 def _inverse(model: Any, z: Tensor, acts: Tensor, out: dict[str, Tensor]) -> Tensor:

@@ -104,6 +104,10 @@ class Objective:
     anchor_weight: float = 1.0
     # temperature of the action terms' cosine similarities
     nce_temperature: float = 0.1
+    # counterfactual target smoothing toward the action marginal: this share of a query's
+    # target moves from its own outcome to the state's outcomes in proportion to how many
+    # actions lead to each (0 = off; below 0.5 its own outcome stays the most likely one)
+    cf_share: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.views_residual, bool):
@@ -120,6 +124,10 @@ class Objective:
             t = getattr(self, f)
             if isinstance(t, bool) or not isinstance(t, int | float) or t <= 0:
                 raise ValueError(f"Objective.{f} must be a number > 0, got {t!r}")
+        if isinstance(self.cf_share, bool) or not isinstance(self.cf_share, int | float) \
+                or not 0 <= self.cf_share < 0.5:
+            raise ValueError(f"Objective.cf_share must be a number in [0, 0.5), got "
+                             f"{self.cf_share!r}")
         if self.views_nce_weight and not self.views_residual:
             raise ValueError("Objective.views_nce_weight needs views_residual: the InfoNCE term "
                              "compares whole target views")
