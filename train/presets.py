@@ -19,6 +19,9 @@
   next-frame call (``views_residual``: every token, as the change of the source view's;
   with I-JEPA block masks it had not begun to use the conditioning after 200 steps:
   augmentation MRR 0.0240 against chance 0.0239).
+- ``cpu-actions-conv`` / ``gpu-actions-conv``: the action-aware default (issue 23): a small
+  conv encoder with the counterfactual, temporal and inverse terms; the GPU one goes on from
+  the shipped default (weights and predictor) at batch 256 + 256 states (``train/recipes/gpu.sh``).
 - ``gpu-dual-invariant`` / ``gpu-dual-equivariant``: the same two models and objectives on one
   GPU: batch 256, up to 30k steps, usually cut by ``--minutes`` (``train/recipes/dual_gpu.sh``).
 """
@@ -88,6 +91,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # ``--minutes`` fits the schedule to the time given
     "cpu-actions": {"model": _ACTIONS_MODEL, "train": _ACTIONS_TRAIN,
                     "objective": _ACTIONS_OBJECTIVE},
+    # iwm-default-v3's conv model and terms on one GPU, going on from it (the lease plan's
+    # default, train/recipes/gpu.sh): 10x the batch, so a few minutes of a lent GPU draw more
+    # counterfactual states than v3's whole CPU schedule did
+    "gpu-actions-conv": {"model": _CONV_ACTIONS_MODEL,
+                         "objective": {**_ACTIONS_OBJECTIVE, "nce_temperature": 0.1},
+                         "train": {**_ACTIONS_TRAIN, "device": "cuda", "batch_size": 256,
+                                   "cf_states": 256, "lr": 5e-4, "warmup_steps": 100,
+                                   "steps": 20000, "ckpt_every": 1000, "log_every": 100,
+                                   "load_workers": 8, "init_predictor": True}},
     # the same on one GPU: 16x the batch
     "gpu-actions": {"model": _ACTIONS_MODEL, "objective": _ACTIONS_OBJECTIVE,
                     "train": {**_ACTIONS_TRAIN, "device": "cuda", "batch_size": 256,

@@ -35,6 +35,8 @@ def _stages(out: Path) -> dict[str, str]:
 def test_dry_run_runs_every_stage_and_writes_the_results(tmp_path: Path) -> None:
     r = _gpu_sh(tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # the default preset goes on from the shipped default (its conv encoder is the preset's)
+    assert f"train: gpu-actions-conv from {ROOT / 'iwm_bus/weights/default.pt'}," in r.stdout
     out = tmp_path / "out"
     assert _stages(out) == dict.fromkeys(STAGES, "ok"), (out / "stages.tsv").read_text()
     for name in ("plan.txt", "preflight.txt", "config.json", "metrics.csv", "eval.json",
@@ -44,7 +46,7 @@ def test_dry_run_runs_every_stage_and_writes_the_results(tmp_path: Path) -> None
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert rows[-1]["step"] == "2" and float(rows[-1]["cf"]) > 0  # the counterfactual term ran
     bench = (out / "bench_train.md").read_text()
-    assert "| gpu-actions (phase 3) | fused | 4 + 2 states |" in bench
+    assert "| gpu-actions-conv (phase 3) | fused | 4 + 2 states |" in bench
     # the export comes back in parts under the device's 16 MiB limit, and loads whole
     parts = sorted(out.glob("model.pt.part*"))
     assert parts and all(p.stat().st_size <= 15 * 2**20 for p in parts)
@@ -67,3 +69,25 @@ def test_a_missing_module_stops_the_plan_in_the_preflight(tmp_path: Path) -> Non
     assert _stages(tmp_path / "out") == {"preflight": "failed"}
     assert not (tmp_path / "work" / "data" / "train").exists()  # nothing recorded
     assert time.monotonic() - t0 < 240  # imports only: ~20 s on a busy 2-core machine
+
+
+def test_the_lease_presets_conv_model_goes_on_from_the_shipped_default(tmp_path: Path) -> None:
+    """``gpu-actions-conv`` (the plan's default) is the shipped default's model: ``INIT``
+    auto takes every weight of it, predictor and inverse head too, not only the encoder."""
+    import torch
+
+    from iwm_bus.default_model import default_checkpoint
+    from iwm_bus.model import load_iwm
+    from train.config import RunConfig
+    from train.presets import preset
+    from train.trainer import init_model
+
+    d = preset("gpu-actions-conv")
+    d["train"].update(device="cpu", init_from=str(default_checkpoint()), sessions=["-"],
+                      out_dir=str(tmp_path / "run"))
+    model = init_model(RunConfig.from_dict(d), torch.device("cpu"))
+    shipped = load_iwm(default_checkpoint(), "cpu", with_target=True).state_dict()
+    got = model.state_dict()
+    assert got.keys() == shipped.keys()
+    for k, v in shipped.items():
+        assert torch.equal(got[k], v), k

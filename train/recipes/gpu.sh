@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lease of a GPU host (issue 24), planned and checked here first: on a bare host with one
 # H100/H200 and 16 cores, record the action-aware default's counterfactual data in parallel,
-# train preset gpu-actions for the time the budget leaves, export, evaluate, and run the GPU
+# train preset gpu-actions-conv for the time the budget leaves, export, evaluate, and run the GPU
 # benchmark rows; everything that comes back is written under OUT.
 #
 #   OUT=$OUT bash train/recipes/gpu.sh                  # on the lent host (repo root)
@@ -22,13 +22,13 @@
 #   data      100 s  the actions.sh data: 36 ALE games x 2000 frames with counterfactuals
 #                    every 2nd frame, 5 ViZDoom scenarios, held-out seeds of the mix; JOBS
 #                    processes (2 cores here: 6 min; 16 cores: about a minute expected)
-#   train    rest    load (90 s) + preset gpu-actions (PRESET) from the shipped default's
-#                    encoder (INIT), --minutes fitted to what the budget leaves, a checkpoint
+#   train    rest    load (90 s) + preset gpu-actions-conv (PRESET) from the shipped default
+#                    (INIT), --minutes fitted to what the budget leaves, a checkpoint
 #                    every 250 steps
 #   export    15 s   the EMA target as an inference checkpoint (again after eval, with it)
 #   eval      75 s   held-out sessions; seen and unseen games' cloned states (on the GPU)
 #   bench     60 s   bench/train_bench.py --device cuda: aten ops, GPU kernels, syncs,
-#                    steps/s and transitions/s of gpu-actions, batch + counterfactual
+#                    steps/s and transitions/s of the preset, batch + counterfactual
 #                    states 256 + 256 and 1024 + 256 (BENCH_ROWS)
 #   sidecar  120 s   bench/recovery.py + bench/e2e.py on CUDA: warm-standby recovery and
 #                    frame -> surprise latency (the dry run checks their imports only)
@@ -54,9 +54,11 @@
 #              planned from BUDGET); JOBS  processes recording and loading (default: cores)
 #   GAMES, DOOM, FRAMES, HELDOUT_GAMES, HELDOUT_FRAMES, SEEN_EVAL, UNSEEN, CF_STATES
 #              the data and eval, as in train/recipes/actions.sh
-#   PRESET     the training preset (default gpu-actions)
-#   INIT       weights the training starts from: auto (default: the shipped default's encoder
-#              where it is the preset's, else from scratch), a checkpoint, or none
+#   PRESET     the training preset (default gpu-actions-conv: the shipped default's conv model,
+#              going on from it; gpu-actions: the ViT-Ti, from scratch)
+#   INIT       weights the training starts from: auto (default: the shipped default where its
+#              encoder is the preset's, with its predictor where the preset takes it
+#              (init_predictor), else from scratch), a checkpoint, or none
 #   NAME       of the export (default iwm-actions-gpu)
 #   BENCH_ROWS BATCH:CF_STATES rows of the bench (default "256:256 1024:256")
 #   TRAIN_ARGS, EVAL_ARGS, BENCH_ARGS  extra flags;  PYTHON, WHEELS (train/recipes/wheels.sh)
@@ -104,7 +106,7 @@ fi
 OUT="${OUT:-$WORK/out}"
 BUDGET="${BUDGET:-540}"
 TRAIN_MIN_S="${TRAIN_MIN_S:-150}"
-PRESET="${PRESET:-gpu-actions}"
+PRESET="${PRESET:-gpu-actions-conv}"
 INIT="${INIT:-auto}"
 NAME="${NAME:-iwm-actions-gpu}"
 TRAIN_ARGS="${TRAIN_ARGS:-}" EVAL_ARGS="${EVAL_ARGS:-}" BENCH_ARGS="${BENCH_ARGS:-}"
