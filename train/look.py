@@ -44,20 +44,23 @@ class Looks:
     mirror: Tensor
     recolour: Tensor
 
-    def part(self, rows: slice) -> Looks:
-        """The looks of ``rows`` of the samples (a DDP rank's slice of the global batch)."""
+    def part(self, rows: slice | Tensor) -> Looks:
+        """The looks of ``rows`` of the samples: a DDP rank's slice of the global batch, or
+        an index (m,) giving the sample of each of m things."""
         return Looks(self.mirror[rows], self.recolour[rows])
+
+    def _of(self, owner: Tensor | None) -> Looks:
+        return self if owner is None else self.part(owner)
 
     def frames(self, u8: Tensor, owner: Tensor | None = None) -> Tensor:
         """uint8 frames (n, ..., H, W, 3) in their samples' looks; ``owner`` (m,) gives the
         sample of each of m frames when they are not one per sample in order."""
-        mirror = self.mirror if owner is None else self.mirror[owner]
-        recolour = self.recolour if owner is None else self.recolour[owner]
+        look = self._of(owner)
         out = u8.clone()
-        if mirror.any():
-            out[mirror] = out[mirror].flip(-2)
+        if look.mirror.any():
+            out[look.mirror] = out[look.mirror].flip(-2)
         for i, (perm, inv) in enumerate(_RECOLOURS):
-            sel = recolour == i
+            sel = look.recolour == i
             if sel.any():
                 part = out[sel][..., list(perm)]
                 out[sel] = 255 - part if inv else part
@@ -65,7 +68,7 @@ class Looks:
 
     def actions(self, ids: Tensor, owner: Tensor | None = None) -> Tensor:
         """Action ids (n, ...) as the mirrored samples' actions (``owner`` as in ``frames``)."""
-        mirror = self.mirror if owner is None else self.mirror[owner]
+        mirror = self._of(owner).mirror
         if not mirror.any():  # recoloured only: any ids, untouched
             return ids
         mirror = mirror.view(-1, *([1] * (ids.dim() - 1))).to(ids.device)
@@ -74,7 +77,7 @@ class Looks:
     def action_sets(self, mask: Tensor, owner: Tensor) -> Tensor:
         """(m, A) bool, the actions that lead to each of m outcomes, in the mirrored samples'
         ids: action ``MIRRORED[a]`` of a mirrored sample leads where ``a`` leads."""
-        mirror = self.mirror[owner].to(mask.device)[:, None]
+        mirror = self.part(owner).mirror.to(mask.device)[:, None]
         if not mirror.any():
             return mask
         if mask.shape[1] != len(MIRRORED):

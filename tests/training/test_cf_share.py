@@ -12,12 +12,11 @@ import dataclasses
 
 import pytest
 import torch
+from random_stores import random_cf, random_store
 
 from iwm_bus.model.action_terms import action_loss, shared_targets
 from iwm_bus.model.objective import Objective
-from train.cf_data import CounterfactualStore
 from train.config import RunConfig
-from train.data import FrameStore
 from train.trainer import Trainer
 
 pytestmark = pytest.mark.timeout(120)
@@ -66,18 +65,6 @@ def test_a_bad_share_is_one_error_naming_it(bad: object) -> None:
 
 @pytest.fixture(scope="module")
 def model_and_batch(tmp_path_factory: pytest.TempPathFactory) -> tuple:
-    gen = torch.Generator().manual_seed(0)
-    n, states, outcomes = 64, 12, 3
-    u8 = torch.uint8
-    store = FrameStore(torch.randint(0, 256, (n, S, S, 3), dtype=u8, generator=gen),
-                       torch.randint(0, ACTIONS, (n,), generator=gen), torch.zeros(n, 16),
-                       torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.long), ["mem"])
-    of = torch.randint(0, outcomes, (states, ACTIONS), generator=gen)
-    of[:, :outcomes] = torch.arange(outcomes)
-    cf = CounterfactualStore(torch.randint(0, 256, (states, S, S, 3), dtype=u8, generator=gen),
-                             torch.randint(0, 256, (states * outcomes, S, S, 3), dtype=u8,
-                                           generator=gen),
-                             torch.arange(states + 1) * outcomes, of, ["mem"])
     run = RunConfig.from_dict({
         "model": {"variant": "custom", "encoder_name": "vit_tiny_patch16_224", "img_size": S,
                   "patch_size": 8, "encoder_depth": 1, "pred_depth": 1, "pred_dim": 64,
@@ -87,7 +74,8 @@ def model_and_batch(tmp_path_factory: pytest.TempPathFactory) -> tuple:
         "train": {"phase": 3, "sessions": ["-"], "out_dir": str(tmp_path_factory.mktemp("r")),
                   "batch_size": 4, "steps": 1, "cf_states": 6, "cf_outcomes": 3,
                   "cf_extra": 2, "progress": False, "seed": 0}})
-    trainer = Trainer(run, store=store, cf=cf)
+    trainer = Trainer(run, store=random_store(64, S, ACTIONS),
+                      cf=random_cf(12, S, ACTIONS, outcomes=3, still=True))
     return trainer.model.eval(), trainer.make_batch(0), run.objective
 
 
@@ -108,6 +96,6 @@ def test_the_loss_moves_with_the_share_and_reads_the_action_counts(model_and_bat
     assert b - a == pytest.approx(a - plain, rel=1e-3, abs=1e-5)
     acts = model_and_batch[1]["cf_out_actions"]
     moved = acts.clone()
-    moved[::3] = True  # every 3rd outcome: now every action leads there
+    moved[::3] = True  # each state's still outcome: now every action leads there
     assert _cf_loss(model_and_batch, 0.0, cf_out_actions=moved) == pytest.approx(plain, rel=1e-6)
     assert _cf_loss(model_and_batch, 0.2, cf_out_actions=moved) != pytest.approx(a, abs=1e-4)

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from random_stores import random_cf, random_store
 from torch.profiler import ProfilerActivity, profile
 
 from iwm_bus.model.action_terms import SEQ_LEN, _inverse
@@ -29,26 +30,11 @@ S, ACTIONS = 32, 5
 
 
 def _store(n: int = 96, copies: int = 0) -> FrameStore:
-    """Random 32 px frames; the first ``copies`` frames all the same picture (a static
-    screen: pixel copies at other indices)."""
-    gen = torch.Generator().manual_seed(0)
-    frames = torch.randint(0, 256, (n, S, S, 3), dtype=torch.uint8, generator=gen)
-    frames[:copies] = frames[0]
-    linked = torch.ones(n, dtype=torch.bool)
-    linked[::48] = False
-    return FrameStore(frames, torch.randint(0, ACTIONS, (n,), generator=gen),
-                      torch.zeros(n, 16), linked, torch.zeros(n, dtype=torch.long), ["mem"])
+    return random_store(n, S, ACTIONS, copies)
 
 
 def _cf(n: int = 16, outcomes: int = 3) -> CounterfactualStore:
-    gen = torch.Generator().manual_seed(1)
-    of = torch.randint(0, outcomes, (n, ACTIONS), generator=gen)
-    of[:, :outcomes] = torch.arange(outcomes)
-    u8 = torch.uint8
-    return CounterfactualStore(torch.randint(0, 256, (n, S, S, 3), dtype=u8, generator=gen),
-                               torch.randint(0, 256, (n * outcomes, S, S, 3), dtype=u8,
-                                             generator=gen),
-                               torch.arange(n + 1) * outcomes, of, ["mem"])
+    return random_cf(n, S, ACTIONS, outcomes)
 
 
 def _run(tmp_path: Path, actions: bool = True, **train: Any) -> RunConfig:
